@@ -1,0 +1,251 @@
+"""A LLaMA decoder in Flax NNX: RMSNorm, RoPE (+ Llama 3.1 scaling), GQA attention, SwiGLU.
+
+Array names carry their shapes. B batch, T sequence length, D model dim (`dim`), H query heads,
+K key/value heads, E head dim (D // H), F SwiGLU hidden dim (`ffn_dim`), V vocabulary, L layers.
+
+Layout decisions that export and checkpoints rely on:
+- Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used;
+  norms, softmax and the logits are computed in float32.
+- The decoder layers are one module whose parameters carry a leading L axis (logical name
+  `layers`), whether they run with a scan or a Python loop, so both give the same checkpoint.
+- RoPE uses the half-split layout: feature i of a head is rotated with feature i + E/2 (the
+  layout of Hugging Face Llama, so its q/k weights need no permutation on export).
+- Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
+  `vocab`, `layers`) that sharding.py maps onto the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from nanollama_jax.attention import attention
+
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+  "full": None,  # save nothing: recompute the whole layer in the backward pass
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...],
+           dtype: Any) -> nnx.Param:
+  value = std * jax.random.normal(rngs.params(), shape, dtype=dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale over the last axis, computed in float32."""
+
+  def __init__(self, size: int, eps: float, axis_name: str, param_dtype: Any):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=(axis_name,),
+                           eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> jax.Array:
+  """The E/2 inverse frequencies theta^(-2i/E), optionally with the Llama 3.1 scaling."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  factor = scaling["factor"]
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_context = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  # Long wavelengths (low frequencies) are divided by `factor`, short ones kept, and the band in
+  # between interpolates linearly in old_context / wavelen.
+  smooth = jnp.clip((old_context / wavelen - low) / (high - low), 0.0, 1.0)
+  return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def apply_rope(x_BxTxNxE: jax.Array, sin_BxTxE2: jax.Array, cos_BxTxE2: jax.Array) -> jax.Array:
+  """Rotates feature pairs (i, i + E/2) of every head by position * frequency_i."""
+  x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
+  sin, cos = sin_BxTxE2[:, :, None, :], cos_BxTxE2[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxE.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE and optional QK-norm."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    D, H, K = cfg.dim, cfg.n_heads, cfg.n_kv_heads
+    E = D // H
+    std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
+    self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.attention
+    self.wq_DxHxE = _param(rngs, std, (D, H, E), ("embed", "heads", "head_dim"), pd)
+    self.wk_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
+    self.wv_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    self.wo_HxExD = _param(rngs, out_std, (H, E, D), ("heads", "head_dim", "embed"), pd)
+    self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
+
+  def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT):
+    dt = self.dtype
+    q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.wq_DxHxE[...].astype(dt))
+    k_BxTxKxE = jnp.einsum("btd,dke->btke", x_BxTxD, self.wk_DxKxE[...].astype(dt))
+    v_BxTxKxE = jnp.einsum("btd,dke->btke", x_BxTxD, self.wv_DxKxE[...].astype(dt))
+    if self.q_norm is not None:
+      q_BxTxHxE, k_BxTxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxTxKxE)
+    q_BxTxHxE = apply_rope(q_BxTxHxE, sin_BxTxE2, cos_BxTxE2)
+    k_BxTxKxE = apply_rope(k_BxTxKxE, sin_BxTxE2, cos_BxTxE2)
+    out_BxTxHxE = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, impl=self.impl)
+    return jnp.einsum("bthe,hed->btd", out_BxTxHxE, self.wo_HxExD[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: (silu(x W_gate) * x W_up) W_down."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    D, F = cfg.dim, cfg.ffn_dim
+    std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.w_gate_DxF = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
+    self.w_up_DxF = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    self.w_down_FxD = _param(rngs, out_std, (F, D), ("mlp", "embed"), pd)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    dt = self.dtype
+    gate_BxTxF = jax.nn.silu(x_BxTxD @ self.w_gate_DxF[...].astype(dt))
+    up_BxTxF = x_BxTxD @ self.w_up_DxF[...].astype(dt)
+    return (gate_BxTxF * up_BxTxF) @ self.w_down_FxD[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT):
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), sin_BxTxE2, cos_BxTxE2,
+                                  segment_ids_BxT)
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+
+class Llama(nnx.Module):
+  """Token embedding, L decoder layers (stacked parameters), final norm, output projection."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed_VxD = _param(rngs, cfg.init_std, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+      return DecoderLayer(cfg, rngs)
+
+    self.layers = make_layers(rngs)
+    self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
+    self.lm_head_DxV = None if cfg.tie_embeddings else _param(
+      rngs, cfg.init_std, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    segment_ids_BxT: jax.Array | None = None,
+    positions_BxT: jax.Array | None = None,
+  ) -> jax.Array:
+    """Returns float32 logits; segment ids and positions describe packed documents."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    rope_scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    inv_freq_E2 = rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, rope_scaling)
+    angles_BxTxE2 = positions_BxT[:, :, None].astype(jnp.float32) * inv_freq_E2
+    sin_BxTxE2, cos_BxTxE2 = jnp.sin(angles_BxTxE2), jnp.cos(angles_BxTxE2)
+
+    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(dt)
+
+    layer_def, layer_state = nnx.split(self.layers)
+
+    def layer_step(x_BxTxD, state):
+      layer = nnx.merge(layer_def, state)
+      return layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT), None
+
+    if cfg.remat != "none":
+      layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      x_BxTxD, _ = jax.lax.scan(layer_step, x_BxTxD, layer_state)
+    else:
+      for i in range(cfg.n_layers):
+        x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
+
+    x_BxTxD = self.final_norm(x_BxTxD)
+    head_DxV = self.embed_VxD[...].T if self.lm_head_DxV is None else self.lm_head_DxV[...]
+    return jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+def param_count(params: Any) -> int:
+  """The number of scalars in a parameter tree."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def param_count_formula(cfg: ml_collections.ConfigDict) -> int:
+  """The closed-form parameter count of a model config (no model is built)."""
+  D, F, L = cfg.dim, cfg.ffn_dim, cfg.n_layers
+  E = D // cfg.n_heads
+  attn = D * cfg.n_heads * E * 2 + D * cfg.n_kv_heads * E * 2 + (2 * E if cfg.qk_norm else 0)
+  layer = attn + 3 * D * F + 2 * D
+  return embedding_param_count(cfg) + L * layer + D
+
+
+def embedding_param_count(cfg: ml_collections.ConfigDict) -> int:
+  """Parameters in the token embedding and, when untied, the output projection."""
+  return cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+
+
+def _abstract(cfg: ml_collections.ConfigDict) -> Llama:
+  return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(params=0)))
+
+
+def graph(cfg: ml_collections.ConfigDict) -> nnx.GraphDef:
+  """The static structure of the model, to pass to `apply`; builds no arrays."""
+  return nnx.graphdef(_abstract(cfg))
+
+
+def logical_axes(cfg: ml_collections.ConfigDict) -> dict:
+  """A tree like the parameters holding each parameter's logical axis names."""
+  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(_abstract(cfg))))
+
+
+def init_params(cfg: ml_collections.ConfigDict, seed: int) -> dict:
+  """Initialised parameters as a nested dict of arrays, created inside jit."""
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(params=seed)))))()
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
+          segment_ids_BxT: jax.Array | None = None,
+          positions_BxT: jax.Array | None = None) -> jax.Array:
+  """Runs the model `graphdef` with `params`; returns float32 logits_BxTxV."""
+  return nnx.merge(graphdef, params)(tokens_BxT, segment_ids_BxT, positions_BxT)
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+                  mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns the masked sum of next-token losses and the number of tokens it covers."""
+  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+    logits_BxTxV.astype(jnp.float32), targets_BxT)
+  mask_BxT = mask_BxT.astype(jnp.float32)
+  return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
