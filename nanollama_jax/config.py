@@ -101,14 +101,19 @@ def _fail(key: str, value: Any, allowed: str) -> None:
   raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
-def _check_known_keys(cfg: Mapping, default: Mapping, prefix: str) -> None:
+def _is_group(value: Any) -> bool:
+  return isinstance(value, (Mapping, ml_collections.ConfigDict))
+
+
+def _check_known_keys(cfg: ml_collections.ConfigDict, default: ml_collections.ConfigDict,
+                      prefix: str) -> None:
   for key in cfg.keys():
     name = f"{prefix}{key}"
     if key not in default:
       known = ", ".join(sorted(default.keys()))
       raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
-    if isinstance(default[key], Mapping):
-      if not isinstance(cfg[key], Mapping):
+    if _is_group(default[key]):
+      if not _is_group(cfg[key]):
         _fail(name, cfg[key], "must be a group of fields")
       _check_known_keys(cfg[key], default[key], name + ".")
 
