@@ -1,0 +1,149 @@
+"""The sentencepiece tokenizer: loading, training from the corpus, and the workdir's copy."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+import sentencepiece as spm
+from absl import logging
+
+from nanollama_jax.data import sources
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+WORKDIR_NAME = "tokenizer.model"
+
+
+class Tokenizer:
+  """A sentencepiece model: text to token ids and back. Picklable for grain workers."""
+
+  def __init__(self, model_path: str):
+    with open(model_path, "rb") as f:
+      self._proto = f.read()
+    self.model_path = model_path
+    self._load()
+
+  def _load(self) -> None:
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(self._proto)
+    except RuntimeError as e:
+      raise ValueError(f"{self.model_path}: not a sentencepiece model ({e})") from None
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"model_path": self.model_path, "proto": self._proto}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.model_path, self._proto = state["model_path"], state["proto"]
+    self._load()
+
+  @property
+  def proto(self) -> bytes:
+    """The serialized model, as stored in the .model file."""
+    return self._proto
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the token ids of `text`, without BOS or EOS."""
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Returns the text of token ids; BOS, EOS and padding decode to nothing."""
+    return self._sp.decode([int(i) for i in ids])
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tokenizer:
+  """Trains a byte-fallback BPE model of exactly `vocab_size` pieces and writes it to `out_path`."""
+  # Lines, not whole documents, are the training sentences: sentencepiece skips sentences over
+  # max_sentence_length, and "\n" is left to byte fallback (<0x0A>), as in Llama's tokenizer.
+  lines = [line for text in texts for line in text.split("\n") if line]
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      model_type="bpe",
+      vocab_size=vocab_size,
+      hard_vocab_limit=True,
+      byte_fallback=True,
+      character_coverage=0.9995,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,  # lines are trained without the space it would add at their start
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      unk_id=UNK_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      pad_id=PAD_ID,
+      minloglevel=2,
+    )
+  except RuntimeError as e:
+    reason = str(e).rsplit("] ", 1)[-1].strip() or "no training text"
+    raise ValueError(
+      f"cannot train a tokenizer with vocab_size={vocab_size} on {len(lines)} lines of text: "
+      f"{reason}"
+    ) from None
+  _write_atomically(out_path, model.getvalue())
+  return Tokenizer(out_path)
+
+
+def load_or_train_tokenizer(
+  data_cfg: ml_collections.ConfigDict, vocab_size: int, workdir: str
+) -> Tokenizer:
+  """Returns the run's tokenizer, kept as workdir/tokenizer.model: given, reused, or trained."""
+  dest = os.path.join(workdir, WORKDIR_NAME)
+  if data_cfg.tokenizer:
+    given = Tokenizer(data_cfg.tokenizer)
+    if not os.path.exists(dest):
+      _write_atomically(dest, given.proto)
+      logging.info("Copied tokenizer %s to %s", data_cfg.tokenizer, dest)
+    elif Tokenizer(dest).proto != given.proto:
+      raise ValueError(
+        f"data.tokenizer={data_cfg.tokenizer!r} differs from {dest}, the tokenizer this workdir "
+        f"was started with: use a new workdir, or set data.tokenizer={dest!r} or empty"
+      )
+    return Tokenizer(dest)
+  if os.path.exists(dest):
+    tokenizer = Tokenizer(dest)
+    logging.info("Reusing tokenizer %s (vocab %d)", dest, tokenizer.vocab_size)
+    return tokenizer
+  start = time.perf_counter()
+  texts = sources.first_documents(data_cfg, data_cfg.tokenizer_train_docs)
+  tokenizer = train_tokenizer(texts, vocab_size, dest)
+  logging.info(
+    "Trained a %d-piece BPE tokenizer on %d documents in %.1f s -> %s",
+    tokenizer.vocab_size, len(texts), time.perf_counter() - start, dest,
+  )
+  return tokenizer

@@ -1,0 +1,64 @@
+"""Trains a sentencepiece BPE tokenizer on local .jsonl / .txt files.
+
+  python scripts/train_tokenizer.py --input 'data/*.jsonl' --vocab-size 4096 --out tok.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from nanollama_jax import config  # pylint: disable=g-import-not-at-top
+from nanollama_jax.data import sources, tokenizer  # pylint: disable=g-import-not-at-top
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--input", required=True, help="comma-separated globs of .jsonl/.json/.txt files")
+  p.add_argument("--vocab-size", type=int, required=True, help="exact number of pieces")
+  p.add_argument("--out", required=True, help="where to write the .model file")
+  p.add_argument("--text-key", default="text", help="the JSON field holding each document")
+  p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+  p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  start = time.perf_counter()
+  try:
+    files = config.expand_globs(args.input, "--input")
+    docs = list(itertools.islice(sources.read_files(files, args.text_key), args.max_docs))
+    tok = tokenizer.train_tokenizer(docs, args.vocab_size, args.out)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  seconds = time.perf_counter() - start
+  sample = docs[0][:60] if docs else ""
+  sample_ids = tok.encode(sample)
+  tokens = sum(len(tok.encode(d)) for d in docs)
+  summary = {
+    "out": args.out,
+    "vocab_size": tok.vocab_size,
+    "documents": len(docs),
+    "seconds": round(seconds, 3),
+    "sample": sample,
+    "sample_tokens": len(sample_ids),
+    "chars_per_token": round(sum(map(len, docs)) / max(tokens, 1), 3),
+  }
+  if args.json:
+    print(json.dumps(summary))
+    return
+  print(f"Wrote {args.out}: vocab {tok.vocab_size}, {len(docs)} documents read and trained on "
+        f"in {seconds:.1f} s")
+  print(f"{summary['chars_per_token']} characters per token over those documents")
+  print(f"{sample!r} -> {len(sample_ids)} tokens: {sample_ids}")
+
+
+if __name__ == "__main__":
+  main()
