@@ -78,6 +78,21 @@ def test_hf_documents_from_local_json(sample_dir, tmp_path, monkeypatch):
     sources.hf_documents("json", None, "train", "story", data_files=files)
 
 
+def test_hub_failure_names_the_dataset_and_the_way_out(sample_dir, monkeypatch):
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  def unreachable(*args, **kwargs):
+    raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub")
+
+  monkeypatch.setattr(datasets, "load_dataset", unreachable)
+  cfg = _data_cfg(sample_dir)
+  cfg.source = "hf"
+  with pytest.raises(config.ConfigError) as err:
+    sources.documents(cfg, "train")
+  assert "data.hf_path='roneneldan/TinyStories': cannot load split 'train'" in str(err.value)
+  assert "--config.data.source=files" in str(err.value)
+
+
 # Packing.
 
 

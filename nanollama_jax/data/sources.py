@@ -80,7 +80,14 @@ def hf_documents(
   """Returns the texts of a (downloaded, memory-mapped) Hugging Face dataset split."""
   import datasets  # pylint: disable=g-import-not-at-top  # slow to import, only needed here
 
-  dataset = datasets.load_dataset(path, name, split=split, data_files=data_files)
+  try:
+    dataset = datasets.load_dataset(path, name, split=split, data_files=data_files)
+  except (ConnectionError, FileNotFoundError) as e:
+    raise config.ConfigError(
+      f"data.hf_path={path!r}: cannot load split {split!r} ({e}). Check the name and the "
+      "network, or train on local files with --config.data.source=files "
+      "--config.data.train_files=GLOB --config.data.eval_files=GLOB"
+    ) from None
   if text_key not in dataset.column_names:
     raise ValueError(
       f"data.text_key={text_key!r} is not a column of {path} ({split}); "

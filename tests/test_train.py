@@ -1,0 +1,130 @@
+"""The training loop end to end: it learns, accumulates gradients exactly, and writes its workdir."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanollama_jax import config, model, optim, train
+from nanollama_jax.data import pipeline
+from nanollama_jax.data.tokenizer import Tokenizer
+
+
+def tiny_config(sample_dir, tokenizer_path, **train_overrides):
+  cfg = config.get_default_config()
+  cfg.model.update(dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        ffn_dim=160, max_seq_len=64))
+  cfg.data.update(dict(train_files=str(sample_dir / "train.jsonl"),
+                       eval_files=str(sample_dir / "validation.jsonl"),
+                       tokenizer=str(tokenizer_path), seq_len=64, batch_size=16))
+  cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=10))
+  cfg.train.update(dict(steps=80, log_every=20, eval_every=40, eval_steps=8))
+  cfg.train.update(train_overrides)
+  return cfg
+
+
+def test_training_lowers_validation_loss(sample_dir, tokenizer_path, tmp_path):
+  cfg = tiny_config(sample_dir, tokenizer_path)
+  tokenizer = Tokenizer(str(tokenizer_path))
+  eval_set = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)
+  eval_step = train.make_eval_step(model.graph(cfg.model))
+  before = train.evaluate(eval_step, model.init_params(cfg.model, cfg.train.seed), eval_set)
+  assert before["eval_loss"] == pytest.approx(math.log(512), abs=0.3)  # ~uniform at init
+
+  params, last = train.train(cfg, str(tmp_path))
+  again = train.evaluate(eval_step, params, eval_set)  # the returned params are the final ones
+  assert again == pytest.approx({k: last[k] for k in again})
+  assert last["eval_tokens"] == before["eval_tokens"] > 8 * 16 * 60
+  assert last["eval_loss"] < before["eval_loss"] - 1.5, (before, last)
+  assert last["loss"] < 4.8
+
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_rows = [r for r in rows if "loss" in r]
+  eval_rows = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in train_rows] == [20, 40, 60, 80]
+  assert [r["step"] for r in eval_rows] == [40, 80]
+  assert eval_rows[1]["eval_loss"] < eval_rows[0]["eval_loss"]
+  assert train_rows[-1]["tokens_seen"] == 80 * 16 * 64
+  for key in ("loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tokens_seen"):
+    assert key in train_rows[-1]
+  assert train_rows[-1]["perplexity"] == pytest.approx(math.exp(train_rows[-1]["loss"]))
+  schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
+  assert train_rows[0]["lr"] == pytest.approx(float(schedule(19)))
+  assert os.listdir(tmp_path / "tb")
+
+
+def test_gradient_accumulation_matches_one_big_batch(sample_dir, tokenizer_path):
+  cfg = tiny_config(sample_dir, tokenizer_path)
+  batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
+  batch["loss_mask"][3, 10:] = 0.0  # uneven token counts across micro-batches
+  results = []
+  for accum in (1, 4):
+    cfg.optim.grad_accum = accum
+    graphdef = model.graph(cfg.model)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    params = model.init_params(cfg.model, 0)
+    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    step = train.make_train_step(cfg, graphdef, tx, optim.lr_schedule(cfg.optim, 80))
+    state, metrics = step(state, jax.device_put(batch))
+    results.append((metrics, state.params))
+  (m1, p1), (m4, p4) = results
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def run_cli(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "nanollama_jax.train", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_writes_the_workdir(sample_dir, tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  args = [
+    "--config", os.path.join(repo, "configs/tinystories_cpu.py"), "--workdir", str(workdir),
+    "--config.data.source=files",
+    f"--config.data.train_files={sample_dir / 'train.jsonl'}",
+    f"--config.data.eval_files={sample_dir / 'validation.jsonl'}",
+    "--config.model.vocab_size=384", "--config.model.dim=32", "--config.model.n_layers=1",
+    "--config.model.n_heads=2", "--config.model.n_kv_heads=1", "--config.model.ffn_dim=64",
+    "--config.data.seq_len=32", "--config.data.batch_size=4",
+    "--config.data.tokenizer_train_docs=300", "--config.train.steps=4",
+    "--config.train.log_every=2", "--config.train.eval_every=4", "--config.train.eval_steps=2",
+    "--config.optim.warmup_steps=1",
+  ]
+  proc = run_cli(*args, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["dim"] == 32 and saved["data"]["seq_len"] == 32
+  assert Tokenizer(str(workdir / "tokenizer.model")).vocab_size == 384  # trained for this run
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 4, 4]
+  assert "eval_loss" in rows[2] and rows[2]["eval_loss"] > 0
+  assert "step 4/4" in proc.stderr
+
+  # A second run reuses the workdir's tokenizer and starts the metrics afresh.
+  mtime = os.path.getmtime(workdir / "tokenizer.model")
+  proc = run_cli(*args, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.getmtime(workdir / "tokenizer.model") == mtime
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_command_line_reports_config_errors(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = run_cli("--config", os.path.join(repo, "configs/tinystories.py"),
+                 "--workdir", str(tmp_path / "run"), "--config.model.n_kv_heads=3", cwd=tmp_path)
+  assert proc.returncode == 2
+  assert "config error: model.n_kv_heads=3: must divide model.n_heads=8" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = run_cli("--config", os.path.join(repo, "configs/tinystories.py"),
+                 "--workdir", str(tmp_path / "run"), "--config.model.depth=3", cwd=tmp_path)
+  assert proc.returncode != 0 and "depth" in proc.stderr
