@@ -5,6 +5,7 @@ It wires the modules together and holds no model, data or optimizer logic of its
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -33,18 +34,21 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
 
 
+def loss_sums(graphdef, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """The batch's summed next-token loss over its unmasked targets, and their number."""
+  logits_BxTxV = model.apply(graphdef, params, batch["inputs"], batch["segment_ids"],
+                             batch["positions"])
+  return model.cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
   """Returns train_step(state, batch) -> (state, metrics): one optimizer update, jitted."""
   grad_accum = cfg.optim.grad_accum
 
-  def loss_sums(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    logits_BxTxV = model.apply(graphdef, params, batch["inputs"], batch["segment_ids"],
-                               batch["positions"])
-    return model.cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
-
   def sums_and_grads(params: dict, batch: Batch):
-    (loss_sum, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, batch)
+    (loss_sum, count), grads = jax.value_and_grad(
+      functools.partial(loss_sums, graphdef), has_aux=True)(params, batch)
     return loss_sum, count, grads
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -76,11 +80,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
 
 def make_eval_step(graphdef):
   """Returns eval_step(params, batch) -> (loss sum, token count), jitted."""
-  def eval_step(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    logits_BxTxV = model.apply(graphdef, params, batch["inputs"], batch["segment_ids"],
-                               batch["positions"])
-    return model.cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
-  return jax.jit(eval_step)
+  return jax.jit(functools.partial(loss_sums, graphdef))
 
 
 def evaluate(eval_step, params: dict, batches: list[Batch]) -> dict[str, float]:
