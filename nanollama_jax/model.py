@@ -145,7 +145,7 @@ class Llama(nnx.Module):
   """Token embedding, L decoder layers (stacked parameters), final norm, output projection."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    self.cfg = cfg
+    self.cfg = ml_collections.FrozenConfigDict(cfg)  # later edits of `cfg` cannot leak in
     pd = jnp.dtype(cfg.param_dtype)
     self.embed_VxD = _param(rngs, cfg.init_std, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
 

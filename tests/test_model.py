@@ -227,3 +227,15 @@ def test_logical_axes_name_every_dimension():
   for spec, x in zip(flat_axes, jax.tree.leaves(params)):
     assert len(spec) == x.ndim and all(isinstance(name, str) for name in spec)
   assert tuple(axes["layers"]["attn"]["wq_DxHxE"]) == ("layers", "embed", "heads", "head_dim")
+
+
+def test_rope_scaling_reaches_the_model():
+  """The config's Llama 3.1 scaling changes attention exactly as the frequencies say."""
+  scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 16}
+  plain, scaled = tiny_cfg(), tiny_cfg(rope_scaling=scaling)
+  params = init(plain, 0)
+  tokens = random_tokens(7, (1, 40))
+  diff = jnp.abs(logits(plain, params, tokens) - logits(scaled, params, tokens))
+  assert float(diff[0, 0].max()) < 1e-6  # position 0 is not rotated by any frequency
+  assert float(diff[0, 1:].max()) > 1e-4
