@@ -131,8 +131,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   pending = None  # (step, device metrics) of the last log step, read after the next dispatch
   mark_time, mark_step = time.time(), 0
 
-  def report(step: int, device_metrics: dict[str, jax.Array]) -> None:
-    nonlocal mark_time, mark_step
+  def flush() -> None:
+    """Logs the pending step's metrics, if any."""
+    nonlocal pending, mark_time, mark_step
+    if pending is None:
+      return
+    (step, device_metrics), pending = pending, None
     values = jax.device_get(device_metrics)
     now, done = time.time(), step + 1
     loss = float(values["loss"])
@@ -159,23 +163,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
         jax.block_until_ready(state)
         logging.info("first step (compilation included) took %.1fs", time.time() - start)
         mark_time, mark_step = time.time(), 1
-      if pending is not None:
-        report(*pending)
-        pending = None
+      flush()
       done = step + 1
       if done % cfg.train.log_every == 0 or done == steps:
         pending = (step, step_metrics)
       if eval_set and (done % cfg.train.eval_every == 0 or done == steps):
-        if pending is not None:
-          report(*pending)
-          pending = None
+        flush()
         row = evaluate(eval_step, state.params, eval_set)
         writer.write(done, row)
         metrics_lib.log_line(done, steps, row, eta_s=None)
         last.update(row)
         mark_time = time.time()  # evaluation time is not training throughput
-    if pending is not None:
-      report(*pending)
+    flush()
   finally:
     writer.close()
     train_iter.close()
