@@ -12,6 +12,14 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 
+def _row_step(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a blank or cut-off line (a crash mid-write)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def perplexity(loss: float) -> float:
   """exp(loss), saturating at infinity instead of overflowing."""
   return math.exp(loss) if loss < 700 else math.inf
@@ -32,14 +40,19 @@ class MetricsWriter:
     if not self.enabled:
       return
     path = os.path.join(workdir, "metrics.jsonl")
-    kept = []
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-    self._jsonl = open(path, "w", encoding="utf-8")
-    self._jsonl.writelines(kept)
+        kept = [line for line in f if _row_step(line) is not None and
+                _row_step(line) <= start_step]
+      # Replaced in one rename, so a crash here cannot lose the earlier rows.
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      # purge_step makes TensorBoard drop the events an interrupted run logged after start_step.
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+                               purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, row: dict[str, Any]) -> None:
     """Records the numbers of `row` (plain Python scalars) at `step`."""
