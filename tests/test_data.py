@@ -2,6 +2,7 @@
 
 import collections
 import itertools
+import json
 
 import grain
 import numpy as np
@@ -205,6 +206,22 @@ def test_iterator_state_restores_the_stream(sample_dir, tok):
   restored = iter(pipeline.windows(cfg, tok, "train"))
   restored.set_state(state)
   _assert_same(expected, [next(restored) for _ in range(50)])
+
+
+def test_batch_iterator_state_survives_json_and_worker_processes(sample_dir, tok):
+  """The state a checkpoint stores (as JSON) restores the batch stream, with workers too."""
+  cfg = _data_cfg(sample_dir, batch_size=8, seq_len=64)
+  expected = _batches(cfg, tok, 40)[30:]
+  cfg.num_workers = 2
+  it = pipeline.train_batches(cfg, tok)
+  for _ in range(30):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  it.close()
+  restored = pipeline.train_batches(cfg, tok)
+  restored.set_state(state)
+  _assert_same(expected, [next(restored) for _ in range(10)])
+  restored.close()
 
 
 # Evaluation.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,13 @@ Batch = dict[str, np.ndarray]
 # Documents per grain element: tokenising them together amortises the cost of handing elements
 # from worker processes to the main one.
 _DOCS_PER_CHUNK = 32
+
+
+def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+  """Ctrl-C reaches the whole process group: workers leave it to the trainer, which saves a
+  checkpoint and then stops them."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _TokenizeChunk(grain.transforms.Map):
@@ -157,7 +165,8 @@ def windows(
     # (google/grain#1355) in programs that do not use absl.app: let it read the defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=_ignore_sigint)
   ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk())
   return _PackIterDataset(ds, data_cfg.seq_len, tokenizer.pad_id)
 
