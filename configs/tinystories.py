@@ -45,4 +45,5 @@ def get_config():
   cfg.train.log_every = 50
   cfg.train.eval_every = 1000
   cfg.train.eval_steps = 50
+  cfg.train.ckpt_every = 1000
   return cfg

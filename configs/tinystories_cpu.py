@@ -35,4 +35,5 @@ def get_config():
   cfg.train.log_every = 25
   cfg.train.eval_every = 100
   cfg.train.eval_steps = 50
+  cfg.train.ckpt_every = 100
   return cfg

@@ -90,6 +90,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.train.log_every = 10
   cfg.train.eval_every = 200
   cfg.train.eval_steps = 20  # batches per evaluation (fewer if the split is smaller)
+  # Checkpoints go to WORKDIR/checkpoints/<step>; rerunning the command on the workdir resumes.
+  cfg.train.ckpt_every = 500  # steps between saves; 0 saves only at the end (and on SIGTERM)
+  cfg.train.keep_ckpts = 3  # the newest N are kept; older ones go once a newer save is complete
+  cfg.train.async_checkpoint = True  # write in the background while training goes on
+  cfg.train.max_bad_steps = 20  # consecutive non-finite steps (each skipped) before stopping
+  # Parameters to start from (optimizer and step fresh): a workdir, its checkpoints/ folder or
+  # one checkpoints/<step> folder. Ignored when the workdir has a checkpoint to resume.
+  cfg.train.init_from = ""
   return cfg
 
 
@@ -154,12 +162,15 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
     "train.log_every": t.log_every,
     "train.eval_every": t.eval_every,
     "train.eval_steps": t.eval_steps,
+    "train.keep_ckpts": t.keep_ckpts,
+    "train.max_bad_steps": t.max_bad_steps,
   }
   for key, value in positive.items():
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       _fail(key, value, "must be a positive integer")
   for key, value in {"data.num_workers": d.num_workers, "optim.warmup_steps": o.warmup_steps,
-                     "data.shuffle_seed": d.shuffle_seed, "train.seed": t.seed}.items():
+                     "data.shuffle_seed": d.shuffle_seed, "train.seed": t.seed,
+                     "train.ckpt_every": t.ckpt_every}.items():
     if not isinstance(value, int) or value < 0:
       _fail(key, value, "must be an integer >= 0")
   for key, value in {"model.norm_eps": m.norm_eps, "model.rope_theta": m.rope_theta,
@@ -221,6 +232,9 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
         expand_globs(d.eval_files, "data.eval_files")
     if d.tokenizer and not os.path.isfile(d.tokenizer):
       _fail("data.tokenizer", d.tokenizer, "no such file (leave empty to train one)")
+    if t.init_from and not os.path.isdir(t.init_from):
+      _fail("train.init_from", t.init_from,
+            "no such directory (a workdir, its checkpoints/ or a checkpoints/<step> folder)")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -6,8 +6,11 @@ It wires the modules together and holds no model, data or optimizer logic of its
 from __future__ import annotations
 
 import functools
+import logging as std_logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -19,6 +22,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
 from nanollama_jax import model, optim
@@ -29,9 +33,22 @@ Batch = dict[str, Any]
 
 
 class TrainState(NamedTuple):
-  step: jax.Array
+  step: jax.Array  # int32: batches consumed, including skipped ones
   params: dict
   opt_state: optax.OptState
+  rng: jax.Array  # uint32[2] key data, for anything random in the step (none yet)
+  bad_run: jax.Array  # int32: consecutive non-finite steps up to this one
+  skipped: jax.Array  # int32: non-finite steps skipped in the whole run
+
+
+def init_state(params: dict, opt_state: optax.OptState, seed: int, step: int = 0,
+               bad_run: int = 0, skipped: int = 0, rng: Any = None) -> TrainState:
+  """A TrainState around `params` and `opt_state` with its scalar counters."""
+  if rng is None:
+    rng = jax.random.key_data(jax.random.key(seed))
+  return TrainState(jnp.asarray(step, jnp.int32), params, opt_state,
+                    jnp.asarray(rng, jnp.uint32), jnp.asarray(bad_run, jnp.int32),
+                    jnp.asarray(skipped, jnp.int32))
 
 
 def loss_sums(graphdef, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -66,14 +83,20 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
     count = jnp.maximum(count, 1.0)
     # The loss is the mean over the step's real tokens, whatever the micro-batching.
     grads = jax.tree.map(lambda g: g / count, grads)
+    loss = loss_sum / count
+    grad_norm = optax.tree.norm(grads)  # before clipping
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = {
-      "loss": loss_sum / count,
-      "grad_norm": optax.tree.norm(grads),
-      "lr": schedule(state.step),
-    }
-    return TrainState(state.step + 1, params, opt_state), step_metrics
+    # A non-finite loss or gradient leaves parameters and optimizer state as they were.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_old = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    bad = (~ok).astype(jnp.int32)
+    step_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                    "skipped": bad, "bad_run": (state.bad_run + 1) * bad}
+    new_state = TrainState(state.step + 1, keep_old(params, state.params),
+                           keep_old(opt_state, state.opt_state), state.rng,
+                           step_metrics["bad_run"], state.skipped + bad)
+    return new_state, step_metrics
 
   return jax.jit(train_step, donate_argnums=0)
 
@@ -93,12 +116,106 @@ def evaluate(eval_step, params: dict, batches: list[Batch]) -> dict[str, float]:
           "eval_tokens": int(count)}
 
 
+class TrainingError(Exception):
+  """The run cannot go on (e.g. too many non-finite steps); the message names the step."""
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT stopped the run after a checkpoint was written."""
+
+  def __init__(self, signum: int, step: int, workdir: str):
+    self.signum = signum
+    self.step = step
+    super().__init__(
+      f"{signal.Signals(signum).name} received: stopped after step {step} with a checkpoint in "
+      f"{os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step))}; rerun the same command "
+      "to resume")
+
+
+class _StopRequest:
+  """Turns the first SIGTERM/SIGINT into a request to save and stop; a second one kills at once.
+
+  With several processes the request comes from JAX's preemption sync point instead, so that
+  every process stops after the same step (JAX's distributed runtime watches SIGTERM there).
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+    self._multi = jax.process_count() > 1
+    if threading.current_thread() is threading.main_thread():
+      for sig in self._SIGNALS if not self._multi else (signal.SIGINT,):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.signum is not None:  # the second signal: die now, as if no handler were installed
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.signum = signum
+    logging.warning("%s received: finishing the current step, then saving a checkpoint and "
+                    "stopping (send it again to exit at once)", signal.Signals(signum).name)
+
+  def requested(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+    return self.signum is not None
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
+                    tx: optax.GradientTransformation):
+  """The state to start from (a checkpoint, init_from, or fresh) and the data iterator state."""
+  abstract_params = jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target_params = checkpoint.abstract_like(abstract_params, device)
+  target_opt = checkpoint.abstract_like(jax.eval_shape(tx.init, abstract_params), device)
+  restored = ckpt.restore(target_params, target_opt, cfg.model)
+  if restored is not None:
+    meta = restored.meta
+    logging.info("resuming from %s/%d: step %d, %s tokens seen", ckpt.directory, restored.step,
+                 meta["step"], f"{meta['tokens_seen']:,}")
+    saved_steps = restored.config.get("train", {}).get("steps")
+    if saved_steps is not None and saved_steps != cfg.train.steps:
+      logging.warning("train.steps changed from %d to %d: the learning-rate schedule now spans "
+                      "%d steps", saved_steps, cfg.train.steps, cfg.train.steps)
+    state = init_state(restored.params, restored.opt_state, cfg.train.seed, step=meta["step"],
+                       bad_run=meta["bad_run"], skipped=meta["skipped"], rng=meta["rng"])
+    return state, restored.data_state
+  if cfg.train.init_from:
+    params, step = checkpoint.load_params(cfg.train.init_from, target_params, cfg.model)
+    logging.info("initialised the parameters from %s (step %d); optimizer state and step are "
+                 "fresh", cfg.train.init_from, step)
+  else:
+    params = model.init_params(cfg.model, cfg.train.seed)
+  return init_state(params, tx.init(params), cfg.train.seed), None
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str, float]]:
-  """Trains `cfg` in `workdir`; returns the final parameters and the last logged numbers."""
+  """Trains `cfg` in `workdir`, resuming from its newest checkpoint if it has one.
+
+  Returns the final parameters and the last logged numbers. Raises Preempted after saving when
+  SIGTERM/SIGINT arrives, and TrainingError after `train.max_bad_steps` non-finite steps in a row.
+  """
   config_lib.validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  steps = cfg.train.steps
+  schedule = optim.lr_schedule(cfg.optim, steps)
+  tx = optim.make_optimizer(cfg.optim, steps)
+  abstract_params = jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed))
+  checkpoint.check_workdir(
+    workdir, checkpoint.state_bytes((abstract_params, jax.eval_shape(tx.init, abstract_params))),
+    cfg.train.keep_ckpts)
+  config_json = config_lib.to_json(cfg)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_lib.to_json(cfg))
+    f.write(config_json)
 
   tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
   if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -106,80 +223,113 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
       f"({tokenizer.vocab_size} pieces in {cfg.data.tokenizer or 'the workdir tokenizer'})")
 
-  steps = cfg.train.steps
   graphdef = model.graph(cfg.model)
-  params = model.init_params(cfg.model, cfg.train.seed)
-  logging.info("model: %s parameters (%s without embeddings)",
-               f"{model.param_count(params):,}",
-               f"{model.param_count(params) - model.embedding_param_count(cfg.model):,}")
-  schedule = optim.lr_schedule(cfg.optim, steps)
-  tx = optim.make_optimizer(cfg.optim, steps)
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_ckpts, cfg.train.async_checkpoint)
+  state, data_state = _resume_or_init(cfg, ckpt, tx)
+  start_step = int(state.step)
+  n_params = model.param_count(state.params)
+  logging.info("model: %s parameters (%s without embeddings)", f"{n_params:,}",
+               f"{n_params - model.embedding_param_count(cfg.model):,}")
   train_step = make_train_step(cfg, graphdef, tx, schedule)
   eval_step = make_eval_step(graphdef)
 
   train_iter = pipeline.train_batches(cfg.data, tokenizer)
+  if data_state is not None:
+    train_iter.set_state(data_state)
   eval_set: list[Batch] = []
   if cfg.data.source == "hf" or cfg.data.eval_files:
     eval_set = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)
   else:
     logging.info("data.eval_files is empty: no evaluation in this run")
 
-  writer = metrics_lib.MetricsWriter(workdir, start_step=0)
+  writer = metrics_lib.MetricsWriter(workdir, start_step=start_step)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   last: dict[str, float] = {}
-  pending = None  # (step, device metrics) of the last log step, read after the next dispatch
-  mark_time, mark_step = time.time(), 0
+  pending = None  # (step, device metrics) of the last dispatched step, read one step late
+  mark_time, mark_step = time.time(), start_step + 1
+  skipped_total = int(state.skipped)
 
-  def flush() -> None:
-    """Logs the pending step's metrics, if any."""
-    nonlocal pending, mark_time, mark_step
+  def retire() -> None:
+    """Reads the pending step's metrics: stops on a run of bad steps, logs on log steps."""
+    nonlocal pending, mark_time, mark_step, skipped_total
     if pending is None:
       return
-    (step, device_metrics), pending = pending, None
+    (done, device_metrics), pending = pending, None
     values = jax.device_get(device_metrics)
-    now, done = time.time(), step + 1
     loss = float(values["loss"])
+    skipped_total += int(values["skipped"])
+    if values["skipped"]:
+      logging.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)", done,
+                      loss, float(values["grad_norm"]), int(values["bad_run"]))
+      if values["bad_run"] >= cfg.train.max_bad_steps:
+        raise TrainingError(
+          f"{int(values['bad_run'])} non-finite steps in a row, the last at step {done} "
+          f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint is step "
+          f"{ckpt.latest_step()}: lower optim.lr or check the data before resuming")
+    if not (done % cfg.train.log_every == 0 or done == steps or values["skipped"]):
+      return
+    now = time.time()
     row = {"loss": loss, "perplexity": metrics_lib.perplexity(loss), "lr": float(values["lr"]),
-           "grad_norm": float(values["grad_norm"]), "tokens_seen": done * tokens_per_step}
+           "grad_norm": float(values["grad_norm"]), "tokens_seen": done * tokens_per_step,
+           "skipped_steps": skipped_total}
     eta = None
     if done > mark_step:  # the first step's time is compilation, reported on its own
       step_time = (now - mark_time) / (done - mark_step)
       row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
       eta = (steps - done) * step_time
       mark_time, mark_step = now, done
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"the training loss is {loss} at step {done}")
     writer.write(done, row)
     metrics_lib.log_line(done, steps, row, eta_s=eta)
     last.update(row)
 
+  def save(done: int) -> None:
+    retire()
+    meta = {"tokens_seen": done * tokens_per_step, "bad_run": int(state.bad_run),
+            "skipped": int(state.skipped), "rng": [int(x) for x in jax.device_get(state.rng)]}
+    if ckpt.save(done, state.params, state.opt_state, train_iter.get_state(), meta, config_json):
+      logging.info("checkpoint %d: training blocked %.3fs for it", done, ckpt.last_blocking_s)
+
+  stop = _StopRequest()
   start = time.time()
   try:
-    for step in range(steps):
+    if start_step >= steps:
+      logging.info("%s is already trained to step %d (train.steps=%d): nothing to do; raise "
+                   "train.steps to extend it", workdir, start_step, steps)
+    for step in range(start_step, steps):
       batch = jax.device_put(next(train_iter))
       state, step_metrics = train_step(state, batch)
-      if step == 0:
+      if step == start_step:
         jax.block_until_ready(state)
         logging.info("first step (compilation included) took %.1fs", time.time() - start)
-        mark_time, mark_step = time.time(), 1
-      flush()
+        mark_time = time.time()
+      retire()
       done = step + 1
-      if done % cfg.train.log_every == 0 or done == steps:
-        pending = (step, step_metrics)
+      pending = (done, step_metrics)
       if eval_set and (done % cfg.train.eval_every == 0 or done == steps):
-        flush()
+        retire()
         row = evaluate(eval_step, state.params, eval_set)
         writer.write(done, row)
         metrics_lib.log_line(done, steps, row, eta_s=None)
         last.update(row)
         mark_time = time.time()  # evaluation time is not training throughput
-    flush()
+      stopping = stop.requested(done)
+      if stopping or done == steps or (cfg.train.ckpt_every and
+                                       done % cfg.train.ckpt_every == 0):
+        save(done)
+        mark_time = time.time()
+      if stopping:
+        ckpt.wait()
+        raise Preempted(stop.signum, done, workdir)
+    retire()
+    ckpt.wait()
   finally:
+    stop.restore()
     writer.close()
     train_iter.close()
-  logging.info("done: %d steps, %s tokens in %.1fs", steps, f"{steps * tokens_per_step:,}",
-               time.time() - start)
+    ckpt.close()
+  if start_step < steps:
+    logging.info("done: %d steps, %s tokens in %.1fs", steps - start_step,
+                 f"{(steps - start_step) * tokens_per_step:,}", time.time() - start)
   return state.params, last
 
 
@@ -189,7 +339,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.")
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax (dozens of lines per save); its warnings still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None or _WORKDIR.value is None:
@@ -199,6 +357,12 @@ def main(argv: list[str]) -> None:
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
+  except (checkpoint.CheckpointError, TrainingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + e.signum)  # the shell's code for "stopped by this signal"
 
 
 if __name__ == "__main__":

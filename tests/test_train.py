@@ -70,7 +70,7 @@ def test_gradient_accumulation_matches_one_big_batch(sample_dir, tokenizer_path)
     graphdef = model.graph(cfg.model)
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
     params = model.init_params(cfg.model, 0)
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = train.init_state(params, tx.init(params), seed=0)
     step = train.make_train_step(cfg, graphdef, tx, optim.lr_schedule(cfg.optim, 80))
     state, metrics = step(state, jax.device_put(batch))
     results.append((metrics, state.params))
@@ -111,7 +111,8 @@ def test_command_line_writes_the_workdir(sample_dir, tmp_path):
   assert "eval_loss" in rows[2] and rows[2]["eval_loss"] > 0
   assert "step 4/4" in proc.stderr
 
-  # A second run reuses the workdir's tokenizer and starts the metrics afresh.
+  # A second run finds the run finished in its checkpoint: it reuses the tokenizer, trains
+  # nothing and keeps the metrics.
   mtime = os.path.getmtime(workdir / "tokenizer.model")
   proc = run_cli(*args, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,8 +138,7 @@ def test_published_recipe_compiles_and_donates_its_state():
   graphdef = model.graph(cfg.model)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   params = jax.eval_shape(lambda: model.init_params(cfg.model, 0))
-  state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                           jax.eval_shape(tx.init, params))
+  state = jax.eval_shape(lambda p: train.init_state(p, tx.init(p), seed=0), params)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
            for k in ("inputs", "targets", "segment_ids", "positions")}
@@ -147,6 +147,7 @@ def test_published_recipe_compiles_and_donates_its_state():
   memory = step.lower(state, batch).compile().memory_analysis()
   state_bytes = 49_849_344 * 4 * 3  # float32 parameters, Adam's mu and nu
   batch_bytes = 5 * 128 * 128 * 4
-  # What remains are the step counters (the step, Adam's and the schedule's counts).
+  # What remains are the counters (step, bad-step run and total, Adam's and the schedule's
+  # counts) and the RNG key.
   assert 0 <= memory.argument_size_in_bytes - state_bytes - batch_bytes <= 64
   assert memory.alias_size_in_bytes >= state_bytes  # the new state reuses the old one's buffers

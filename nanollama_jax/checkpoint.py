@@ -1,0 +1,384 @@
+"""Checkpoints: WORKDIR/checkpoints/<step>/, written by orbax, read back exactly or not at all.
+
+A checkpoint is one orbax step folder with five items, none of them pickled:
+
+  params/     the parameters (orbax PyTree, OCDBT/zarr), restorable onto any mesh
+  opt_state/  the optimizer state, likewise
+  data/       the train iterator's position: process_<i>-of-<n>.json, one file per process
+  meta/       JSON: step, tokens seen, skipped steps, the run's RNG key, and a fingerprint of
+              every array (see `fingerprint`)
+  config/     JSON: the resolved config of the run that wrote it
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when every item is
+complete, so a save killed half-way never looks like a checkpoint. A complete one that was
+damaged afterwards (truncated or deleted files) fails to read or fails its fingerprint; `restore`
+then moves it to WORKDIR/checkpoints_damaged/ and falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from nanollama_jax import config as config_lib
+
+CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+# Model fields that change the shape of a parameter: a checkpoint cannot be resumed across them.
+SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "qk_norm",
+              "tie_embeddings")
+
+
+class CheckpointError(Exception):
+  """A checkpoint cannot be used; the message says why and what to do."""
+
+
+# --- Per-process JSON item for the data iterator state ------------------------------------------
+
+
+class _ProcessJsonHandler(ocp.CheckpointHandler):
+  """Saves one JSON document per process: each host's data iterator is at its own position.
+
+  The document is captured by the caller at save time (not read from a live iterator later), so
+  an asynchronous save cannot record a position the iterator reached after the step was saved.
+  """
+
+  def _file(self, directory: epath.Path) -> epath.Path:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+  def save(self, directory: epath.Path, args: "ProcessJsonSave") -> None:
+    self._file(directory).write_text(json.dumps(args.document))
+
+  def restore(self, directory: epath.Path, args: "ProcessJsonRestore | None" = None) -> Any:
+    path = self._file(directory)
+    if not path.exists():
+      written = sorted(p.name for p in directory.glob("process_*.json"))
+      raise CheckpointError(
+        f"{path} is missing (this checkpoint holds {written}): it was written by a run with "
+        f"another number of processes, or damaged")
+    return json.loads(path.read_text())
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def structure(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+  @classmethod
+  def typestr(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+  document: Any
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+# --- Fingerprints ------------------------------------------------------------------------------
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """A uint32 hash of the bits of `x`: sum over elements of bits * (2 * flat_index + 1).
+
+  Integer sums wrap and are exact in any order, so the value does not depend on how `x` is
+  sharded; the odd multiplier means that changing any one element changes the hash.
+  """
+  if x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  elif x.dtype.itemsize == 1:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  else:
+    raise TypeError(f"no fingerprint for {x.dtype}")
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(x.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+    stride = (stride * x.shape[axis]) % (1 << 32)
+  return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree: Any) -> tuple[list[jax.Array], jax.Array]:
+  leaves = jax.tree.leaves(tree)
+  finite = jnp.array(True)
+  for x in leaves:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      finite = finite & jnp.all(jnp.isfinite(x))
+  return [_leaf_fingerprint(x) for x in leaves], finite
+
+
+def fingerprint(tree: Any) -> tuple[dict[str, int], bool]:
+  """Per-leaf uint32 hashes of a tree of arrays, keyed by path, and whether all are finite."""
+  hashes, finite = jax.device_get(_fingerprints(tree))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return {p: int(h) for p, h in zip(paths, hashes)}, bool(finite)
+
+
+# --- Config compatibility ----------------------------------------------------------------------
+
+
+def shape_differences(saved: dict[str, Any], model_cfg: Any) -> list[str]:
+  """The shape-determining model fields that differ, as 'key: saved -> now' strings."""
+  return [f"model.{k}: {saved.get(k)!r} -> {model_cfg[k]!r}" for k in SHAPE_KEYS
+          if saved.get(k) != model_cfg[k]]
+
+
+# --- The manager -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  params: Any
+  opt_state: Any | None
+  data_state: Any
+  meta: dict[str, Any]
+  config: dict[str, Any]
+
+
+def state_bytes(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def check_workdir(workdir: str, checkpoint_bytes: int, keep: int) -> None:
+  """Fails early on an unwritable workdir or a disk too small for one checkpoint."""
+  probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"the workdir {workdir} is not writable: {e}") from e
+  free = shutil.disk_usage(workdir).free
+  gib = 1 << 30
+  if free < checkpoint_bytes:
+    raise CheckpointError(
+      f"{free / gib:.2f} GiB free under {workdir}, but one checkpoint takes about "
+      f"{checkpoint_bytes / gib:.2f} GiB: free some space or use another workdir")
+  if free < (keep + 1) * checkpoint_bytes:
+    logging.warning(
+      "%.2f GiB free under %s: fewer than train.keep_ckpts + 1 = %d checkpoints of %.2f GiB fit",
+      free / gib, workdir, keep + 1, checkpoint_bytes / gib)
+
+
+def _step_dirs(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+class Checkpointer:
+  """Saves and restores the training state under `workdir`/checkpoints."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    self.workdir = workdir
+    self.directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.isdir(self.directory) and jax.process_index() == 0:
+      for name in sorted(os.listdir(self.directory)):
+        if _TMP_SUFFIX in name:
+          logging.warning("removing %s: a save that did not finish (the run was killed while "
+                          "writing it)", os.path.join(self.directory, name))
+    self._manager = self._new_manager(keep, async_save)
+    self.last_blocking_s = 0.0
+
+  def _new_manager(self, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(
+      self.directory, options=options,
+      item_names=("params", "opt_state", "data", "meta", "config"))
+
+  def steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, params: Any, opt_state: Any, data_state: Any,
+           meta: dict[str, Any], config_json: str) -> bool:
+    """Starts writing checkpoint `step`; returns False (and saves nothing) for a non-finite state.
+
+    Returns once the arrays are copied off the device; with asynchronous saving the files are
+    written in the background. `last_blocking_s` holds how long the call blocked.
+    """
+    start = time.perf_counter()
+    hashes, finite = fingerprint({"params": params, "opt_state": opt_state})
+    if not finite:
+      logging.error("not saving step %d: the parameters or optimizer state are not finite", step)
+      return False
+    meta = {**meta, "step": step, "fingerprint": hashes}
+    self._manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      data=ProcessJsonSave(data_state),
+      meta=ocp.args.JsonSave(meta),
+      config=ocp.args.JsonSave(json.loads(config_json)),
+    ), force=True)
+    self.last_blocking_s = time.perf_counter() - start
+    return True
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk; raises if one failed."""
+    self._manager.wait_until_finished()
+    self._manager.check_for_errors()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def read_config(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+      "config"]
+
+  def _restore_step(self, step: int, abstract_params: Any, abstract_opt_state: Any | None
+                    ) -> Restored:
+    items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore(),
+             "config": ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+      items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+      items["data"] = ProcessJsonRestore()
+    r = self._manager.restore(step, args=ocp.args.Composite(**items))
+    tree = {"params": r["params"]}
+    if abstract_opt_state is not None:
+      tree["opt_state"] = r["opt_state"]
+    hashes, _ = fingerprint(tree)
+    expected = r["meta"]["fingerprint"]
+    bad = [p for p, h in hashes.items() if expected.get(p) != h]
+    if bad:
+      raise CheckpointError(f"the values read back differ from the ones saved in {bad[:3]}"
+                            f"{' and others' if len(bad) > 3 else ''}")
+    return Restored(step=step, params=r["params"], opt_state=r.get("opt_state"),
+                    data_state=r.get("data"), meta=r["meta"], config=r["config"])
+
+  def restore(self, abstract_params: Any, abstract_opt_state: Any | None, model_cfg: Any
+              ) -> Restored | None:
+    """Restores the newest readable checkpoint onto the given abstract arrays (their shardings).
+
+    A checkpoint that cannot be read, or reads back different values than were saved, is moved
+    to WORKDIR/checkpoints_damaged/ and the previous one is tried. Returns None when there is no
+    checkpoint; raises CheckpointError when there are some but none is readable, or when the
+    newest one was written for a model of another shape.
+    """
+    steps = sorted(self.steps(), reverse=True)
+    if not steps:
+      return None
+    damaged = []
+    for step in steps:
+      try:
+        saved = self.read_config(step)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append(self._set_aside(step, e))
+        continue
+      diff = shape_differences(saved.get("model", {}), model_cfg)
+      if diff:
+        raise CheckpointError(
+          f"{os.path.join(self.directory, str(step))} holds a model of another shape "
+          f"({'; '.join(diff)}): use a new workdir, or set these back to resume")
+      try:
+        restored = self._restore_step(step, abstract_params, abstract_opt_state)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append(self._set_aside(step, e))
+        continue
+      if damaged:
+        logging.warning("resuming from step %d instead: %d newer checkpoint(s) were damaged",
+                        step, len(damaged))
+      return restored
+    raise CheckpointError(
+      f"none of the checkpoints in {self.directory} could be read; they were moved to "
+      f"{', '.join(damaged)}. Rerun to start from step 0, or move one back to retry it")
+
+  def _set_aside(self, step: int, error: Exception) -> str:
+    src = os.path.join(self.directory, str(step))
+    dest = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
+    logging.error("checkpoint %s is damaged and will not be used (%s: %s); moving it to %s",
+                  src, type(error).__name__, str(error).splitlines()[0][:500], dest)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(src, dest)
+    # Every process must see the move before the manager rescans its steps.
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._manager.reload()
+    return dest
+
+
+def resolve_init_from(path: str) -> tuple[str, int]:
+  """Maps a workdir, a checkpoints/ folder or a checkpoints/<step> folder to (dir, step)."""
+  path = os.path.abspath(path)
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
+    return os.path.dirname(path), int(base)
+  for directory in (os.path.join(path, CHECKPOINT_DIR), path):
+    steps = _step_dirs(directory)
+    if steps:
+      return directory, steps[-1]
+  raise CheckpointError(f"train.init_from={path!r}: no checkpoint found there (looked for "
+                        f"{os.path.join(path, CHECKPOINT_DIR, '<step>')} and {path}/<step>)")
+
+
+def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, int]:
+  """Reads only the parameters of the checkpoint at `path` (see `resolve_init_from`)."""
+  directory, step = resolve_init_from(path)
+  manager = ocp.CheckpointManager(
+    directory, options=ocp.CheckpointManagerOptions(read_only=True),
+    item_names=("params", "opt_state", "data", "meta", "config"))
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    diff = shape_differences(saved.get("model", {}), model_cfg)
+    if diff:
+      raise CheckpointError(f"train.init_from={path!r} holds a model of another shape "
+                            f"({'; '.join(diff)})")
+    r = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  hashes, _ = fingerprint({"params": r["params"]})
+  expected = r["meta"]["fingerprint"]
+  if any(expected.get(p) != h for p, h in hashes.items()):
+    raise CheckpointError(f"train.init_from={path!r}: step {step} reads back different values "
+                          "than were saved: it is damaged")
+  return r["params"], step
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying a sharding for restore."""
+  def one(x):
+    s = sharding if sharding is not None else getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return jax.tree.map(one, tree)
+
+
+def steps_on_disk(workdir: str) -> Sequence[int]:
+  """Complete checkpoint steps under `workdir`, oldest first."""
+  return _step_dirs(os.path.join(workdir, CHECKPOINT_DIR))
