@@ -150,6 +150,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_previous_one_used(
   assert "checkpoint" in text and "12 is damaged" in text and "8 is damaged" in text
   assert "resuming from step 4 instead: 2 newer checkpoint(s) were damaged" in text
   assert "a save that did not finish" in text
+  assert not os.path.exists(ckpt_dir / "16.orbax-checkpoint-tmp-1700000000")
   assert sorted(os.listdir(tmp_path / "checkpoints_damaged"))[0].startswith("12-")
   assert len(os.listdir(tmp_path / "checkpoints_damaged")) == 2
   # Steps 5..12 were trained again from step 4 and gave the same losses as the first time.

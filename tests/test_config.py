@@ -67,6 +67,12 @@ def test_defaults_and_recipes_are_valid(cfg, sample_dir):
    "data.eval_files='/nope.jsonl': no file matches"),
   (lambda c: c.data.update(tokenizer="/missing/tok.model"),
    "data.tokenizer='/missing/tok.model': no such file"),
+  (lambda c: c.train.update(keep_ckpts=0), "train.keep_ckpts=0: must be a positive integer"),
+  (lambda c: c.train.update(ckpt_every=-5), "train.ckpt_every=-5: must be an integer >= 0"),
+  (lambda c: c.train.update(max_bad_steps=0),
+   "train.max_bad_steps=0: must be a positive integer"),
+  (lambda c: c.train.update(init_from="/missing/run"),
+   "train.init_from='/missing/run': no such directory"),
 ])
 def test_validation_errors(cfg, mutate, message):
   mutate(cfg)
