@@ -225,7 +225,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
 
   graphdef = model.graph(cfg.model)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_ckpts, cfg.train.async_checkpoint)
-  state, data_state = _resume_or_init(cfg, ckpt, tx)
+  try:
+    state, data_state = _resume_or_init(cfg, ckpt, tx)
+  except BaseException:
+    ckpt.close()
+    raise
   start_step = int(state.step)
   n_params = model.param_count(state.params)
   logging.info("model: %s parameters (%s without embeddings)", f"{n_params:,}",
