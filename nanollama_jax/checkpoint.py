@@ -171,7 +171,7 @@ def state_bytes(tree: Any) -> int:
 
 def check_workdir(workdir: str, checkpoint_bytes: int, keep: int) -> None:
   """Fails early on an unwritable workdir or a disk too small for one checkpoint."""
-  probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+  probe = os.path.join(workdir, f".write-probe-{jax.process_index()}-{os.getpid()}")
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(probe, "w", encoding="utf-8") as f:

@@ -98,6 +98,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Parameters to start from (optimizer and step fresh): a workdir, its checkpoints/ folder or
   # one checkpoints/<step> folder. Ignored when the workdir has a checkpoint to resume.
   cfg.train.init_from = ""
+
+  # The device mesh (see sharding.py): the product of the sizes must be the number of devices;
+  # one axis may be -1, taking the devices left. The batch is split over data x fsdp.
+  cfg.mesh = ml_collections.ConfigDict()
+  cfg.mesh.data = 1  # replicas
+  cfg.mesh.fsdp = -1  # parameters and optimizer state sharded (ZeRO-3 style)
+  cfg.mesh.tensor = 1  # heads, MLP and vocabulary split (tensor parallelism)
   return cfg
 
 
@@ -224,6 +231,13 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
   for key in ("weight_decay", "grad_clip"):
     if o[key] < 0:
       _fail(f"optim.{key}", o[key], "must be >= 0")
+
+  for axis in ("data", "fsdp", "tensor"):
+    size = cfg.mesh[axis]
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      _fail(f"mesh.{axis}", size, "must be a positive integer or -1 (the devices left)")
+  if [cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+    _fail("mesh", cfg.mesh.to_dict(), "at most one axis can be -1")
 
   if check_files:
     if d.source == "files":

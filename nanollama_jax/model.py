@@ -26,6 +26,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from nanollama_jax import sharding
 from nanollama_jax.attention import attention
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -175,13 +176,16 @@ class Llama(nnx.Module):
     angles_BxTxE2 = positions_BxT[:, :, None].astype(jnp.float32) * inv_freq_E2
     sin_BxTxE2, cos_BxTxE2 = jnp.sin(angles_BxTxE2), jnp.cos(angles_BxTxE2)
 
+    residual = ("batch", "length", "embed")  # the residual stream's logical axes
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(dt)
+    x_BxTxD = sharding.constrain(x_BxTxD, residual)
 
     layer_def, layer_state = nnx.split(self.layers)
 
     def layer_step(x_BxTxD, state):
       layer = nnx.merge(layer_def, state)
-      return layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT), None
+      x_BxTxD = layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT)
+      return sharding.constrain(x_BxTxD, residual), None
 
     if cfg.remat != "none":
       layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[cfg.remat])
@@ -193,8 +197,9 @@ class Llama(nnx.Module):
 
     x_BxTxD = self.final_norm(x_BxTxD)
     head_DxV = self.embed_VxD[...].T if self.lm_head_DxV is None else self.lm_head_DxV[...]
-    return jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt),
-                      preferred_element_type=jnp.float32)
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt),
+                              preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
 
 def param_count(params: Any) -> int:

@@ -20,12 +20,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
-from nanollama_jax import model, optim
+from nanollama_jax import model, optim, sharding
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import load_or_train_tokenizer
 
@@ -58,9 +59,26 @@ def loss_sums(graphdef, params: dict, batch: Batch) -> tuple[jax.Array, jax.Arra
   return model.cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
 
 
+def _under_mesh(fn, mesh: jax.sharding.Mesh | None):
+  """`fn` traced with `mesh` as the context, so that activation constraints apply."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule):
-  """Returns train_step(state, batch) -> (state, metrics): one optimizer update, jitted."""
+                    schedule: optax.Schedule, mesh: jax.sharding.Mesh | None = None,
+                    state_sharding: TrainState | None = None):
+  """Returns train_step(state, batch) -> (state, metrics): one optimizer update, jitted.
+
+  With a mesh, the state keeps `state_sharding` (see sharding.py) and the batch is split over
+  the mesh's batch axes; without one, everything lives on the default device.
+  """
   grad_accum = cfg.optim.grad_accum
 
   def sums_and_grads(params: dict, batch: Batch):
@@ -72,8 +90,11 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
     if grad_accum == 1:
       loss_sum, count, grads = sums_and_grads(state.params, batch)
     else:
-      # Micro-batch i is rows [i * B / A, (i + 1) * B / A) of the batch.
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+      # Micro-batch i is rows i, i + A, i + 2A, ... of the batch, so each device's share of
+      # the rows is split evenly over the micro-batches and nothing moves between devices.
+      micro = jax.tree.map(lambda x: sharding.constrain(
+        x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), (None, "batch", "length")),
+        batch)
 
       def accumulate(carry, micro_batch):
         return jax.tree.map(jnp.add, carry, sums_and_grads(state.params, micro_batch)), None
@@ -98,12 +119,18 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
                            step_metrics["bad_run"], state.skipped + bad)
     return new_state, step_metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(_under_mesh(train_step, mesh), donate_argnums=0,
+                 in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated))
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None):
   """Returns eval_step(params, batch) -> (loss sum, token count), jitted."""
-  return jax.jit(functools.partial(loss_sums, graphdef))
+  return jax.jit(_under_mesh(functools.partial(loss_sums, graphdef), mesh))
 
 
 def evaluate(eval_step, params: dict, batches: list[Batch]) -> dict[str, float]:
@@ -161,7 +188,6 @@ class _StopRequest:
 
   def requested(self, step: int) -> bool:
     if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       if multihost_utils.reached_preemption_sync_point(step):
         self.signum = self.signum or signal.SIGTERM
     return self.signum is not None
@@ -171,14 +197,34 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
-                    tx: optax.GradientTransformation):
-  """The state to start from (a checkpoint, init_from, or fresh) and the data iterator state."""
+def state_sharding(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+  """The abstract TrainState and its shardings on `mesh` (parameters by the logical rules)."""
   abstract_params = jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target_params = checkpoint.abstract_like(abstract_params, device)
-  target_opt = checkpoint.abstract_like(jax.eval_shape(tx.init, abstract_params), device)
-  restored = ckpt.restore(target_params, target_opt, cfg.model)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  params, opt = sharding.state_shardings(tx, abstract_params, abstract_opt,
+                                         model.logical_axes(cfg.model), mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  counter = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = TrainState(counter, abstract_params, abstract_opt,
+                        jax.ShapeDtypeStruct((2,), jnp.uint32), counter, counter)
+  return abstract, TrainState(replicated, params, opt, replicated, replicated, replicated)
+
+
+def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
+                    tx: optax.GradientTransformation, abstract: TrainState, shardings: TrainState):
+  """The state to start from (a checkpoint, init_from, or fresh) and the data iterator state.
+
+  Whatever the source, the state is created directly with its shardings, never whole on one
+  device.
+  """
+  def target(tree, tree_shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, tree_shardings)
+
+  target_params = target(abstract.params, shardings.params)
+  restored = ckpt.restore(target_params, target(abstract.opt_state, shardings.opt_state),
+                          cfg.model)
   if restored is not None:
     meta = restored.meta
     logging.info("resuming from %s/%d: step %d, %s tokens seen", ckpt.directory, restored.step,
@@ -189,14 +235,17 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointe
                       "%d steps", saved_steps, cfg.train.steps, cfg.train.steps)
     state = init_state(restored.params, restored.opt_state, cfg.train.seed, step=meta["step"],
                        bad_run=meta["bad_run"], skipped=meta["skipped"], rng=meta["rng"])
-    return state, restored.data_state
+    return jax.device_put(state, shardings), restored.data_state
   if cfg.train.init_from:
     params, step = checkpoint.load_params(cfg.train.init_from, target_params, cfg.model)
     logging.info("initialised the parameters from %s (step %d); optimizer state and step are "
                  "fresh", cfg.train.init_from, step)
+    state = jax.jit(lambda p: init_state(p, tx.init(p), cfg.train.seed),
+                    out_shardings=shardings)(params)
   else:
-    params = model.init_params(cfg.model, cfg.train.seed)
-  return init_state(params, tx.init(params), cfg.train.seed), None
+    state = jax.jit(lambda: init_state(p := model.init_params(cfg.model, cfg.train.seed),
+                                       tx.init(p), cfg.train.seed), out_shardings=shardings)()
+  return state, None
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str, float]]:
@@ -209,15 +258,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   steps = cfg.train.steps
   schedule = optim.lr_schedule(cfg.optim, steps)
   tx = optim.make_optimizer(cfg.optim, steps)
-  abstract_params = jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed))
-  checkpoint.check_workdir(
-    workdir, checkpoint.state_bytes((abstract_params, jax.eval_shape(tx.init, abstract_params))),
-    cfg.train.keep_ckpts)
+  mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
+  abstract, shardings = state_sharding(cfg, tx, mesh)
+  logging.info("%s", sharding.describe(mesh, shardings, abstract))
+  checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), cfg.train.keep_ckpts)
   config_json = config_lib.to_json(cfg)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_json)
-
-  tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config_json)
+    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
+  if jax.process_count() > 1:
+    # The others reuse the tokenizer process 0 trained (on a workdir every host can see).
+    multihost_utils.sync_global_devices("tokenizer ready")
+  if jax.process_index() != 0:
+    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise config_lib.ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -226,7 +281,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   graphdef = model.graph(cfg.model)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_ckpts, cfg.train.async_checkpoint)
   try:
-    state, data_state = _resume_or_init(cfg, ckpt, tx)
+    state, data_state = _resume_or_init(cfg, ckpt, tx, abstract, shardings)
   except BaseException:
     ckpt.close()
     raise
@@ -234,15 +289,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   n_params = model.param_count(state.params)
   logging.info("model: %s parameters (%s without embeddings)", f"{n_params:,}",
                f"{n_params - model.embedding_param_count(cfg.model):,}")
-  train_step = make_train_step(cfg, graphdef, tx, schedule)
-  eval_step = make_eval_step(graphdef)
+  train_step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+  eval_step = make_eval_step(graphdef, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
 
   train_iter = pipeline.train_batches(cfg.data, tokenizer)
   if data_state is not None:
     train_iter.set_state(data_state)
   eval_set: list[Batch] = []
   if cfg.data.source == "hf" or cfg.data.eval_files:
-    eval_set = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)
+    eval_set = [sharding.global_batch(b, batch_sharding)
+                for b in pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)]
   else:
     logging.info("data.eval_files is empty: no evaluation in this run")
 
@@ -300,7 +357,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       logging.info("%s is already trained to step %d (train.steps=%d): nothing to do; raise "
                    "train.steps to extend it", workdir, start_step, steps)
     for step in range(start_step, steps):
-      batch = jax.device_put(next(train_iter))
+      batch = sharding.global_batch(next(train_iter), batch_sharding)
       state, step_metrics = train_step(state, batch)
       if step == start_step:
         jax.block_until_ready(state)
@@ -341,6 +398,20 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "A config file (configs/*.py); override fields with --config.group.key=value.",
   lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+  "host:port of process 0 of a multi-process run (GPU clusters, several processes on one "
+  "machine); default $JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", sharding.env_int("JAX_NUM_PROCESSES"),
+  "Processes in the run, with --coordinator_address; default $JAX_NUM_PROCESSES.")
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", sharding.env_int("JAX_PROCESS_ID"),
+  "This process's index, with --coordinator_address; default $JAX_PROCESS_ID.")
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost", False,
+  "Join a multi-process run whose layout JAX reads from the environment (every worker of a "
+  "TPU pod slice, a SLURM or Open MPI job). Implied by --coordinator_address.")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -357,6 +428,8 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("both --config and --workdir are required")
   try:
+    if _COORDINATOR.value or _MULTIHOST.value:
+      sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)

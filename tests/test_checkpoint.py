@@ -26,7 +26,7 @@ def small_config(sample_dir, tokenizer_path, **train_overrides):
   cfg.model.update(dict(vocab_size=512, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
                         ffn_dim=64, max_seq_len=32))
   cfg.data.update(dict(train_files=str(sample_dir / "train.jsonl"), eval_files="",
-                       tokenizer=str(tokenizer_path), seq_len=32, batch_size=4))
+                       tokenizer=str(tokenizer_path), seq_len=32, batch_size=8))
   cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=2))
   cfg.train.update(dict(steps=12, log_every=1, ckpt_every=4, keep_ckpts=3))
   cfg.train.update(train_overrides)
@@ -362,7 +362,7 @@ def test_init_from_loads_parameters_only(sample_dir, tokenizer_path, tmp_path):
   assert warm[1] < fresh[1] - 0.3  # it starts from the trained weights
   assert checkpoint.steps_on_disk(str(tmp_path / "b")) == [4]  # its own step count
   meta = json.loads((tmp_path / "b" / "checkpoints" / "4" / "meta" / "metadata").read_text())
-  assert meta["tokens_seen"] == 4 * 4 * 32
+  assert meta["tokens_seen"] == 4 * 8 * 32
 
 
 def test_unwritable_workdir_and_full_disk_are_reported_before_training(

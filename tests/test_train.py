@@ -96,7 +96,7 @@ def test_command_line_writes_the_workdir(sample_dir, tmp_path):
     f"--config.data.eval_files={sample_dir / 'validation.jsonl'}",
     "--config.model.vocab_size=384", "--config.model.dim=32", "--config.model.n_layers=1",
     "--config.model.n_heads=2", "--config.model.n_kv_heads=1", "--config.model.ffn_dim=64",
-    "--config.data.seq_len=32", "--config.data.batch_size=4",
+    "--config.data.seq_len=32", "--config.data.batch_size=8",
     "--config.data.tokenizer_train_docs=300", "--config.train.steps=4",
     "--config.train.log_every=2", "--config.train.eval_every=4", "--config.train.eval_steps=2",
     "--config.optim.warmup_steps=1",

@@ -1,0 +1,200 @@
+"""Meshes and logical-axis rules: sharded steps equal one device, multi-process equals one process."""
+
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanollama_jax import config, model, optim, sharding, train
+from nanollama_jax.data import pipeline
+from nanollama_jax.data.tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mesh_cfg(data=1, fsdp=1, tensor=1):
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def test_mesh_sizes_resolve_and_mismatches_are_named():
+  assert sharding.mesh_shape(mesh_cfg(2, -1, 2), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert sharding.mesh_shape(mesh_cfg(1, -1, 1), 8)["fsdp"] == 8
+  with pytest.raises(config.ConfigError, match=r"data=2 x fsdp=2 x tensor=1 = 4 devices, but "
+                                               r"there are 8"):
+    sharding.mesh_shape(mesh_cfg(2, 2, 1), 8)
+  with pytest.raises(config.ConfigError, match="do not divide the 8 devices"):
+    sharding.mesh_shape(mesh_cfg(3, -1, 1), 8)
+  cfg = config.get_default_config()
+  cfg.mesh.update(dict(data=-1, fsdp=-1))
+  with pytest.raises(config.ConfigError, match="at most one axis can be -1"):
+    config.validate(cfg, check_files=False)
+
+
+def test_rules_map_logical_axes_and_leave_indivisible_dimensions_whole():
+  mesh = sharding.make_mesh(mesh_cfg(2, 2, 2))
+  spec = sharding.logical_to_spec
+  assert spec(("layers", "embed", "heads", "head_dim"), (4, 64, 8, 16), mesh) == P(
+    None, "fsdp", "tensor", None)
+  assert spec(("vocab", "embed"), (512, 64), mesh) == P("tensor", "fsdp")
+  assert spec(("batch", "length"), (8, 32), mesh) == P(("data", "fsdp"), None)
+  assert spec(("batch", "length", "embed"), (8, 32, 64), mesh) == P(("data", "fsdp"), None, None)
+  assert spec(("embed", "kv_heads"), (64, 1), mesh) == P("fsdp", None)  # 1 head: replicated
+  assert spec(("batch",), (6,), mesh) == P("data")  # 6 rows split 2 ways, not 4
+
+
+def small_model_cfg(sample_dir, tokenizer_path):
+  cfg = config.get_default_config()
+  cfg.model.update(dict(vocab_size=512, dim=64, n_layers=2, n_heads=8, n_kv_heads=4,
+                        ffn_dim=128, max_seq_len=32, qk_norm=True))
+  cfg.data.update(dict(train_files=str(sample_dir / "train.jsonl"), eval_files="",
+                       tokenizer=str(tokenizer_path), seq_len=32, batch_size=8))
+  # Adam's first update is g / (|g| + eps): with the usual eps = 1e-8 it turns float32
+  # summation-order noise in near-zero gradients into visible differences (we saw 2 of 16,384
+  # elements differ by 2.5e-4 across meshes), so the comparison uses a larger eps.
+  cfg.optim.update(dict(lr=1e-2, warmup_steps=1, eps=1e-4))
+  cfg.train.steps = 10
+  return cfg
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)],
+                         ids=["data8", "fsdp8", "d2f2t2", "d2t4"])
+def test_a_sharded_step_equals_the_single_device_step(sample_dir, tokenizer_path, shape):
+  cfg = small_model_cfg(sample_dir, tokenizer_path)
+  cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), shape)))
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
+  graphdef = model.graph(cfg.model)
+  batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
+
+  params = model.init_params(cfg.model, 0)
+  one = train.make_train_step(cfg, graphdef, tx, schedule)
+  want, want_metrics = one(train.init_state(params, tx.init(params), 0), batch)
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  _, shardings = train.state_sharding(cfg, tx, mesh)
+  state = jax.jit(lambda: train.init_state(p := model.init_params(cfg.model, 0), tx.init(p), 0),
+                  out_shardings=shardings)()
+  step = train.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+  got, got_metrics = step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)))
+
+  assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+  assert float(got_metrics["grad_norm"]) == pytest.approx(float(want_metrics["grad_norm"]),
+                                                          rel=1e-5)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+  # The parameters and Adam's moments are laid out as the rules say.
+  data, fsdp, tensor = shape
+  wq = got.params["layers"]["attn"]["wq_DxHxE"]
+  expect = P(None, "fsdp" if fsdp > 1 else None, "tensor" if tensor > 1 else None, None)
+  assert wq.sharding.spec == expect
+  assert wq.addressable_shards[0].data.shape == (2, 64 // fsdp, 8 // tensor, 8)
+  mu = got.opt_state[1][0].mu["layers"]["attn"]["wq_DxHxE"]
+  assert mu.sharding.spec == expect
+  embed = got.params["embed_VxD"]
+  assert embed.sharding.spec == P("tensor" if tensor > 1 else None, "fsdp" if fsdp > 1 else None)
+
+
+def test_gradient_accumulation_on_a_mesh_matches_one_big_batch(sample_dir, tokenizer_path):
+  cfg = small_model_cfg(sample_dir, tokenizer_path)
+  cfg.data.batch_size = 16
+  cfg.mesh.update(dict(data=2, fsdp=4))
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
+  graphdef = model.graph(cfg.model)
+  batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
+  batch["loss_mask"][5, 7:] = 0.0  # uneven token counts across micro-batches
+  mesh = sharding.make_mesh(cfg.mesh)
+  _, shardings = train.state_sharding(cfg, tx, mesh)
+  results = []
+  for accum in (1, 2):
+    cfg.optim.grad_accum = accum
+    state = jax.jit(lambda: train.init_state(p := model.init_params(cfg.model, 0), tx.init(p),
+                                             0), out_shardings=shardings)()
+    step = train.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    results.append(step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh))))
+  (s1, m1), (s2, m2) = results
+  assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _cli(workdir, sample_dir, tokenizer_path, extra=()):
+  return [sys.executable, "-m", "nanollama_jax.train",
+          "--config", os.path.join(REPO, "configs", "tinystories_cpu.py"),
+          "--workdir", str(workdir), "--config.data.source=files",
+          f"--config.data.train_files={sample_dir / 'train.jsonl'}",
+          f"--config.data.eval_files={sample_dir / 'validation.jsonl'}",
+          f"--config.data.tokenizer={tokenizer_path}", "--config.model.vocab_size=512",
+          "--config.model.dim=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
+          "--config.model.n_kv_heads=2", "--config.model.ffn_dim=128",
+          "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.train.steps=6",
+          "--config.train.log_every=1", "--config.train.eval_every=6",
+          "--config.train.eval_steps=2", "--config.train.ckpt_every=3",
+          "--config.optim.warmup_steps=2", "--config.mesh.fsdp=2", "--config.mesh.data=-1",
+          *extra]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
+  """Two processes with 2 CPU devices each (gloo collectives) = one process with 4 devices."""
+  one = subprocess.run(_cli(tmp_path / "one", sample_dir, tokenizer_path), cwd=REPO,
+                       env=_env(4), capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  port = _free_port()
+  procs = [subprocess.Popen(
+    _cli(tmp_path / "two", sample_dir, tokenizer_path,
+         [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]),
+    cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 1 of 2: 2 local devices, 4 in all" in outputs[1][1]
+  assert "step 6/6" in outputs[0][1] and "step 6/6" not in outputs[1][1]  # only process 0 logs
+
+  def rows(workdir):
+    return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+
+  a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6, 6]
+  for ra, rb in zip(a, b):
+    for key in ("loss", "grad_norm", "eval_loss"):
+      if key in ra:
+        assert rb[key] == pytest.approx(ra[key], rel=1e-5), (key, ra["step"])
+  # Both processes wrote their data position into the shared checkpoint.
+  data_files = sorted(os.listdir(tmp_path / "two" / "checkpoints" / "6" / "data"))
+  assert [f for f in data_files if f.endswith(".json")] == [
+    "process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.parametrize("name, count", [("llama3_2_1b", 1_235_814_400),
+                                         ("tinyllama_1b", 1_100_048_384),
+                                         ("dense_180m", 226_546_432)])
+def test_published_shapes_have_their_parameter_counts(name, count):
+  cfg = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
+  config.validate(cfg, check_files=False)
+  abstract = jax.eval_shape(lambda: model.init_params(cfg.model, 0))
+  assert model.param_count(abstract) == model.param_count_formula(cfg.model) == count
