@@ -1,0 +1,59 @@
+"""A model of the Llama 3.2 1B shape, pretrained from scratch, sized for one H100 (80 GB).
+
+16 layers, dim 2048, 32 query / 8 KV heads (head dim 64), SwiGLU FFN 8192, vocab 128256, tied
+embeddings, RoPE theta 500000 with the Llama 3.1 frequency scaling (factor 32, low/high
+frequency factors 1/4, original context 8192): 1,235,814,400 parameters, Meta's published
+count for Llama 3.2 1B.
+
+The project trains its own sentencepiece tokenizer with model.vocab_size pieces; to evaluate or
+continue Meta's weights, their weights would have to be imported (not built yet). Data:
+FineWeb-Edu (sample-10BT) from the Hub; it has only a train split, so evaluation reads the
+same split (a held-out slice comes with the streaming data work) -- or point data.source=files
+at your own shards. One step = 64 x 2048 = 131,072 tokens in 8 micro-batches of 8, each
+layer rematerialised; on several GPUs or a TPU slice raise mesh.fsdp / mesh.data (the batch is
+split over data x fsdp) and lower optim.grad_accum.
+"""
+
+from nanollama_jax.config import get_default_config
+
+
+def get_config():
+  cfg = get_default_config()
+
+  cfg.model.vocab_size = 128256
+  cfg.model.dim = 2048
+  cfg.model.n_layers = 16
+  cfg.model.n_heads = 32
+  cfg.model.n_kv_heads = 8
+  cfg.model.ffn_dim = 8192
+  cfg.model.norm_eps = 1e-5
+  cfg.model.rope_theta = 500000.0
+  cfg.model.rope_scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+  cfg.model.tie_embeddings = True
+  cfg.model.max_seq_len = 2048
+  cfg.model.dtype = "bfloat16"
+  cfg.model.remat = "full"
+
+  cfg.data.source = "hf"
+  cfg.data.hf_path = "HuggingFaceFW/fineweb-edu"
+  cfg.data.hf_name = "sample-10BT"
+  cfg.data.hf_train_split = "train"
+  cfg.data.hf_eval_split = "train"  # FineWeb-Edu has no other split
+  cfg.data.text_key = "text"
+  cfg.data.seq_len = 2048
+  cfg.data.batch_size = 64
+  cfg.data.num_workers = 8
+  cfg.data.tokenizer_train_docs = 200_000
+
+  cfg.optim.lr = 3e-4
+  cfg.optim.min_lr = 3e-5
+  cfg.optim.warmup_steps = 2000
+  cfg.optim.grad_accum = 8
+
+  cfg.train.steps = 100_000  # 13.1B tokens
+  cfg.train.log_every = 10
+  cfg.train.eval_every = 2000
+  cfg.train.eval_steps = 20
+  cfg.train.ckpt_every = 1000
+  return cfg

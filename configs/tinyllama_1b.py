@@ -1,0 +1,50 @@
+"""A model of the TinyLlama 1.1B shape, pretrained from scratch on one H100 (80 GB).
+
+22 layers, dim 2048, 32 query / 4 KV heads (head dim 64), SwiGLU FFN 5632, vocab 32000, untied
+output projection, RoPE theta 10000, context 2048: 1,100,048,384 parameters, the count of the
+published TinyLlama-1.1B checkpoints. TinyLlama was trained on SlimPajama and StarCoder data
+with batch 1024 x 2048 tokens and lr 4e-4; this recipe keeps the shape and the lr and uses
+FineWeb-Edu with a one-GPU batch (64 x 2048 in 8 micro-batches, layers rematerialised).
+"""
+
+from nanollama_jax.config import get_default_config
+
+
+def get_config():
+  cfg = get_default_config()
+
+  cfg.model.vocab_size = 32000
+  cfg.model.dim = 2048
+  cfg.model.n_layers = 22
+  cfg.model.n_heads = 32
+  cfg.model.n_kv_heads = 4
+  cfg.model.ffn_dim = 5632
+  cfg.model.norm_eps = 1e-5
+  cfg.model.rope_theta = 10000.0
+  cfg.model.tie_embeddings = False
+  cfg.model.max_seq_len = 2048
+  cfg.model.dtype = "bfloat16"
+  cfg.model.remat = "full"
+
+  cfg.data.source = "hf"
+  cfg.data.hf_path = "HuggingFaceFW/fineweb-edu"
+  cfg.data.hf_name = "sample-10BT"
+  cfg.data.hf_train_split = "train"
+  cfg.data.hf_eval_split = "train"  # FineWeb-Edu has no other split
+  cfg.data.text_key = "text"
+  cfg.data.seq_len = 2048
+  cfg.data.batch_size = 64
+  cfg.data.num_workers = 8
+  cfg.data.tokenizer_train_docs = 200_000
+
+  cfg.optim.lr = 4e-4
+  cfg.optim.min_lr = 4e-5
+  cfg.optim.warmup_steps = 2000
+  cfg.optim.grad_accum = 8
+
+  cfg.train.steps = 100_000
+  cfg.train.log_every = 10
+  cfg.train.eval_every = 2000
+  cfg.train.eval_steps = 20
+  cfg.train.ckpt_every = 1000
+  return cfg
