@@ -17,7 +17,7 @@ import ml_collections
 
 ATTENTION_IMPLS = ("xla",)
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attn", "save_dots_attn")
 DATA_SOURCES = ("files", "hf")
 ROPE_SCALING_KEYS = (
   "factor",

@@ -25,13 +25,21 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from nanollama_jax import sharding
 from nanollama_jax.attention import attention
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
+  # keep the matmul outputs against weights (projections, MLP), recompute the rest
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # keep only each layer's attention output: the attention core, quadratic in the sequence,
+  # is not recomputed, the projections and the MLP are
+  "save_attn": jax.checkpoint_policies.save_only_these_names("attn_out"),
+  "save_dots_attn": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names("attn_out")),
 }
 
 
@@ -104,6 +112,7 @@ class Attention(nnx.Module):
     q_BxTxHxE = apply_rope(q_BxTxHxE, sin_BxTxE2, cos_BxTxE2)
     k_BxTxKxE = apply_rope(k_BxTxKxE, sin_BxTxE2, cos_BxTxE2)
     out_BxTxHxE = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, impl=self.impl)
+    out_BxTxHxE = checkpoint_name(out_BxTxHxE, "attn_out")
     return jnp.einsum("bthe,hed->btd", out_BxTxHxE, self.wo_HxExD[...].astype(dt))
 
 

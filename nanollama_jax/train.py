@@ -211,6 +211,25 @@ def state_sharding(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformat
   return abstract, TrainState(replicated, params, opt, replicated, replicated, replicated)
 
 
+def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The train step of `cfg` on `mesh`, lowered on abstract inputs: no array is allocated.
+
+  `.compile()` on the result gives XLA's per-device memory estimate (`memory_analysis()`),
+  which is how a recipe is checked on a CPU before it meets its accelerator.
+  """
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  abstract, shardings = state_sharding(cfg, tx, mesh)
+  step = make_train_step(cfg, model.graph(cfg.model), tx,
+                         optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       abstract, shardings)
+  rows = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
+                              sharding=sharding.batch_sharding(mesh))
+  batch = {k: rows for k in ("inputs", "targets", "segment_ids", "positions")}
+  batch["loss_mask"] = jax.ShapeDtypeStruct(rows.shape, jnp.float32, sharding=rows.sharding)
+  return step.lower(state, batch)
+
+
 def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
                     tx: optax.GradientTransformation, abstract: TrainState, shardings: TrainState):
   """The state to start from (a checkpoint, init_from, or fresh) and the data iterator state.

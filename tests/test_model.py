@@ -178,7 +178,8 @@ def loss_and_grads(variant):
 
 
 @pytest.mark.parametrize("variant", [
-  {"scan_layers": False}, {"remat": "full"}, {"remat": "save_dots"},
+  {"scan_layers": False}, {"remat": "full"}, {"remat": "save_dots"}, {"remat": "save_attn"},
+  {"remat": "save_dots_attn"},
   {"scan_layers": False, "remat": "full"},
 ])
 def test_scan_and_remat_give_the_same_numbers(variant):
@@ -187,6 +188,30 @@ def test_scan_and_remat_give_the_same_numbers(variant):
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def remat_temp_bytes(remat: str) -> int:
+  """XLA's temporary-memory estimate for loss + gradients of a 4-layer model, 4 x 512 tokens."""
+  cfg = tiny_cfg(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                 max_seq_len=512, remat=remat)
+  graphdef = model.graph(cfg)
+  params = jax.eval_shape(lambda: model.init_params(cfg, 0))
+  tokens = jax.ShapeDtypeStruct((4, 512), jnp.int32)
+
+  def loss(p, t):
+    return model.cross_entropy(model.apply(graphdef, p, t), t, jnp.ones(t.shape))[0]
+
+  compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_policies_trade_memory_as_named():
+  temp = {r: remat_temp_bytes(r) for r in ("none", "save_dots_attn", "save_attn", "full")}
+  # Measured here: none 344 MB, save_dots_attn 129 MB, save_attn 86 MB, full 101 MB (full
+  # recomputes attention inside the backward pass, whose scores then live at the same time as
+  # the layer's gradients; keeping the attention output avoids that).
+  assert temp["save_attn"] < temp["save_dots_attn"] < temp["none"], temp
+  assert max(temp["full"], temp["save_attn"]) < 0.4 * temp["none"], temp
 
 
 def test_tied_embeddings_share_the_output_projection():
