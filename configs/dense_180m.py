@@ -25,7 +25,7 @@ def get_config():
   cfg.model.rope_theta = 10000.0
   cfg.model.max_seq_len = 2048
   cfg.model.dtype = "bfloat16"
-  cfg.model.remat = "save_dots"
+  cfg.model.remat = "save_attn"
 
   cfg.data.source = "hf"
   cfg.data.hf_path = "HuggingFaceFW/fineweb-edu"
