@@ -163,7 +163,8 @@ class _StopRequest:
   """Turns the first SIGTERM/SIGINT into a request to save and stop; a second one kills at once.
 
   With several processes the request comes from JAX's preemption sync point instead, so that
-  every process stops after the same step (JAX's distributed runtime watches SIGTERM there).
+  every process stops after the same step (JAX's distributed runtime watches SIGTERM there); a
+  signal seen by one process alone must not stop it while the others wait in a collective.
   """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -172,8 +173,8 @@ class _StopRequest:
     self.signum: int | None = None
     self._previous: dict[int, Any] = {}
     self._multi = jax.process_count() > 1
-    if threading.current_thread() is threading.main_thread():
-      for sig in self._SIGNALS if not self._multi else (signal.SIGINT,):
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      for sig in self._SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum: int, frame: Any) -> None:
@@ -187,9 +188,8 @@ class _StopRequest:
                     "stopping (send it again to exit at once)", signal.Signals(signum).name)
 
   def requested(self, step: int) -> bool:
-    if self._multi:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.signum = self.signum or signal.SIGTERM
+    if self._multi and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
     return self.signum is not None
 
   def restore(self) -> None:
