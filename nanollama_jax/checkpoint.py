@@ -382,3 +382,33 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> A
 def steps_on_disk(workdir: str) -> Sequence[int]:
   """Complete checkpoint steps under `workdir`, oldest first."""
   return _step_dirs(os.path.join(workdir, CHECKPOINT_DIR))
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
+  """(config, parameters, step) of a training run's checkpoint: the newest, or `step`.
+
+  The config is the one the checkpoint was written with; the parameters land on the default
+  device. Used by evaluation, sampling and export.
+  """
+  steps = steps_on_disk(workdir)
+  if not steps:
+    raise CheckpointError(f"{workdir} has no checkpoint (looked in "
+                          f"{os.path.join(workdir, CHECKPOINT_DIR)})")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"{workdir} has no checkpoint for step {step}; it has {steps}")
+  step_dir = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+  manager = ocp.CheckpointManager(
+    os.path.join(workdir, CHECKPOINT_DIR), options=ocp.CheckpointManagerOptions(read_only=True),
+    item_names=("params", "opt_state", "data", "meta", "config"))
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    manager.close()
+  cfg = config_lib.from_json(json.dumps(saved))
+  from nanollama_jax import model  # pylint: disable=import-outside-toplevel
+  abstract = abstract_like(jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed)),
+                           jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  params, _ = load_params(step_dir, abstract, cfg.model)
+  return cfg, params, step

@@ -29,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nanollama_jax import sharding
 from nanollama_jax.attention import attention
+from nanollama_jax.attention.xla import masked_attention
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -102,7 +103,10 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
     self.k_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
 
-  def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT):
+  def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
+    """With `cache` (k_BxSxKxE, v_BxSxKxE, slot, mask_BxTxS), the new keys and values are
+    written at cache slots [slot, slot + T), the queries attend over the cache under the mask,
+    and (out, (k, v)) is returned."""
     dt = self.dtype
     q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.wq_DxHxE[...].astype(dt))
     k_BxTxKxE = jnp.einsum("btd,dke->btke", x_BxTxD, self.wk_DxKxE[...].astype(dt))
@@ -111,9 +115,19 @@ class Attention(nnx.Module):
       q_BxTxHxE, k_BxTxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxTxKxE)
     q_BxTxHxE = apply_rope(q_BxTxHxE, sin_BxTxE2, cos_BxTxE2)
     k_BxTxKxE = apply_rope(k_BxTxKxE, sin_BxTxE2, cos_BxTxE2)
-    out_BxTxHxE = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, impl=self.impl)
+    if cache is None:
+      out_BxTxHxE = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, impl=self.impl)
+    else:
+      k_BxSxKxE, v_BxSxKxE, slot, mask_BxTxS = cache
+      k_BxSxKxE = jax.lax.dynamic_update_slice_in_dim(
+        k_BxSxKxE, k_BxTxKxE.astype(k_BxSxKxE.dtype), slot, axis=1)
+      v_BxSxKxE = jax.lax.dynamic_update_slice_in_dim(
+        v_BxSxKxE, v_BxTxKxE.astype(v_BxSxKxE.dtype), slot, axis=1)
+      out_BxTxHxE = masked_attention(q_BxTxHxE, k_BxSxKxE.astype(dt), v_BxSxKxE.astype(dt),
+                                     mask_BxTxS)
     out_BxTxHxE = checkpoint_name(out_BxTxHxE, "attn_out")
-    return jnp.einsum("bthe,hed->btd", out_BxTxHxE, self.wo_HxExD[...].astype(dt))
+    out_BxTxD = jnp.einsum("bthe,hed->btd", out_BxTxHxE, self.wo_HxExD[...].astype(dt))
+    return out_BxTxD if cache is None else (out_BxTxD, (k_BxSxKxE, v_BxSxKxE))
 
 
 class MLP(nnx.Module):
@@ -145,10 +159,13 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT):
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), sin_BxTxE2, cos_BxTxE2,
-                                  segment_ids_BxT)
-    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+  def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
+    attn_out = self.attn(self.attn_norm(x_BxTxD), sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache)
+    if cache is not None:
+      attn_out, new_cache = attn_out
+    x_BxTxD = x_BxTxD + attn_out
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return x_BxTxD if cache is None else (x_BxTxD, new_cache)
 
 
 class Llama(nnx.Module):
@@ -174,8 +191,13 @@ class Llama(nnx.Module):
     tokens_BxT: jax.Array,
     segment_ids_BxT: jax.Array | None = None,
     positions_BxT: jax.Array | None = None,
-  ) -> jax.Array:
-    """Returns float32 logits; segment ids and positions describe packed documents."""
+    cache: dict | None = None,
+  ) -> jax.Array | tuple[jax.Array, dict]:
+    """Returns float32 logits; segment ids and positions describe packed documents.
+
+    With a KV cache (see `init_cache`), the tokens are written at its `slot`, attend to what
+    the cache holds under its key mask, and (logits, updated cache) is returned.
+    """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BxT.shape
     if positions_BxT is None:
@@ -190,6 +212,23 @@ class Llama(nnx.Module):
     x_BxTxD = sharding.constrain(x_BxTxD, residual)
 
     layer_def, layer_state = nnx.split(self.layers)
+    if cache is not None:
+      # Query t sits in cache slot slot + t and sees the valid keys up to that slot.
+      S = cache["k"].shape[2]
+      query_slot_T = cache["slot"] + jnp.arange(T)
+      mask_BxTxS = cache["valid_BxS"][:, None, :] & (
+        jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None])
+
+      def cached_step(x_BxTxD, xs):
+        state, k_BxSxKxE, v_BxSxKxE = xs
+        layer = nnx.merge(layer_def, state)
+        x_BxTxD, kv = layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, None,
+                            (k_BxSxKxE, v_BxSxKxE, cache["slot"], mask_BxTxS))
+        return x_BxTxD, kv
+
+      x_BxTxD, (k, v) = jax.lax.scan(cached_step, x_BxTxD, (layer_state, cache["k"], cache["v"]))
+      cache = {**cache, "k": k, "v": v, "slot": cache["slot"] + T}
+      return self._logits(x_BxTxD), cache
 
     def layer_step(x_BxTxD, state):
       layer = nnx.merge(layer_def, state)
@@ -204,8 +243,12 @@ class Llama(nnx.Module):
       for i in range(cfg.n_layers):
         x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
 
+    return self._logits(x_BxTxD)
+
+  def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
     x_BxTxD = self.final_norm(x_BxTxD)
     head_DxV = self.embed_VxD[...].T if self.lm_head_DxV is None else self.lm_head_DxV[...]
+    dt = jnp.dtype(self.cfg.dtype)
     logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt),
                               preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BxTxV, ("batch", "length", "vocab"))
@@ -254,6 +297,21 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
           positions_BxT: jax.Array | None = None) -> jax.Array:
   """Runs the model `graphdef` with `params`; returns float32 logits_BxTxV."""
   return nnx.merge(graphdef, params)(tokens_BxT, segment_ids_BxT, positions_BxT)
+
+
+def init_cache(cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> dict:
+  """An empty KV cache for len(valid_BxS) rows of S slots; valid_BxS marks the slots that may
+  be attended to (False for left padding of shorter prompts)."""
+  B, S = valid_BxS.shape
+  shape = (cfg.n_layers, B, S, cfg.n_kv_heads, cfg.dim // cfg.n_heads)
+  zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+  return {"k": zeros, "v": zeros, "slot": jnp.zeros((), jnp.int32), "valid_BxS": valid_BxS}
+
+
+def apply_with_cache(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
+                     positions_BxT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  """Runs `tokens_BxT` at `positions_BxT` against `cache`; returns (float32 logits, cache)."""
+  return nnx.merge(graphdef, params)(tokens_BxT, None, positions_BxT, cache)
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,

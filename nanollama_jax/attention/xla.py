@@ -29,9 +29,24 @@ def xla_attention(
     if S != T:
       raise ValueError(f"segment ids need self-attention (T == S), got T={T}, S={S}")
     mask_BxTxS = mask_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+  return _masked_softmax_values(scores_BxKxGxTxS, mask_BxTxS, v_BxSxKxE).reshape(B, T, H, E)
+
+
+def _masked_softmax_values(scores_BxKxGxTxS, mask_BxTxS, v_BxSxKxE):
   scores_BxKxGxTxS = jnp.where(
     mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min
   )
   probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxE.dtype)
-  out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxS, v_BxSxKxE)
-  return out_BxTxKxGxE.reshape(B, T, H, E)
+  return jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxS, v_BxSxKxE)
+
+
+def masked_attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+                     mask_BxTxS: jax.Array) -> jax.Array:
+  """Attention of T queries over S keys with an explicit boolean mask (decoding a KV cache)."""
+  B, T, H, E = q_BxTxHxE.shape
+  K = k_BxSxKxE.shape[2]
+  q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
+  scores_BxKxGxTxS = jnp.einsum(
+    "btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
+  ) * (E**-0.5)
+  return _masked_softmax_values(scores_BxKxGxTxS, mask_BxTxS, v_BxSxKxE).reshape(B, T, H, E)

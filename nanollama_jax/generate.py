@@ -1,0 +1,125 @@
+"""Sampling with a KV cache: prefill the prompts, then one jitted loop of single-token steps.
+
+Prompts of different lengths are left-padded into one batch: padded cache slots are masked
+out and RoPE positions start at 0 at each prompt's first token, so a row decodes exactly as it
+would alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nanollama_jax import model
+
+
+def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
+                  top_p: float) -> jax.Array:
+  """Next tokens: argmax when temperature is 0, else sampled from the top-k / top-p set."""
+  if temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    cutoff_B1 = jnp.min(jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1,
+                        keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg_json", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "return_logits"))
+def _decode(params, tokens_BxP, lengths_B, rng, eos_id, *, cfg_json, max_new_tokens,
+            temperature, top_k, top_p, return_logits):
+  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  graphdef = model.graph(cfg)
+  B, P = tokens_BxP.shape
+  S = P + max_new_tokens
+  pad_B = P - lengths_B
+  valid_BxS = jnp.arange(S)[None, :] >= pad_B[:, None]
+  cache = model.init_cache(cfg, valid_BxS)
+  positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
+  logits_BxPxV, cache = model.apply_with_cache(graphdef, params, tokens_BxP, positions_BxP, cache)
+  V = logits_BxPxV.shape[-1]
+
+  def pick(logits_BxV, step):
+    return sample_logits(logits_BxV, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+
+  first_B = pick(logits_BxPxV[:, -1], 0)
+  out_BxN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
+  seen_BxNxV = jnp.zeros((B, max_new_tokens if return_logits else 0, V), jnp.float32)
+  if return_logits:
+    seen_BxNxV = seen_BxNxV.at[:, 0].set(logits_BxPxV[:, -1])
+  done_B = first_B == eos_id
+
+  def cond(carry):
+    step, _, _, _, done_B, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    step, cache, last_B, out_BxN, done_B, seen_BxNxV = carry
+    positions_Bx1 = (lengths_B + step - 1)[:, None]
+    logits_Bx1xV, cache = model.apply_with_cache(graphdef, params, last_B[:, None],
+                                                 positions_Bx1, cache)
+    next_B = pick(logits_Bx1xV[:, 0], step)
+    next_B = jnp.where(done_B, eos_id, next_B)
+    out_BxN = out_BxN.at[:, step].set(next_B)
+    if return_logits:
+      seen_BxNxV = seen_BxNxV.at[:, step].set(logits_Bx1xV[:, 0])
+    return step + 1, cache, next_B, out_BxN, done_B | (next_B == eos_id), seen_BxNxV
+
+  _, _, _, out_BxN, _, seen_BxNxV = jax.lax.while_loop(
+    cond, body, (jnp.int32(1), cache, first_B, out_BxN, done_B, seen_BxNxV))
+  return out_BxN, seen_BxNxV
+
+
+def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Sequence[int]],
+             max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, eos_id: int | None = 2, pad_id: int = 3,
+             return_logits: bool = False):
+  """Continues each prompt (token ids, BOS included if wanted) by up to `max_new_tokens`.
+
+  Returns one list of new token ids per prompt, ending before EOS; with `return_logits`, also
+  the float32 logits each new token was chosen from, [B, max_new_tokens, V] (zeros after a row
+  stopped, or once every row has).
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (e.g. BOS)")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
+                     f"top_k={top_k} >= 0")
+  P = max(len(p) for p in prompts)
+  if P + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"prompt ({P} tokens) + max_new_tokens={max_new_tokens} exceeds the "
+                     f"model's max_seq_len={cfg.max_seq_len}")
+  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, P - len(p):] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  out, logits = _decode(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+                        jnp.int32(-1 if eos_id is None else eos_id),
+                        cfg_json=json.dumps(cfg.to_dict(), sort_keys=True),
+                        max_new_tokens=max_new_tokens, temperature=float(temperature),
+                        top_k=int(top_k), top_p=float(top_p), return_logits=return_logits)
+  out = np.asarray(out)
+  results = []
+  for row in out:
+    row = row.tolist()
+    if eos_id is not None and eos_id in row:
+      row = row[:row.index(eos_id)]
+    results.append(row)
+  return (results, np.asarray(logits)) if return_logits else results

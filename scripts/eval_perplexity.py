@@ -1,0 +1,49 @@
+"""Perplexity of a trained run over its validation split or given files.
+
+  python scripts/eval_perplexity.py --workdir runs/ts [--files 'data/val*.jsonl'] [--step N] [--json]
+
+Every token of every document is a target exactly once (documents as [BOS] + text + [EOS],
+packed like in training); the result is the token-weighted mean loss and exp of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from nanollama_jax import checkpoint, config, evaluate  # pylint: disable=g-import-not-at-top
+from nanollama_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--workdir", required=True, help="the training run's directory")
+  p.add_argument("--files", default=None,
+                 help="comma-separated globs of .jsonl/.txt files (default: the run's eval split)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  p.add_argument("--max-batches", type=int, default=10**9, help="stop after this many batches")
+  p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+  args = p.parse_args(argv)
+  try:
+    cfg, params, step = checkpoint.load_run(args.workdir, args.step)
+    tokenizer = Tokenizer(os.path.join(args.workdir, "tokenizer.model"))
+    result = evaluate.perplexity(cfg, params, tokenizer, args.files,
+                                 max_batches=args.max_batches)
+  except (checkpoint.CheckpointError, config.ConfigError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  result["step"] = step
+  if args.json:
+    print(json.dumps(result))
+  else:
+    source = args.files or "the validation split"
+    print(f"step {step}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
+          f"{result['tokens']:,} tokens of {source}")
+
+
+if __name__ == "__main__":
+  main()
