@@ -347,8 +347,24 @@ def resolve_init_from(path: str) -> tuple[str, int]:
                         f"{os.path.join(path, CHECKPOINT_DIR, '<step>')} and {path}/<step>)")
 
 
+def is_hf_directory(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+    n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(path))
+
+
 def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, int]:
-  """Reads only the parameters of the checkpoint at `path` (see `resolve_init_from`)."""
+  """Reads only the parameters at `path`: a checkpoint (see `resolve_init_from`), or a Hugging
+  Face Llama directory (config.json + safetensors, e.g. from scripts/export_to_pytorch.py), for
+  which the returned step is 0. The parameters land on `abstract_params`' shardings."""
+  if is_hf_directory(path):
+    from nanollama_jax import export  # pylint: disable=import-outside-toplevel
+    hf_cfg, params = export.load_hf(path)
+    diff = shape_differences(hf_cfg.to_dict(), model_cfg)
+    if diff:
+      raise CheckpointError(f"train.init_from={path!r} holds a model of another shape "
+                            f"({'; '.join(diff)})")
+    return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
+                        abstract_params), 0
   directory, step = resolve_init_from(path)
   manager = ocp.CheckpointManager(
     directory, options=ocp.CheckpointManagerOptions(read_only=True),

@@ -95,8 +95,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.train.keep_ckpts = 3  # the newest N are kept; older ones go once a newer save is complete
   cfg.train.async_checkpoint = True  # write in the background while training goes on
   cfg.train.max_bad_steps = 20  # consecutive non-finite steps (each skipped) before stopping
-  # Parameters to start from (optimizer and step fresh): a workdir, its checkpoints/ folder or
-  # one checkpoints/<step> folder. Ignored when the workdir has a checkpoint to resume.
+  # Parameters to start from (optimizer and step fresh): a workdir, its checkpoints/ folder,
+  # one checkpoints/<step> folder, or a Hugging Face Llama directory (config.json +
+  # safetensors). Ignored when the workdir has a checkpoint to resume.
   cfg.train.init_from = ""
 
   # The device mesh (see sharding.py): the product of the sizes must be the number of devices;
@@ -248,7 +249,8 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
       _fail("data.tokenizer", d.tokenizer, "no such file (leave empty to train one)")
     if t.init_from and not os.path.isdir(t.init_from):
       _fail("train.init_from", t.init_from,
-            "no such directory (a workdir, its checkpoints/ or a checkpoints/<step> folder)")
+            "no such directory (a workdir, its checkpoints/, a checkpoints/<step> folder or a "
+            "Hugging Face Llama directory)")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -315,3 +315,23 @@ def test_export_script_and_generate_script_agree_with_transformers(trained_run, 
     theirs = hf.generate(ids, max_new_tokens=24, do_sample=False)
   assert prompt + hf_tok.decode(theirs[0, ids.shape[1]:], skip_special_tokens=True) == completion
   assert len(completion) > len(prompt) + 20
+
+
+def test_init_from_an_exported_directory_starts_from_its_weights(trained_run, tmp_path):
+  from nanollama_jax import checkpoint, train
+  out = tmp_path / "hf"
+  assert run_script("export_to_pytorch.py", "--workdir", str(trained_run), "--out",
+                    str(out)).returncode == 0
+  cfg, trained, _ = checkpoint.load_run(str(trained_run))
+  abstract = checkpoint.abstract_like(jax.eval_shape(lambda: model.init_params(cfg.model, 0)),
+                                      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  loaded, step = checkpoint.load_params(str(out), abstract, cfg.model)
+  assert step == 0
+  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cfg.train.update(dict(steps=2, init_from=str(out), ckpt_every=0, eval_every=2))
+  cfg.optim.update(dict(warmup_steps=1, lr=1e-4, min_lr=1e-5))
+  _, last = train.train(cfg, str(tmp_path / "finetune"))
+  final = json.loads(open(trained_run / "metrics.jsonl").read().splitlines()[-1])
+  assert last["eval_loss"] < final["eval_loss"] + 0.05  # starts trained, not from scratch
+  assert last["eval_loss"] < 5.0
