@@ -77,10 +77,10 @@ def last_logged_step(workdir):
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(sample_dir, tokenizer_path, tmp_path):
-  cfg = small_config(sample_dir, tokenizer_path, steps=200, ckpt_every=20)
+  cfg = small_config(sample_dir, tokenizer_path, steps=120, ckpt_every=20)
   train.train(cfg, str(tmp_path / "reference"))
   reference = logged_losses(tmp_path / "reference")
-  assert sorted(reference) == list(range(1, 201))
+  assert sorted(reference) == list(range(1, 121))
 
   workdir = tmp_path / "killed"
   proc = start(cfg, workdir)
@@ -92,15 +92,15 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(sample_dir, tokenizer
   assert proc.returncode == -signal.SIGKILL
   killed_at = last_logged_step(workdir)
   saved = checkpoint.steps_on_disk(str(workdir))
-  assert killed_at < 200 and saved and saved[-1] <= killed_at
+  assert killed_at < 120 and saved and saved[-1] <= killed_at
 
   resumed = subprocess.run(cli_args(cfg, workdir), cwd=REPO, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resuming from {workdir / 'checkpoints'}/{saved[-1]}" in resumed.stderr
   losses = logged_losses(workdir)
-  assert sorted(losses) == list(range(1, 201))  # the rows after the checkpoint were replaced
+  assert sorted(losses) == list(range(1, 121))  # the rows after the checkpoint were replaced
   assert losses == reference  # bitwise: JSON keeps every bit of a float
-  assert checkpoint.steps_on_disk(str(workdir)) == [160, 180, 200]  # keep_ckpts=3
+  assert checkpoint.steps_on_disk(str(workdir)) == [80, 100, 120]  # keep_ckpts=3
 
 
 def test_sigterm_saves_the_step_it_reached_and_exits(sample_dir, tokenizer_path, tmp_path):

@@ -242,7 +242,7 @@ def trained_run(sample_dir, tokenizer_path, tmp_path_factory):
                        eval_files=str(sample_dir / "validation.jsonl"),
                        tokenizer=str(tokenizer_path), seq_len=64, batch_size=16))
   cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=5))
-  cfg.train.update(dict(steps=60, log_every=20, eval_every=60, eval_steps=4, ckpt_every=30))
+  cfg.train.update(dict(steps=40, log_every=20, eval_every=40, eval_steps=4, ckpt_every=20))
   workdir = tmp_path_factory.mktemp("run")
   train.train(cfg, str(workdir))
   return workdir
@@ -258,7 +258,7 @@ def run_script(name, *args):
 def test_perplexity_is_exp_of_the_token_weighted_loss_by_hand(trained_run, tmp_path):
   from nanollama_jax import checkpoint, evaluate
   cfg, params, step = checkpoint.load_run(str(trained_run))
-  assert step == 60
+  assert step == 40
   tok = Tokenizer(str(trained_run / "tokenizer.model"))
   texts = ["Once upon a time, there was a cat.", "The dog ran to the park.", "Tom was happy."]
   path = tmp_path / "small.jsonl"
@@ -281,12 +281,12 @@ def test_perplexity_is_exp_of_the_token_weighted_loss_by_hand(trained_run, tmp_p
                    "--json")
   assert cli.returncode == 0, cli.stderr[-2000:]
   out = json.loads(cli.stdout)
-  assert out["step"] == 60 and out["tokens"] == count
+  assert out["step"] == 40 and out["tokens"] == count
   assert out["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
   # Over the validation split the numbers are the run's final evaluation's, on more tokens.
   whole = run_script("eval_perplexity.py", "--workdir", str(trained_run), "--json",
-                     "--step", "30")
-  assert whole.returncode == 0 and json.loads(whole.stdout)["step"] == 30
+                     "--step", "20")
+  assert whole.returncode == 0 and json.loads(whole.stdout)["step"] == 20
   assert json.loads(whole.stdout)["tokens"] > 30000
   missing = run_script("eval_perplexity.py", "--workdir", str(trained_run), "--step", "7")
   assert missing.returncode != 0 and "no checkpoint for step 7" in missing.stderr
