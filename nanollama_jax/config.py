@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn", "save_dots_attn")
 DATA_SOURCES = ("files", "hf")
@@ -50,7 +50,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.model.qk_norm = False  # RMSNorm over each head of q and k before RoPE
   cfg.model.tie_embeddings = False  # the output projection reuses the token embedding
   cfg.model.max_seq_len = 2048  # the longest sequence the model is meant for
-  cfg.model.attention = "xla"  # one of ATTENTION_IMPLS
+  cfg.model.attention = "xla"  # one of ATTENTION_IMPLS: xla, pallas (CUDA GPUs), cudnn, auto
   cfg.model.scan_layers = True  # run the layer stack with a scan: compile time flat in depth
   cfg.model.remat = "none"  # one of REMAT_POLICIES, applied to each decoder layer
   cfg.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)
