@@ -12,6 +12,66 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 
+# Peak dense matmul throughput per device, FLOP/s, for the precision named. MFU compares the
+# model's FLOPs against these. Sources: vendor datasheets (NVIDIA A100 / H100 / GeForce RTX
+# 3090 whitepapers; Google Cloud TPU system architecture pages).
+PEAK_FLOPS: dict[str, tuple[float, str]] = {
+  "TPU v4": (275e12, "bf16"),
+  "TPU v5 lite": (197e12, "bf16"),  # v5e
+  "TPU v5e": (197e12, "bf16"),
+  "TPU v5p": (459e12, "bf16"),
+  "TPU v6 lite": (918e12, "bf16"),  # v6e (Trillium)
+  "TPU v6e": (918e12, "bf16"),
+  "A100": (312e12, "bf16 dense"),
+  "H100": (989e12, "bf16 dense, SXM"),
+  "RTX 3090": (71e12, "bf16 dense with fp32 accumulation"),
+}
+
+
+def model_flops_per_token(model_cfg, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward) of the model's useful work.
+
+  6 x the matmul parameters of the layers and of the output projection (the embedding lookup
+  is free), plus attention: per layer, q k^T and p v cost 2 x 2 x D FLOPs per (query, visible
+  key) pair forward, and with causal masking a query sees (T + 1) / 2 keys on average. The
+  masked half that the XLA path computes anyway is not counted.
+  """
+  m = model_cfg
+  E = m.dim // m.n_heads
+  attn_proj = 2 * m.dim * m.n_heads * E + 2 * m.dim * m.n_kv_heads * E
+  layer_matmuls = attn_proj + 3 * m.dim * m.ffn_dim
+  dense = 6 * (m.n_layers * layer_matmuls + m.dim * m.vocab_size)
+  attention = 3 * m.n_layers * 4 * m.dim * (seq_len + 1) / 2
+  return dense + attention
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a float32 size^3 matmul on the default device (the CPU's 'peak' for MFU)."""
+  import time  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def device_peak_flops(device: Any = None) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the number comes from)."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "") or ""
+  for name, (flops, precision) in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops, f"{name} {precision} datasheet peak"
+  if device.platform == "cpu":
+    return measure_matmul_peak(), "measured float32 1024^3 matmul on this CPU"
+  return float("nan"), f"unknown device {kind!r}: no MFU"
+
+
 def _row_step(line: str) -> int | None:
   """The step of a metrics.jsonl line; None for a blank or cut-off line (a crash mid-write)."""
   try:

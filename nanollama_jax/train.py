@@ -324,6 +324,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
 
   writer = metrics_lib.MetricsWriter(workdir, start_step=start_step)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  flops_per_token = metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len)
+  peak_flops, peak_source = metrics_lib.device_peak_flops()
+  peak_flops *= jax.device_count()
+  logging.info("%.3g model FLOPs per token; MFU against %.3g FLOP/s (%s, x%d devices)",
+               flops_per_token, peak_flops, peak_source, jax.device_count())
   last: dict[str, float] = {}
   pending = None  # (step, device metrics) of the last dispatched step, read one step late
   mark_time, mark_step = time.time(), start_step + 1
@@ -355,7 +360,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     eta = None
     if done > mark_step:  # the first step's time is compilation, reported on its own
       step_time = (now - mark_time) / (done - mark_step)
-      row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
+      row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                 mfu=tokens_per_step / step_time * flops_per_token / peak_flops)
       eta = (steps - done) * step_time
       mark_time, mark_step = now, done
     writer.write(done, row)

@@ -151,3 +151,32 @@ def test_published_recipe_compiles_and_donates_its_state():
   # counts) and the RNG key.
   assert 0 <= memory.argument_size_in_bytes - state_bytes - batch_bytes <= 64
   assert memory.alias_size_in_bytes >= state_bytes  # the new state reuses the old one's buffers
+
+
+def test_model_flops_count_matmuls_and_causal_attention():
+  from nanollama_jax import metrics
+  cfg = config.get_default_config().model
+  cfg.update(dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128))
+  # Per layer: q and o 64x64 each, k and v 64x32 each, three 64x128 MLP matrices.
+  matmuls = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) + 64 * 1000
+  attention = 3 * 2 * 4 * 64 * (16 + 1) / 2  # 3 x layers x 4 D x mean visible keys
+  assert metrics.model_flops_per_token(cfg, 16) == 6 * matmuls + attention
+  # The dense part is 6 x the parameters but the norms and the input embedding (a lookup).
+  params = jax.eval_shape(lambda: model.init_params(cfg, 0))
+  norms = 2 * 2 * 64 + 64
+  assert model.param_count(params) - norms - 1000 * 64 == matmuls
+
+
+def test_mfu_is_logged_against_the_measured_cpu_peak(sample_dir, tokenizer_path, tmp_path):
+  from nanollama_jax import metrics
+  peak, source = metrics.device_peak_flops()
+  assert "measured" in source and 1e8 < peak < 1e14  # a CPU does 0.1 GFLOP/s to 100 TFLOP/s
+  cfg = tiny_config(sample_dir, tokenizer_path, steps=6, log_every=3, eval_every=6)
+  cfg.optim.warmup_steps = 2
+  train.train(cfg, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  last = [r for r in rows if "mfu" in r][-1]
+  expected = (last["tokens_per_s"] * metrics.model_flops_per_token(cfg.model, cfg.data.seq_len)
+              / (peak * jax.device_count()))
+  assert 0 < last["mfu"] < 1
+  assert last["mfu"] == pytest.approx(expected, rel=0.5)  # the peak is re-measured here
