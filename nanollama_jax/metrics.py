@@ -132,6 +132,20 @@ class MetricsWriter:
       self._tb.close()
 
 
+def summary_table(step: int, last: dict[str, Any]) -> str:
+  """The end-of-run table (as the TinyStories baseline reports it), in Markdown."""
+  def cell(key: str, fmt: str) -> str:
+    value = last.get(key)
+    return format(value, fmt) if isinstance(value, (int, float)) else "-"
+  header = ("| step | train loss | train perplexity | validation loss | validation perplexity "
+            "| tokens seen |")
+  return "\n".join([
+    header, "|" + " --- |" * 6,
+    f"| {step} | {cell('loss', '.4f')} | {cell('perplexity', '.2f')} | "
+    f"{cell('eval_loss', '.4f')} | {cell('eval_perplexity', '.2f')} | {cell('tokens_seen', ',')} |",
+  ])
+
+
 def log_line(step: int, total_steps: int, row: dict[str, Any], eta_s: float | None) -> None:
   """Logs a one-line summary of `row` on process 0."""
   if jax.process_index() != 0:

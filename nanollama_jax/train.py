@@ -416,6 +416,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   if start_step < steps:
     logging.info("done: %d steps, %s tokens in %.1fs", steps - start_step,
                  f"{(steps - start_step) * tokens_per_step:,}", time.time() - start)
+    if jax.process_index() == 0:
+      logging.info("summary:\n%s", metrics_lib.summary_table(steps, last))
   return state.params, last
 
 

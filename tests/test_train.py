@@ -110,6 +110,7 @@ def test_command_line_writes_the_workdir(sample_dir, tmp_path):
   assert [r["step"] for r in rows] == [2, 4, 4]
   assert "eval_loss" in rows[2] and rows[2]["eval_loss"] > 0
   assert "step 4/4" in proc.stderr
+  assert "| step | train loss | train perplexity | validation loss" in proc.stderr  # the summary
 
   # A second run finds the run finished in its checkpoint: it reuses the tokenizer, trains
   # nothing and keeps the metrics.
@@ -180,3 +181,12 @@ def test_mfu_is_logged_against_the_measured_cpu_peak(sample_dir, tokenizer_path,
               / (peak * jax.device_count()))
   assert 0 < last["mfu"] < 1
   assert last["mfu"] == pytest.approx(expected, rel=0.5)  # the peak is re-measured here
+
+
+def test_summary_table_reports_the_last_numbers():
+  from nanollama_jax import metrics
+  table = metrics.summary_table(400, {"loss": 2.5312, "perplexity": 12.567, "eval_loss": 3.6443,
+                                      "eval_perplexity": 38.26, "tokens_seen": 1638400})
+  assert table.splitlines()[2] == "| 400 | 2.5312 | 12.57 | 3.6443 | 38.26 | 1,638,400 |"
+  no_eval = metrics.summary_table(4, {"loss": 5.0, "perplexity": 148.4, "tokens_seen": 512})
+  assert no_eval.splitlines()[2] == "| 4 | 5.0000 | 148.40 | - | - | 512 |"
