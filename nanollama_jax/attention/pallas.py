@@ -111,6 +111,17 @@ def _kv_blocks_for_query_block(i, block_q, block_k, n_kv, causal):
   return jnp.minimum(pl.cdiv((i + 1) * block_q, block_k), n_kv)
 
 
+def _key_block(q, qseg, q_pos, k_ref, v_ref, kseg_ref, j, block_k, scale, causal):
+  """Key block j: its k and v tiles, the scaled scores q k^T and which of them are visible."""
+  start = pl.multiple_of(j * block_k, block_k)
+  k = k_ref[pl.ds(start, block_k), :]
+  v = v_ref[pl.ds(start, block_k), :]
+  kseg = kseg_ref[pl.ds(start, block_k)]
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+  mask = _mask(qseg, kseg, q_pos, start + jax.lax.iota(jnp.int32, block_k), causal)
+  return k, v, s, mask
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, causal,
                 block_q, block_k, n_kv):
   i = pl.program_id(2)
@@ -121,12 +132,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
 
   def body(j, carry):
     m, l, acc = carry
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
-    kseg = kseg_ref[pl.ds(start, block_k)]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    mask = _mask(qseg, kseg, q_pos, start + jax.lax.iota(jnp.int32, block_k), causal)
+    _, v, s, mask = _key_block(q, qseg, q_pos, k_ref, v_ref, kseg_ref, j, block_k, scale, causal)
     s = jnp.where(mask, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing to see yet
@@ -154,12 +160,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
   q_pos = i * block_q + jax.lax.iota(jnp.int32, block_q)
 
   def body(j, dq):
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
-    kseg = kseg_ref[pl.ds(start, block_k)]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    mask = _mask(qseg, kseg, q_pos, start + jax.lax.iota(jnp.int32, block_k), causal)
+    k, v, s, mask = _key_block(q, qseg, q_pos, k_ref, v_ref, kseg_ref, j, block_k, scale, causal)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
