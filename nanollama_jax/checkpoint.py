@@ -38,6 +38,9 @@ CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
+# The items of every checkpoint step folder.
+_ITEMS = ("params", "opt_state", "data", "meta", "config")
+
 # Model fields that change the shape of a parameter: a checkpoint cannot be resumed across them.
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "qk_norm",
               "tie_embeddings")
@@ -152,6 +155,39 @@ def shape_differences(saved: dict[str, Any], model_cfg: Any) -> list[str]:
           if saved.get(k) != model_cfg[k]]
 
 
+def _refuse_other_shape(saved: dict[str, Any], model_cfg: Any, where: str,
+                        advice: str = "") -> None:
+  diff = shape_differences(saved, model_cfg)
+  if diff:
+    raise CheckpointError(f"{where} holds a model of another shape ({'; '.join(diff)}){advice}")
+
+
+def _mismatched(tree: Any, expected: dict[str, int]) -> list[str]:
+  """The paths of `tree` whose fingerprint differs from the one recorded at save time."""
+  hashes, _ = fingerprint(tree)
+  return [p for p, h in hashes.items() if expected.get(p) != h]
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=_ITEMS)
+
+
+def _read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
+                 where: str) -> Any:
+  """Only the parameters of `step`, checked against their fingerprints."""
+  r = manager.restore(step, args=ocp.args.Composite(
+    params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+  if _mismatched({"params": r["params"]}, r["meta"]["fingerprint"]):
+    raise CheckpointError(f"{where}: step {step} reads back different values than were saved: "
+                          "it is damaged")
+  return r["params"]
+
+
 # --- The manager -------------------------------------------------------------------------------
 
 
@@ -215,9 +251,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True,
       enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(
-      self.directory, options=options,
-      item_names=("params", "opt_state", "data", "meta", "config"))
+    return ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -257,8 +291,7 @@ class Checkpointer:
     self._manager.close()
 
   def read_config(self, step: int) -> dict[str, Any]:
-    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-      "config"]
+    return _read_config(self._manager, step)
 
   def _restore_step(self, step: int, abstract_params: Any, abstract_opt_state: Any | None
                     ) -> Restored:
@@ -271,9 +304,7 @@ class Checkpointer:
     tree = {"params": r["params"]}
     if abstract_opt_state is not None:
       tree["opt_state"] = r["opt_state"]
-    hashes, _ = fingerprint(tree)
-    expected = r["meta"]["fingerprint"]
-    bad = [p for p, h in hashes.items() if expected.get(p) != h]
+    bad = _mismatched(tree, r["meta"]["fingerprint"])
     if bad:
       raise CheckpointError(f"the values read back differ from the ones saved in {bad[:3]}"
                             f"{' and others' if len(bad) > 3 else ''}")
@@ -299,11 +330,9 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         damaged.append(self._set_aside(step, e))
         continue
-      diff = shape_differences(saved.get("model", {}), model_cfg)
-      if diff:
-        raise CheckpointError(
-          f"{os.path.join(self.directory, str(step))} holds a model of another shape "
-          f"({'; '.join(diff)}): use a new workdir, or set these back to resume")
+      _refuse_other_shape(saved.get("model", {}), model_cfg,
+                          os.path.join(self.directory, str(step)),
+                          ": use a new workdir, or set these back to resume")
       try:
         restored = self._restore_step(step, abstract_params, abstract_opt_state)
       except Exception as e:  # pylint: disable=broad-except
@@ -356,35 +385,20 @@ def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, i
   """Reads only the parameters at `path`: a checkpoint (see `resolve_init_from`), or a Hugging
   Face Llama directory (config.json + safetensors, e.g. from scripts/export_to_pytorch.py), for
   which the returned step is 0. The parameters land on `abstract_params`' shardings."""
+  where = f"train.init_from={path!r}"
   if is_hf_directory(path):
     from nanollama_jax import export  # pylint: disable=import-outside-toplevel
     hf_cfg, params = export.load_hf(path)
-    diff = shape_differences(hf_cfg.to_dict(), model_cfg)
-    if diff:
-      raise CheckpointError(f"train.init_from={path!r} holds a model of another shape "
-                            f"({'; '.join(diff)})")
+    _refuse_other_shape(hf_cfg.to_dict(), model_cfg, where)
     return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
                         abstract_params), 0
   directory, step = resolve_init_from(path)
-  manager = ocp.CheckpointManager(
-    directory, options=ocp.CheckpointManagerOptions(read_only=True),
-    item_names=("params", "opt_state", "data", "meta", "config"))
+  manager = _read_only_manager(directory)
   try:
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    diff = shape_differences(saved.get("model", {}), model_cfg)
-    if diff:
-      raise CheckpointError(f"train.init_from={path!r} holds a model of another shape "
-                            f"({'; '.join(diff)})")
-    r = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    _refuse_other_shape(_read_config(manager, step).get("model", {}), model_cfg, where)
+    return _read_params(manager, step, abstract_params, where), step
   finally:
     manager.close()
-  hashes, _ = fingerprint({"params": r["params"]})
-  expected = r["meta"]["fingerprint"]
-  if any(expected.get(p) != h for p, h in hashes.items()):
-    raise CheckpointError(f"train.init_from={path!r}: step {step} reads back different values "
-                          "than were saved: it is damaged")
-  return r["params"], step
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -414,17 +428,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
     step = steps[-1]
   elif step not in steps:
     raise CheckpointError(f"{workdir} has no checkpoint for step {step}; it has {steps}")
-  step_dir = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, CHECKPOINT_DIR), options=ocp.CheckpointManagerOptions(read_only=True),
-    item_names=("params", "opt_state", "data", "meta", "config"))
+  manager = _read_only_manager(os.path.join(workdir, CHECKPOINT_DIR))
   try:
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    cfg = config_lib.from_json(json.dumps(_read_config(manager, step)))
+    from nanollama_jax import model  # pylint: disable=import-outside-toplevel
+    abstract = abstract_like(jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed)),
+                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return cfg, _read_params(manager, step, abstract, workdir), step
   finally:
     manager.close()
-  cfg = config_lib.from_json(json.dumps(saved))
-  from nanollama_jax import model  # pylint: disable=import-outside-toplevel
-  abstract = abstract_like(jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed)),
-                           jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  params, _ = load_params(step_dir, abstract, cfg.model)
-  return cfg, params, step
