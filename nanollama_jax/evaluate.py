@@ -24,7 +24,7 @@ def perplexity(cfg: ml_collections.ConfigDict, params: dict, tokenizer: Tokenize
   if files:
     data_cfg.source, data_cfg.eval_files = "files", files
   batches = pipeline.eval_batches(data_cfg, tokenizer, max_batches)
-  step = jax.jit(functools.partial(_sums, model.graph(cfg.model)))
+  step = jax.jit(functools.partial(model.loss_sums, model.graph(cfg.model)))
   loss_sum, count = 0.0, 0.0
   show = progress and sys.stderr.isatty()
   for i, batch in enumerate(batches, 1):
@@ -37,9 +37,3 @@ def perplexity(cfg: ml_collections.ConfigDict, params: dict, tokenizer: Tokenize
     print(file=sys.stderr)
   loss = loss_sum / max(count, 1.0)
   return {"loss": loss, "perplexity": metrics.perplexity(loss), "tokens": int(count)}
-
-
-def _sums(graphdef, params, batch):
-  logits = model.apply(graphdef, params, batch["inputs"], batch["segment_ids"],
-                       batch["positions"])
-  return model.cross_entropy(logits, batch["targets"], batch["loss_mask"])

@@ -314,6 +314,13 @@ def apply_with_cache(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array
   return nnx.merge(graphdef, params)(tokens_BxT, None, positions_BxT, cache)
 
 
+def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """A packed batch's summed next-token loss over its unmasked targets, and their number."""
+  logits_BxTxV = apply(graphdef, params, batch["inputs"], batch["segment_ids"],
+                       batch["positions"])
+  return cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
+
+
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
                   mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Returns the masked sum of next-token losses and the number of tokens it covers."""

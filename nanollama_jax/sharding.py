@@ -111,12 +111,16 @@ def state_shardings(tx, abstract_params: Any, abstract_opt_state: Any, logical_p
   """Shardings of the parameters and of the optimizer state (whose moments follow them)."""
   import optax  # pylint: disable=import-outside-toplevel
   params = param_shardings(logical_params, abstract_params, mesh)
-  replicated = NamedSharding(mesh, P())
   opt = optax.tree_map_params(
     tx, lambda _, s: s, abstract_opt_state, params,
-    transform_non_params=lambda _: replicated,
+    transform_non_params=lambda _: replicated(mesh),
     is_leaf=lambda x: isinstance(x, NamedSharding))
   return params, opt
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole value (scalars, counters)."""
+  return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
@@ -52,13 +51,6 @@ def init_state(params: dict, opt_state: optax.OptState, seed: int, step: int = 0
                     jnp.asarray(skipped, jnp.int32))
 
 
-def loss_sums(graphdef, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """The batch's summed next-token loss over its unmasked targets, and their number."""
-  logits_BxTxV = model.apply(graphdef, params, batch["inputs"], batch["segment_ids"],
-                             batch["positions"])
-  return model.cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
-
-
 def _under_mesh(fn, mesh: jax.sharding.Mesh | None):
   """`fn` traced with `mesh` as the context, so that activation constraints apply."""
   if mesh is None:
@@ -83,7 +75,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
 
   def sums_and_grads(params: dict, batch: Batch):
     (loss_sum, count), grads = jax.value_and_grad(
-      functools.partial(loss_sums, graphdef), has_aux=True)(params, batch)
+      functools.partial(model.loss_sums, graphdef), has_aux=True)(params, batch)
     return loss_sum, count, grads
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -121,16 +113,14 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
 
   if mesh is None:
     return jax.jit(train_step, donate_argnums=0)
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(_under_mesh(train_step, mesh), donate_argnums=0,
-                 in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated))
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)))
 
 
 def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None):
   """Returns eval_step(params, batch) -> (loss sum, token count), jitted."""
-  return jax.jit(_under_mesh(functools.partial(loss_sums, graphdef), mesh))
+  return jax.jit(_under_mesh(functools.partial(model.loss_sums, graphdef), mesh))
 
 
 def evaluate(eval_step, params: dict, batches: list[Batch]) -> dict[str, float]:
@@ -204,11 +194,17 @@ def state_sharding(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformat
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   params, opt = sharding.state_shardings(tx, abstract_params, abstract_opt,
                                          model.logical_axes(cfg.model), mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = sharding.replicated(mesh)
   counter = jax.ShapeDtypeStruct((), jnp.int32)
   abstract = TrainState(counter, abstract_params, abstract_opt,
                         jax.ShapeDtypeStruct((2,), jnp.uint32), counter, counter)
   return abstract, TrainState(replicated, params, opt, replicated, replicated, replicated)
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying the matching leaf of `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
 
 
 def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -221,8 +217,7 @@ def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   abstract, shardings = state_sharding(cfg, tx, mesh)
   step = make_train_step(cfg, model.graph(cfg.model), tx,
                          optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       abstract, shardings)
+  state = _placed(abstract, shardings)
   rows = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                               sharding=sharding.batch_sharding(mesh))
   batch = {k: rows for k in ("inputs", "targets", "segment_ids", "positions")}
@@ -237,12 +232,8 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointe
   Whatever the source, the state is created directly with its shardings, never whole on one
   device.
   """
-  def target(tree, tree_shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, tree_shardings)
-
-  target_params = target(abstract.params, shardings.params)
-  restored = ckpt.restore(target_params, target(abstract.opt_state, shardings.opt_state),
+  target_params = _placed(abstract.params, shardings.params)
+  restored = ckpt.restore(target_params, _placed(abstract.opt_state, shardings.opt_state),
                           cfg.model)
   if restored is not None:
     meta = restored.meta
@@ -255,16 +246,17 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointe
     state = init_state(restored.params, restored.opt_state, cfg.train.seed, step=meta["step"],
                        bad_run=meta["bad_run"], skipped=meta["skipped"], rng=meta["rng"])
     return jax.device_put(state, shardings), restored.data_state
+  def fresh(params):
+    return init_state(params, tx.init(params), cfg.train.seed)
+
   if cfg.train.init_from:
     params, step = checkpoint.load_params(cfg.train.init_from, target_params, cfg.model)
     logging.info("initialised the parameters from %s (step %d); optimizer state and step are "
                  "fresh", cfg.train.init_from, step)
-    state = jax.jit(lambda p: init_state(p, tx.init(p), cfg.train.seed),
-                    out_shardings=shardings)(params)
-  else:
-    state = jax.jit(lambda: init_state(p := model.init_params(cfg.model, cfg.train.seed),
-                                       tx.init(p), cfg.train.seed), out_shardings=shardings)()
-  return state, None
+    return jax.jit(fresh, out_shardings=shardings)(params), None
+  init = jax.jit(lambda: fresh(model.init_params(cfg.model, cfg.train.seed)),
+                 out_shardings=shardings)
+  return init(), None
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str, float]]:
