@@ -98,10 +98,9 @@ def to_hf_tensors(params: dict, model_cfg: ml_collections.ConfigDict) -> dict[st
   m = model_cfg
   D, H, K = m.dim, m.n_heads, m.n_kv_heads
   E = D // H
-  p = {k: v for k, v in params.items()}
-  out = {"model.embed_tokens.weight": np.asarray(p["embed_VxD"], np.float32),
-         "model.norm.weight": np.asarray(p["final_norm"]["scale"], np.float32)}
-  layers = p["layers"]
+  out = {"model.embed_tokens.weight": np.asarray(params["embed_VxD"], np.float32),
+         "model.norm.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
+  layers = params["layers"]
   for i in range(m.n_layers):
     at = {k: np.asarray(v[i], np.float32) for k, v in layers["attn"].items()}
     mlp = {k: np.asarray(v[i], np.float32) for k, v in layers["mlp"].items()}
@@ -117,7 +116,7 @@ def to_hf_tensors(params: dict, model_cfg: ml_collections.ConfigDict) -> dict[st
     out[pre + "post_attention_layernorm.weight"] = np.asarray(
       layers["mlp_norm"]["scale"][i], np.float32)
   if not m.tie_embeddings:
-    out["lm_head.weight"] = np.asarray(p["lm_head_DxV"], np.float32).T
+    out["lm_head.weight"] = np.asarray(params["lm_head_DxV"], np.float32).T
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

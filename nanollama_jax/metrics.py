@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,8 +46,12 @@ def model_flops_per_token(model_cfg, seq_len: int) -> float:
   return dense + attention
 
 
+@functools.cache
 def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 size^3 matmul on the default device (the CPU's 'peak' for MFU)."""
+  """FLOP/s of a float32 size^3 matmul on the default device (the CPU's 'peak' for MFU).
+
+  Measured once per process: later runs in the same process reuse the number.
+  """
   import time  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   a = jnp.ones((size, size), jnp.float32)
@@ -102,8 +107,8 @@ class MetricsWriter:
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if _row_step(line) is not None and
-                _row_step(line) <= start_step]
+        kept = [line for line in f if (step := _row_step(line)) is not None and
+                step <= start_step]
       # Replaced in one rename, so a crash here cannot lose the earlier rows.
       with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)

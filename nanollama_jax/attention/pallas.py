@@ -79,10 +79,9 @@ def choose_blocks(head_dim: int, interpret: bool, device: jax.Device | None = No
   """The tile sizes for `head_dim` on `device` (see the table above)."""
   if interpret:
     return _INTERPRET_BLOCKS
-  dim = 32 if head_dim <= 32 else 64 if head_dim <= 64 else 128
   if head_dim not in (32, 64, 128):
     raise ValueError(f"head dim {head_dim}: the pallas kernel supports 32, 64 and 128")
-  return _TABLE[(_generation(device or jax.devices()[0]), dim)]
+  return _TABLE[(_generation(device or jax.devices()[0]), head_dim)]
 
 
 def _interpret_mode() -> bool:
