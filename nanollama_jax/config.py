@@ -19,6 +19,7 @@ ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn", "save_dots_attn")
 DATA_SOURCES = ("files", "hf")
+PACKINGS = ("concat", "first_fit")
 ROPE_SCALING_KEYS = (
   "factor",
   "low_freq_factor",
@@ -63,15 +64,27 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.data.hf_name = ""  # the dataset's config name, if it has several
   cfg.data.hf_train_split = "train"
   cfg.data.hf_eval_split = "validation"
-  cfg.data.text_key = "text"  # the field of each record that holds the document
-  cfg.data.train_files = ""  # comma-separated globs of .jsonl / .txt files
+  cfg.data.hf_data_files = ""  # data_files for loaders such as hf_path="json" (comma-separated)
+  cfg.data.hf_streaming = True  # stream records (windowed shuffle); False: download, memory-map
+  cfg.data.text_key = "text"  # the field (JSONL, Parquet, Hub column) that holds the document
+  # Comma-separated globs of .jsonl/.json (JSON lines), .txt and .parquet files, or of dataset
+  # directories written by scripts/prepare_dataset.py (pretokenized shards).
+  cfg.data.train_files = ""
   cfg.data.eval_files = ""  # same; empty with source="files" turns evaluation off
-  cfg.data.tokenizer = ""  # a sentencepiece .model; empty: train one into the workdir
+  cfg.data.text_separator = ""  # .txt files: "" = one document per line, else the separator
+  # A weighted mixture of training sources instead of train_files: "GLOBS=WEIGHT;GLOBS=WEIGHT",
+  # e.g. "web/*.parquet=0.7;code/*.jsonl=0.2;shards/instruct=0.1" (weights are shares of
+  # training windows; each GLOBS is like train_files). Evaluation still reads eval_files.
+  cfg.data.mixture = ""
+  cfg.data.tokenizer = ""  # a sentencepiece .model; empty: the shards' own, else train one
   cfg.data.tokenizer_train_docs = 200_000  # documents read to train that tokenizer
   cfg.data.seq_len = 256  # T, tokens per training sequence
-  cfg.data.batch_size = 32  # B, global batch in sequences
+  cfg.data.batch_size = 32  # B, global batch in sequences (split evenly over processes)
+  cfg.data.packing = "concat"  # one of PACKINGS: concat-and-split, or first_fit (no splits)
+  cfg.data.pack_bins = 64  # first_fit: windows filled at once (more: less padding)
   cfg.data.num_workers = 0  # grain worker processes for tokenisation (0: in-process)
   cfg.data.shuffle_seed = 0
+  cfg.data.shuffle_window = 10_000  # documents shuffled together when streaming from the Hub
 
   cfg.optim = ml_collections.ConfigDict()
   cfg.optim.lr = 3e-4  # peak learning rate, reached at the end of warmup
@@ -99,6 +112,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # one checkpoints/<step> folder, or a Hugging Face Llama directory (config.json +
   # safetensors). Ignored when the workdir has a checkpoint to resume.
   cfg.train.init_from = ""
+  # At each evaluation, greedy continuations of these prompts ("|"-separated) go to the log and
+  # to TensorBoard's text tab; sample_tokens=0 turns them off.
+  cfg.train.sample_prompts = "Once upon a time|One day, a little"
+  cfg.train.sample_tokens = 0
 
   # The device mesh (see sharding.py): the product of the sizes must be the number of devices;
   # one axis may be -1, taking the devices left. The batch is split over data x fsdp.
@@ -149,6 +166,27 @@ def expand_globs(patterns: str, key: str) -> list[str]:
   return files
 
 
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+  """Parses data.mixture, "GLOBS=WEIGHT;GLOBS=WEIGHT", into (globs, weight) pairs."""
+  parts = []
+  for entry in (e.strip() for e in spec.split(";")):
+    if not entry:
+      continue
+    globs, sep, weight = entry.rpartition("=")
+    try:
+      value = float(weight)
+    except ValueError:
+      value = -1.0
+    if not sep or not globs.strip() or not value > 0:
+      raise ConfigError(
+        f"data.mixture={spec!r}: entry {entry!r} is not GLOBS=WEIGHT with a weight > 0, "
+        "e.g. 'web/*.jsonl=0.7;code/*.jsonl=0.3'")
+    parts.append((globs.strip(), value))
+  if not parts:
+    raise ConfigError(f"data.mixture={spec!r}: no entries")
+  return parts
+
+
 def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
   """Raises ConfigError naming the first key whose value cannot work."""
   _check_known_keys(cfg, get_default_config(), "")
@@ -165,6 +203,8 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
     "data.seq_len": d.seq_len,
     "data.batch_size": d.batch_size,
     "data.tokenizer_train_docs": d.tokenizer_train_docs,
+    "data.pack_bins": d.pack_bins,
+    "data.shuffle_window": d.shuffle_window,
     "optim.grad_accum": o.grad_accum,
     "train.steps": t.steps,
     "train.log_every": t.log_every,
@@ -178,7 +218,8 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
       _fail(key, value, "must be a positive integer")
   for key, value in {"data.num_workers": d.num_workers, "optim.warmup_steps": o.warmup_steps,
                      "data.shuffle_seed": d.shuffle_seed, "train.seed": t.seed,
-                     "train.ckpt_every": t.ckpt_every}.items():
+                     "train.ckpt_every": t.ckpt_every,
+                     "train.sample_tokens": t.sample_tokens}.items():
     if not isinstance(value, int) or value < 0:
       _fail(key, value, "must be an integer >= 0")
   for key, value in {"model.norm_eps": m.norm_eps, "model.rope_theta": m.rope_theta,
@@ -215,6 +256,10 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
     _fail("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
   if d.source not in DATA_SOURCES:
     _fail("data.source", d.source, f"allowed: {', '.join(DATA_SOURCES)}")
+  if d.packing not in PACKINGS:
+    _fail("data.packing", d.packing, f"allowed: {', '.join(PACKINGS)}")
+  if d.mixture:
+    parse_mixture(d.mixture)
   if d.source == "hf" and not d.hf_path:
     _fail("data.hf_path", d.hf_path, "must name a Hub dataset when data.source='hf'")
   if d.batch_size % o.grad_accum:
@@ -241,7 +286,10 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
     _fail("mesh", cfg.mesh.to_dict(), "at most one axis can be -1")
 
   if check_files:
-    if d.source == "files":
+    if d.mixture:
+      for globs, _ in parse_mixture(d.mixture):
+        expand_globs(globs, "data.mixture")
+    elif d.source == "files":
       expand_globs(d.train_files, "data.train_files")
       if d.eval_files:
         expand_globs(d.eval_files, "data.eval_files")

@@ -1,4 +1,4 @@
-"""Trains a sentencepiece BPE tokenizer on local .jsonl / .txt files.
+"""Trains a sentencepiece BPE tokenizer on local .jsonl / .txt / .parquet files.
 
   python scripts/train_tokenizer.py --input 'data/*.jsonl' --vocab-size 4096 --out tok.model
 """
@@ -20,7 +20,7 @@ from nanollama_jax.data import sources, tokenizer  # pylint: disable=g-import-no
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--input", required=True, help="comma-separated globs of .jsonl/.json/.txt files")
+  p.add_argument("--input", required=True, help="comma-separated globs of .jsonl/.json/.txt/.parquet files")
   p.add_argument("--vocab-size", type=int, required=True, help="exact number of pieces")
   p.add_argument("--out", required=True, help="where to write the .model file")
   p.add_argument("--text-key", default="text", help="the JSON field holding each document")

@@ -236,6 +236,9 @@ def poison(batches, steps):
     def close(self):
       batches.close()
 
+    def __getattr__(self, name):  # epochs, padding: as the real iterator's
+      return getattr(batches, name)
+
   return Poisoned()
 
 

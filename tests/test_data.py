@@ -1,18 +1,22 @@
 """Tests of the document sources and the grain pipeline: packing, shuffling, batches, eval."""
 
 import collections
+import importlib.util
 import itertools
 import json
+import os
+import pathlib
+import pickle
 
 import grain
 import numpy as np
 import pytest
 
 from nanollama_jax import config
-from nanollama_jax.data import pipeline, sources
+from nanollama_jax.data import pipeline, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
-KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+KEYS = pipeline.KEYS
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +102,8 @@ def test_hub_failure_names_the_dataset_and_the_way_out(sample_dir, monkeypatch):
 
 
 def _pack(docs, seq_len, pad_id=3):
-  ds = grain.MapDataset.source([np.array(d, np.int32) for d in docs]).to_iter_dataset()
-  return list(pipeline._PackIterDataset(ds, seq_len, pad_id))  # pylint: disable=protected-access
+  ds = grain.MapDataset.source([{"tokens": np.array(d, np.int32), "epoch": 0} for d in docs])
+  return list(pipeline._PackIterDataset(ds.to_iter_dataset(), seq_len, pad_id))  # pylint: disable=protected-access
 
 
 def test_packing_boundaries_by_hand():
@@ -150,7 +154,7 @@ def test_train_stream_holds_every_document_once_per_epoch(sample_dir, tok):
   expected = collections.Counter(tuple(tok.encode(t)) for t in texts)
   n = len(texts)
   tokens_per_epoch = sum(expected[d] * (len(d) + 2) for d in expected)
-  windows = list(itertools.islice(pipeline.windows(cfg, tok, "train"),
+  windows = list(itertools.islice(pipeline.windows(cfg, tok, "train")[0],
                                   2 * tokens_per_epoch // cfg.seq_len + 100))
   docs = _split_docs(_stream(windows), tok)
   epoch1, epoch2 = docs[:n], docs[n:2 * n]
@@ -198,12 +202,12 @@ def test_worker_processes_give_the_same_batches(sample_dir, tok):
 
 def test_iterator_state_restores_the_stream(sample_dir, tok):
   cfg = _data_cfg(sample_dir, seq_len=64)
-  it = iter(pipeline.windows(cfg, tok, "train"))
+  it = iter(pipeline.windows(cfg, tok, "train")[0])
   for _ in range(777):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(50)]
-  restored = iter(pipeline.windows(cfg, tok, "train"))
+  restored = iter(pipeline.windows(cfg, tok, "train")[0])
   restored.set_state(state)
   _assert_same(expected, [next(restored) for _ in range(50)])
 
@@ -251,5 +255,320 @@ def test_eval_batches_count_every_token_once(sample_dir, tok):
 def test_empty_split_is_an_error(sample_dir, tok, tmp_path):
   (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
   cfg = _data_cfg(sample_dir, eval_files=str(tmp_path / "empty.jsonl"))
-  with pytest.raises(ValueError, match="the eval split has no documents"):
+  with pytest.raises(ValueError, match=r"the eval split \(.*empty.jsonl\) has no documents"):
     pipeline.eval_batches(cfg, tok, max_batches=10)
+
+
+# More sources and bad input.
+
+
+def test_parquet_txt_separator_and_skipped_records(tmp_path):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  pq.write_table(pa.table({"body": ["first", None, "  ", "second"], "id": [1, 2, 3, 4]}),
+                 tmp_path / "a.parquet")
+  (tmp_path / "b.txt").write_bytes(b"one\n<|sep|>\ntwo \xff broken<|sep|><|sep|>three\n<|sep|>\n")
+  (tmp_path / "c.jsonl").write_bytes(b'{"body": "ok"}\n{"body": "bad \xc3"}\n{"body": ""}\n')
+  skipped = collections.Counter()
+  docs = list(sources.read_files([str(tmp_path / n) for n in ("a.parquet", "b.txt", "c.jsonl")],
+                                 "body", separator="<|sep|>", skipped=skipped))
+  assert docs == ["first", "second", "one", "three", "ok"]
+  assert skipped == {sources.EMPTY: 4, sources.BAD_UTF8: 2}
+  with pytest.raises(ValueError, match=r"a.parquet: no column 'text' .*columns: body, id"):
+    list(sources.read_files([str(tmp_path / "a.parquet")], "text"))
+  (tmp_path / "d.parquet").write_text("not parquet")
+  with pytest.raises(ValueError, match="d.parquet: not a readable Parquet file"):
+    list(sources.read_files([str(tmp_path / "d.parquet")], "text"))
+
+
+def test_glob_without_match_and_mixed_kinds_are_config_errors(sample_dir, tok, tmp_path):
+  cfg = _data_cfg(sample_dir, train_files=str(tmp_path / "nothing*.jsonl"))
+  with pytest.raises(config.ConfigError, match=r"data.train_files=.*no file matches"):
+    sources.open_split(cfg, "train")
+  _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val_tokens")
+  cfg.train_files = f"{tmp_path / 'val_tokens'},{sample_dir / 'train.jsonl'}"
+  with pytest.raises(config.ConfigError, match="both pretokenized datasets and text files"):
+    sources.open_split(cfg, "train")
+  (tmp_path / "plain_dir").mkdir()
+  cfg.train_files = str(tmp_path / "plain_dir")
+  with pytest.raises(config.ConfigError, match="without index.json; write it with"):
+    sources.open_split(cfg, "train")
+
+
+@pytest.mark.parametrize("spec, error", [
+  ("a.jsonl", "is not GLOBS=WEIGHT"), ("a.jsonl=0", "weight > 0"), ("a=x;b=1", "'a=x'"),
+  (" ; ", "no entries")])
+def test_mixture_spec_errors(spec, error):
+  with pytest.raises(config.ConfigError, match=error):
+    config.parse_mixture(spec)
+  assert config.parse_mixture("web/*.jsonl,b.txt=0.7; code=0.3") == [("web/*.jsonl,b.txt", 0.7),
+                                                                      ("code", 0.3)]
+
+
+# Pretokenized datasets.
+
+
+def _prepare(path, tok, out, *extra):
+  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prepare_dataset.py"
+  spec = importlib.util.spec_from_file_location("prepare_dataset", script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.prepare(module.parse_args(
+    ["--tokenizer", tok.model_path, "--input", str(path), "--out", str(out), *extra]))
+
+
+def test_prepared_dataset_holds_the_tokenized_documents(sample_dir, tok, tmp_path):
+  summary = _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val", "--shard-tokens",
+                     "20000")
+  texts = sources.documents(_data_cfg(sample_dir), "eval")
+  expected = [tok.encode(t) for t in texts]
+  assert summary["documents"] == 154 and summary["tokens"] == sum(map(len, expected))
+  assert summary["shards"] == len(os.listdir(tmp_path / "val")) // 2 - 1 > 1
+  docs = shards.TokenDocuments([str(tmp_path / "val")])
+  assert len(docs) == 154 and docs.num_tokens == summary["tokens"]
+  for i in (0, 1, 77, 153):
+    assert docs[i].dtype == np.int32 and docs[i].tolist() == expected[i]
+  assert pickle.loads(pickle.dumps(docs))[153].tolist() == expected[153]
+  with pytest.raises(FileExistsError, match="exists: choose a new directory or pass --overwrite"):
+    _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val")
+  assert not (tmp_path / "val.tmp").exists()
+
+
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+def test_pretokenized_batches_equal_on_the_fly_batches(sample_dir, tok, tmp_path, packing):
+  """Same documents, same shuffle seed: the prepared dataset gives the very same batches."""
+  _prepare(sample_dir / "train.jsonl", tok, tmp_path / "train")
+  cfg = _data_cfg(sample_dir, batch_size=4, seq_len=64, packing=packing)
+  from_text = _batches(cfg, tok, 300)  # 300 * 4 * 64 tokens: more than one epoch of the sample
+  cfg.train_files = str(tmp_path / "train")
+  _assert_same(from_text, _batches(cfg, tok, 300))
+
+
+def test_pretokenized_with_another_tokenizer_is_refused(sample_dir, tok, tmp_path):
+  _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val")
+  other = Tokenizer(str(tmp_path / "val" / "tokenizer.model"))
+  other._proto += b"\0"  # pylint: disable=protected-access  # any other model bytes
+  cfg = _data_cfg(sample_dir, train_files=str(tmp_path / "val"))
+  with pytest.raises(ValueError, match="prepared with another tokenizer than this run's"):
+    pipeline.train_batches(cfg, other)
+  assert sources.pretokenized_tokenizer(cfg) == str(tmp_path / "val" / "tokenizer.model")
+
+
+# First-fit packing.
+
+
+def _first_fit(docs, seq_len, bins, pad_id=3):
+  cfg = config.get_default_config().data
+  cfg.update(seq_len=seq_len, packing="first_fit", pack_bins=bins)
+  t = _FakeTokenizer(pad_id)
+  found = sources.Documents("docs", docs=[np.array(d, np.int32) for d in docs])
+  ds = pipeline._windows_of(found, cfg, t, False, 0, 0, 0, 1)  # pylint: disable=protected-access
+  return list(ds)
+
+
+class _FakeTokenizer:
+  bos_id, eos_id, proto, model_path = 1, 2, b"", "fake"
+
+  def __init__(self, pad_id):
+    self.pad_id = pad_id
+
+
+def test_first_fit_packing_by_hand():
+  # Documents (as [1] + ids + [2]) of 4, 9 and 3 tokens, in windows of 6 + 1: the 9-token one
+  # is cut into pieces of 7 and 3 tokens that overlap by one. First fit: the 4 opens bin 1, the
+  # 7 opens bin 2, the 3 joins bin 1 (4 + 3 = 7), the last 3 fits only in a new bin 3.
+  w = _first_fit([[10, 11], [20, 21, 22, 23, 24, 25, 26], [30]], seq_len=6, bins=4)
+  assert len(w) == 3
+  expected = [
+    ([1, 10, 11, 2, 25, 26], [10, 11, 2, 25, 26, 2], [1, 1, 1, 1, 2, 2], [0, 1, 2, 3, 0, 1],
+     [1, 1, 1, 0, 1, 1]),
+    ([1, 20, 21, 22, 23, 24], [20, 21, 22, 23, 24, 25], [1] * 6, [0, 1, 2, 3, 4, 5], [1] * 6),
+    ([1, 30, 2, 3, 3, 3], [30, 2, 3, 3, 3, 3], [1, 1, 1, 0, 0, 0], [0, 1, 2, 0, 0, 0],
+     [1, 1, 0, 0, 0, 0]),
+  ]
+  for window, values in zip(w, expected):
+    for key, value in zip(KEYS, values):
+      np.testing.assert_array_equal(window[key], value, err_msg=key)
+  assert sum(x["loss_mask"].sum() for x in w) == 13  # 16 tokens, all but the 3 BOS are targets
+
+
+def test_first_fit_counts_every_token_once_and_reports_padding(sample_dir, tok):
+  padding = {}
+  for packing in ("concat", "first_fit"):
+    cfg = _data_cfg(sample_dir, packing=packing, pack_bins=32)
+    batches = pipeline.eval_batches(cfg, tok, max_batches=1000)
+    texts = sources.documents(cfg, "eval")
+    assert sum(b["loss_mask"].sum() for b in batches) == sum(len(tok.encode(t)) + 1 for t in texts)
+    it = pipeline.train_batches(cfg, tok)
+    for _ in range(50):
+      next(it)
+    padding[packing] = it.padding_fraction
+  assert padding["concat"] == 0.0
+  assert 0.0 < padding["first_fit"] < 0.2
+
+
+# Per-host shares, epochs, mixtures, exact restore.
+
+
+def _whole_docs(batches, tok):
+  """The documents that lie whole (BOS to EOS) in single windows, without BOS and EOS."""
+  out = set()
+  for b in batches:
+    for inputs, targets in zip(b["inputs"], b["targets"]):
+      row = np.append(inputs, targets[-1])
+      for part in np.split(row, np.flatnonzero(row == tok.bos_id)):
+        end = np.flatnonzero(part == tok.eos_id)
+        if len(part) and part[0] == tok.bos_id and len(end):
+          out.add(tuple(part[1:end[0]].tolist()))
+  return out
+
+
+def _rows(batches):
+  return [{k: b[k][i] for k in KEYS} for b in batches for i in range(len(b["inputs"]))]
+
+
+@pytest.mark.parametrize("pretokenized", [False, True])
+def test_hosts_read_disjoint_shares_that_cover_the_data(sample_dir, tok, tmp_path, pretokenized):
+  cfg = _data_cfg(sample_dir, batch_size=8, seq_len=128, packing="first_fit")
+  if pretokenized:
+    _prepare(sample_dir / "train.jsonl", tok, tmp_path / "train")
+    cfg.train_files = str(tmp_path / "train")
+  docs = [tuple(tok.encode(t)) for t in sources.documents(_data_cfg(sample_dir), "train")]
+  fitting = {d for d in docs if len(d) + 2 <= 129}  # the ones first-fit never cuts
+  shares = []
+  for index in range(4):
+    it = pipeline.train_batches(cfg, tok, process_index=index, process_count=4)
+    batches = []
+    while it.epoch < 2:  # two epochs of this host's share: the first is surely all emitted
+      batches.append(next(it))
+    assert all(b["inputs"].shape == (2, 128) for b in batches)
+    shares.append(_whole_docs(batches, tok))
+  for a, b in itertools.combinations(shares, 2):
+    assert not a & b
+  assert set().union(*shares) == fitting
+  assert len(fitting) > 150
+
+
+def test_epochs_are_counted(sample_dir, tok):
+  cfg = _data_cfg(sample_dir, batch_size=8, seq_len=128)
+  it = pipeline.train_batches(cfg, tok)
+  tokens_per_epoch = sum(len(tok.encode(t)) + 2 for t in sources.documents(cfg, "train"))
+  steps_per_epoch = tokens_per_epoch / (8 * 128)
+  changes = []
+  for step in range(1, int(2.5 * steps_per_epoch)):
+    before = it.epoch
+    next(it)
+    if it.epoch != before:
+      changes.append(step)
+  assert len(changes) == 2
+  assert abs(changes[0] - steps_per_epoch) < 1.5 and abs(changes[1] - 2 * steps_per_epoch) < 1.5
+
+
+def _mixture_cfg(sample_dir, tmp_path, tok):
+  _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val_tokens")
+  mixture = f"{sample_dir / 'train.jsonl'}=0.7;{tmp_path / 'val_tokens'}=0.3"
+  return _data_cfg(sample_dir, batch_size=8, seq_len=64, mixture=mixture)
+
+
+def test_mixture_shares_follow_the_weights(sample_dir, tok, tmp_path):
+  cfg = _mixture_cfg(sample_dir, tmp_path, tok)
+  it = pipeline.train_batches(cfg, tok)
+  batches = [next(it) for _ in range(400)]  # 3200 windows
+  assert it.names == [str(sample_dir / "train.jsonl"), str(tmp_path / "val_tokens")]
+  share = it.windows / it.windows.sum()
+  np.testing.assert_allclose(share, [0.7, 0.3], atol=0.01)
+  assert it.epochs == [0, 1]  # 960 windows of the 900-window source: into its second epoch
+  _assert_same(batches[:5], _batches(cfg, tok, 5))  # deterministic
+  # Each window's source tag is true: its first 16 tokens (within one document) occur in that
+  # source's documents.
+  grams = []
+  for split in ("train", "eval"):
+    grams.append(set())
+    for text in sources.documents(cfg, split):
+      ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+      grams[-1].update(tuple(ids[i:i + 16]) for i in range(len(ids) - 15))
+  unique = collections.Counter()
+  for window in itertools.islice(pipeline.windows(cfg, tok, "train")[0], 400):
+    head = tuple(window["inputs"][:16].tolist())
+    if (window["segment_ids"][:16] == window["segment_ids"][0]).all():
+      source = int(window["source"])
+      assert head in grams[source]
+      unique[source] += head not in grams[1 - source]
+  assert unique[0] > 100 and unique[1] > 40
+
+
+def _restores(cfg, tok, skip, n=10):
+  it = pipeline.train_batches(cfg, tok)
+  for _ in range(skip):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(n)]
+  epochs = list(it.epochs)
+  it.close()
+  restored = pipeline.train_batches(cfg, tok)
+  restored.set_state(state)
+  _assert_same(expected, [next(restored) for _ in range(n)])
+  assert restored.epochs == epochs
+  restored.close()
+
+
+def test_restore_continues_pretokenized_first_fit_and_mixture(sample_dir, tok, tmp_path):
+  _prepare(sample_dir / "train.jsonl", tok, tmp_path / "train")
+  _restores(_data_cfg(sample_dir, seq_len=64, train_files=str(tmp_path / "train")), tok, 77)
+  _restores(_data_cfg(sample_dir, seq_len=64, packing="first_fit"), tok, 77)
+  _restores(_mixture_cfg(sample_dir, tmp_path, tok), tok, 130)
+  with pytest.raises(ValueError, match="does not match this pipeline"):
+    pipeline.train_batches(_data_cfg(sample_dir), tok).set_state({"parent": 1, "offset": 0})
+
+
+# Hub streams, through the `datasets` library's local-file path.
+
+
+def _hub_cfg(sample_dir, tmp_path, monkeypatch, **fields):
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+  return _data_cfg(sample_dir, source="hf", hf_path="json", hf_train_split="train",
+                   hf_eval_split="train", hf_data_files=str(sample_dir / "validation.jsonl"),
+                   **fields)
+
+
+def test_hub_stream_shuffles_in_windows_and_restores(sample_dir, tok, tmp_path, monkeypatch):
+  cfg = _hub_cfg(sample_dir, tmp_path, monkeypatch, batch_size=4, seq_len=64, shuffle_window=50)
+  texts = sources.documents(_data_cfg(sample_dir), "eval")
+  expected = [tuple(tok.encode(t)) for t in texts]
+  # Evaluation reads the stream once, in order.
+  eval_docs = _split_docs(_stream(_rows(pipeline.eval_batches(cfg, tok, 1000))), tok)
+  assert eval_docs == expected
+  # Training: every document once per epoch, shuffled within windows of 50 documents.
+  it = pipeline.train_batches(cfg, tok)
+  batches = []
+  while it.epoch == 0:
+    batches.append(next(it))
+  docs = _split_docs(_stream(_rows(batches[:-1])), tok)
+  assert docs != expected[:len(docs)] and set(docs) <= set(expected)
+  assert len(docs) >= len(expected) - 10
+  assert all(abs(expected.index(d) - i) < 100 for i, d in enumerate(docs))  # windows of 50
+  _restores(cfg, tok, 20)
+  _restores(cfg, tok, len(batches) + 3)  # in the second epoch
+
+
+def test_hub_stream_hosts_and_bad_records(sample_dir, tok, tmp_path, monkeypatch):
+  cfg = _hub_cfg(sample_dir, tmp_path, monkeypatch)
+  shares = [list(sources.HubStream("json", None, "train", "text", cfg.hf_data_files,
+                                   process_index=i, process_count=2)) for i in range(2)]
+  texts = sources.documents(_data_cfg(sample_dir), "eval")
+  assert sorted(t for share in shares for t, _ in share) == sorted(texts)
+  assert not {t for t, _ in shares[0]} & {t for t, _ in shares[1]}
+  (tmp_path / "bad.jsonl").write_text('{"text": "a story"}\n{"text": ""}\n{"body": "x"}\n')
+  stream = sources.HubStream("json", None, "train", "text", str(tmp_path / "bad.jsonl"))
+  assert list(stream) == [("a story", 0)]
+  assert stream.skipped == {sources.EMPTY: 2}  # "" and the record without text (null)
+  (tmp_path / "other.jsonl").write_text('{"body": "x"}\n')
+  with pytest.raises(ValueError, match=r"data.text_key='text' is not a field of json .*body"):
+    next(iter(sources.HubStream("json", None, "train", "text", str(tmp_path / "other.jsonl"))))
+  (tmp_path / "empty.jsonl").write_text('{"text": " "}\n')
+  with pytest.raises(ValueError, match="the stream has no documents"):
+    next(iter(sources.HubStream("json", None, "train", "text", str(tmp_path / "empty.jsonl"),
+                                repeat=True)))

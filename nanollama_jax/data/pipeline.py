@@ -1,9 +1,7 @@
 """The grain input pipeline: documents -> shuffle -> tokenize -> pack into windows -> batch.
 
-Each document becomes `[BOS] + tokens + [EOS]`; documents are concatenated into one stream that
-is cut into windows of `seq_len + 1` tokens, each window starting `seq_len` tokens after the
-previous one (consecutive windows share one token, so every token of the stream but the first
-is a target exactly once). For a window `w`:
+Each document becomes `[BOS] + tokens + [EOS]` and is packed into windows of `seq_len + 1`
+tokens. For a window `w`:
 
   inputs = w[:-1], targets = w[1:]          int32 [seq_len]
   segment_ids   1, 2, ... for each document piece in the window (0 on padding)
@@ -11,17 +9,30 @@ is a target exactly once). For a window `w`:
   loss_mask     1.0 where the target is in the input's document; 0.0 on EOS -> next BOS and
                 on padding
 
-Documents longer than a window continue in the next one; none is dropped. Only the stream's
-last window can be short: it is padded (pad id, segment 0, mask 0). The training stream
-repeats forever, so it has none.
+Two packers (`data.packing`), neither of which drops a token:
+
+  concat     documents are concatenated into one stream cut into windows, each starting
+             `seq_len` tokens after the previous one (consecutive windows share one token, so
+             every token but the first is a target exactly once). No padding but at the end
+             of a finite split.
+  first_fit  documents longer than a window are cut into pieces of `seq_len + 1` tokens that
+             overlap by one (again every token is a target once); pieces are placed into the
+             first of `data.pack_bins` open windows with room, and the bins are emitted when a
+             piece fits in none. No document is split at a window edge that it did not need to
+             be; the price is padding, which the training iterator reports.
+
+Random-access sources are split between hosts by index (`process_index::process_count`) and
+shuffled globally, in a new order every epoch; Hub streams split themselves and are shuffled in
+windows of `data.shuffle_window` documents. A mixture packs each source on its own and draws
+windows from them by weight. Every stage is a grain dataset whose iterator state is part of the
+checkpoint, so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -29,10 +40,12 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from nanollama_jax.data import sources
+from nanollama_jax import config
+from nanollama_jax.data import shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
+KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 # Documents per grain element: tokenising them together amortises the cost of handing elements
@@ -47,31 +60,67 @@ def _ignore_sigint(worker_index: int, worker_count: int) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _WithEpoch(grain.transforms.MapWithIndex):
+  """Pairs each document of a repeated dataset with its epoch: index // documents per epoch."""
+
+  def __init__(self, per_epoch: int):
+    self._per_epoch = per_epoch
+
+  def map_with_index(self, index: int, doc: Any) -> tuple[Any, int]:
+    return doc, index // self._per_epoch
+
+
 class _TokenizeChunk(grain.transforms.Map):
-  """Maps texts to their BOS + tokens + EOS ids, concatenated, and the end of each document."""
+  """Maps (document, epoch) pairs to their BOS + ids + EOS concatenated, each document's end,
+  and each one's epoch. Texts are encoded; token arrays (pretokenized) are used as they are.
+  Documents without a token are dropped."""
 
   def __init__(self, tokenizer: Tokenizer):
     self._tokenizer = tokenizer
 
-  def map(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  def map(self, chunk: list[tuple[Any, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t = self._tokenizer
-    docs = [[t.bos_id, *t.encode(text), t.eos_id] for text in texts]
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int32)
-    return tokens, np.cumsum([len(doc) for doc in docs])
+    texts = [doc for doc, _ in chunk if isinstance(doc, str)]
+    encoded = iter(t.encode_batch(texts)) if texts else None
+    bos, eos = np.array([t.bos_id], np.int32), np.array([t.eos_id], np.int32)
+    pieces, ends, epochs, total = [], [], [], 0
+    for doc, epoch in chunk:
+      ids = next(encoded) if isinstance(doc, str) else doc
+      if not len(ids):
+        continue
+      pieces += (bos, ids, eos)
+      total += len(ids) + 2
+      ends.append(total)
+      epochs.append(epoch)
+    tokens = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else bos[:0]
+    return tokens, np.array(ends, np.int64), np.array(epochs, np.int32)
 
 
 class _SplitChunk(grain.experimental.FlatMapTransform):
-  """Splits a tokenised chunk back into one int32 array per document."""
+  """Splits a tokenised chunk into its documents, or into pieces of at most `piece_len` tokens
+  that overlap by one (for first-fit packing)."""
 
-  max_fan_out = _DOCS_PER_CHUNK
+  max_fan_out = _DOCS_PER_CHUNK  # documents per chunk; pieces are not counted (iter datasets)
 
-  def flat_map(self, chunk: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
-    tokens, ends = chunk
-    return np.split(tokens, ends[:-1])
+  def __init__(self, piece_len: int | None = None):
+    self._piece_len = piece_len
+
+  def flat_map(self, chunk: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
+    tokens, ends, epochs = chunk
+    out = []
+    for doc, epoch in zip(np.split(tokens, ends[:-1]) if len(ends) else [], epochs):
+      if self._piece_len is None:
+        out.append({"tokens": doc, "epoch": int(epoch)})
+        continue
+      step = self._piece_len - 1
+      for start in range(0, max(len(doc) - 1, 1), step):
+        piece = doc[start:start + self._piece_len]
+        out.append({"tokens": piece, "epoch": np.full(len(piece), epoch, np.int32)})
+    return out
 
 
 class _PackIterator(grain.DatasetIterator):
-  """Cuts the concatenated token arrays of its parent into overlapping windows."""
+  """Cuts the concatenated documents of its parent into overlapping windows (`concat`)."""
 
   def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int):
     super().__init__(parent)
@@ -79,50 +128,43 @@ class _PackIterator(grain.DatasetIterator):
     self._pad_id = pad_id
     # Documents not yet fully cut, each with the parent state from before it was read; the
     # next window starts at `_offset` in the first one.
-    self._docs: collections.deque[tuple[Any, np.ndarray]] = collections.deque()
+    self._docs: collections.deque[tuple[Any, np.ndarray, int]] = collections.deque()
     self._offset = 0
 
   def _read(self, need: int) -> int:
     """Reads documents until `need` tokens are buffered or the parent ends; returns the count."""
-    have = sum(len(doc) for _, doc in self._docs) - self._offset
+    have = sum(len(doc) for _, doc, _ in self._docs) - self._offset
     while have < need:
       state = self._parent.get_state()
       try:
         doc = next(self._parent)
       except StopIteration:
         break
-      self._docs.append((state, doc))
-      have += len(doc)
+      self._docs.append((state, doc["tokens"], doc["epoch"]))
+      have += len(doc["tokens"])
     return have
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def __next__(self) -> dict[str, Any]:
     size = self._seq_len + 1
     if self._read(size) < 2:  # a single token left was the previous window's last target
       raise StopIteration
     tokens = np.full(size, self._pad_id, dtype=np.int32)
     segments = np.zeros(size, dtype=np.int32)
     positions = np.zeros(size, dtype=np.int32)
-    filled, start = 0, self._offset
-    for segment, (_, doc) in enumerate(self._docs, 1):
+    filled, start, epoch = 0, self._offset, 0
+    for segment, (_, doc, doc_epoch) in enumerate(self._docs, 1):
       piece = doc[start:start + size - filled]
       end = filled + len(piece)
       tokens[filled:end] = piece
       segments[filled:end] = segment
       positions[filled:end] = np.arange(len(piece))
-      filled, start = end, 0
+      filled, start, epoch = end, 0, max(epoch, doc_epoch)
       if filled == size:
         break
     self._offset += self._seq_len
     while self._docs and self._offset >= len(self._docs[0][1]):
       self._offset -= len(self._docs.popleft()[1])
-    same_doc = (segments[:-1] == segments[1:]) & (segments[:-1] > 0)
-    return {
-      "inputs": tokens[:-1],
-      "targets": tokens[1:],
-      "segment_ids": segments[:-1],
-      "positions": positions[:-1],
-      "loss_mask": same_doc.astype(np.float32),
-    }
+    return _window(tokens, segments, positions, epoch)
 
   def get_state(self) -> dict[str, Any]:
     parent = self._docs[0][0] if self._docs else self._parent.get_state()
@@ -134,8 +176,22 @@ class _PackIterator(grain.DatasetIterator):
     self._offset = state["offset"]
 
 
+def _window(tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray,
+            epoch: int) -> dict[str, Any]:
+  """The training example of a packed window of seq_len + 1 tokens."""
+  same_doc = (segments[:-1] == segments[1:]) & (segments[:-1] > 0)
+  return {
+    "inputs": tokens[:-1],
+    "targets": tokens[1:],
+    "segment_ids": segments[:-1],
+    "positions": positions[:-1],
+    "loss_mask": same_doc.astype(np.float32),
+    "epoch": np.int32(epoch),
+  }
+
+
 class _PackIterDataset(grain.IterDataset):
-  """Packs token arrays into windows; see the module docstring."""
+  """Packs documents into windows by concatenating and splitting; see the module docstring."""
 
   def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int):
     super().__init__(parent)
@@ -146,38 +202,173 @@ class _PackIterDataset(grain.IterDataset):
     return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id)
 
 
-def windows(
-  data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, num_workers: int = 0
-) -> grain.IterDataset:
-  """Returns the packed windows of a split: shuffled and repeated forever for 'train'."""
-  docs = sources.documents(data_cfg, split)
-  if not docs:
-    raise ValueError(f"the {split} split has no documents")
-  ds = grain.MapDataset.source(docs)
-  if split == "train":
-    ds = ds.shuffle(seed=data_cfg.shuffle_seed).repeat()  # a new order every epoch
-  ds = ds.batch(_DOCS_PER_CHUNK, batch_fn=list).map(_TokenizeChunk(tokenizer))
-  # No reader threads: they contend for the GIL with the tokenizer and slow it down; worker
-  # processes are the way to scale tokenisation.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
-  if num_workers:
-    # grain 0.2.18 reads its absl flags when starting workers and fails on unparsed flags
-    # (google/grain#1355) in programs that do not use absl.app: let it read the defaults.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+class _FromBins(grain.transforms.Map):
+  """A first-fit bin (grain's packed features) as a training window."""
+
+  def map(self, packed: dict[str, np.ndarray]) -> dict[str, Any]:
+    return _window(packed["tokens"].astype(np.int32), packed["tokens_segment_ids"].astype(np.int32),
+                   packed["tokens_positions"].astype(np.int32), int(packed["epoch"].max()))
+
+
+class _Tag(grain.transforms.Map):
+  def __init__(self, source: int):
+    self._source = source
+
+  def map(self, window: dict[str, Any]) -> dict[str, Any]:
+    return {**window, "source": np.int32(self._source)}
+
+
+def _check_tokenizer(found: sources.Documents, tokenizer: Tokenizer) -> None:
+  if found.pretokenized and found.docs.tokenizer_sha256 != shards.sha256(tokenizer.proto):
+    raise ValueError(
+      f"{found.name} was prepared with another tokenizer than this run's ({tokenizer.model_path})"
+      f": set data.tokenizer to its {shards.TOKENIZER}, or prepare it again with this one")
+
+
+def _mp_prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  # grain 0.2.18 reads its absl flags when starting workers and fails on unparsed flags
+  # (google/grain#1355) in programs that do not use absl.app: let it read the defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
                         worker_init_fn=_ignore_sigint)
-  ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk())
-  return _PackIterDataset(ds, data_cfg.seq_len, tokenizer.pad_id)
 
 
-def train_batches(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Iterator[Batch]:
-  """Returns the endless, checkpointable iterator of batches of `data_cfg.batch_size` windows.
+def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
+                tokenizer: Tokenizer, train: bool, seed: int, num_workers: int,
+                process_index: int, process_count: int) -> grain.IterDataset:
+  """Packed windows of one source: its documents, this host's share when training."""
+  _check_tokenizer(found, tokenizer)
+  if found.stream is not None:
+    ds = found.stream  # a Hub stream splits between hosts itself, and repeats when training
+    if train:
+      ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=data_cfg.shuffle_window,
+                                                       seed=seed)
+    # In-process: a stream cannot be split between grain workers.
+    ds = ds.batch(_DOCS_PER_CHUNK, batch_fn=list).map(_TokenizeChunk(tokenizer))
+  else:
+    ds = grain.MapDataset.source(found.docs)
+    if train and process_count > 1:
+      ds = ds[process_index::process_count]
+      if not len(ds):
+        raise ValueError(f"{found.name}: fewer documents than the {process_count} processes")
+    per_epoch = len(ds)
+    if train:
+      ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
+    ds = ds.map_with_index(_WithEpoch(per_epoch))
+    ds = ds.batch(_DOCS_PER_CHUNK, batch_fn=list).map(_TokenizeChunk(tokenizer))
+    # No reader threads: they contend for the GIL with the tokenizer and slow it down; worker
+    # processes are the way to scale tokenisation.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
+    if num_workers:
+      ds = _mp_prefetch(ds, num_workers)
+  size = data_cfg.seq_len + 1
+  if data_cfg.packing == "concat":
+    ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk())
+    return _PackIterDataset(ds, data_cfg.seq_len, tokenizer.pad_id)
+  ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk(piece_len=size))
+  ds = grain.experimental.FirstFitPackIterDataset(
+    ds, length_struct={"tokens": size, "epoch": size}, num_packing_bins=data_cfg.pack_bins,
+    shuffle_bins=False, padding_struct={"tokens": tokenizer.pad_id, "epoch": 0})
+  return ds.map(_FromBins())
 
-  With `data_cfg.num_workers` > 0, call its `close()` when done to stop the worker processes.
+
+def _train_sources(data_cfg: ml_collections.ConfigDict, process_index: int,
+                   process_count: int) -> tuple[list[sources.Documents], list[float]]:
+  if not data_cfg.mixture:
+    return [sources.open_split(data_cfg, "train", process_index=process_index,
+                               process_count=process_count)], [1.0]
+  parts = config.parse_mixture(data_cfg.mixture)
+  found = [sources.open_split(data_cfg, "train", globs=globs) for globs, _ in parts]
+  return found, [weight for _, weight in parts]
+
+
+def windows(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str,
+            num_workers: int = 0, process_index: int = 0,
+            process_count: int = 1) -> tuple[grain.IterDataset, list[str]]:
+  """Returns the packed windows of a split and the names of its sources.
+
+  'train' is shuffled, repeated forever, this process's share, and mixed when data.mixture is
+  set; 'eval' is every document once, in order, on every process. Each window also carries
+  `epoch` (of its newest document) and `source` (the index of its source).
   """
-  ds = windows(data_cfg, tokenizer, "train", data_cfg.num_workers)
-  return iter(ds.batch(data_cfg.batch_size, drop_remainder=True))
+  if split == "train":
+    found, weights = _train_sources(data_cfg, process_index, process_count)
+  else:
+    found, weights = [sources.open_split(data_cfg, split)], [1.0]
+  parts = [
+    _windows_of(f, data_cfg, tokenizer, split == "train", data_cfg.shuffle_seed + i,
+                num_workers, process_index, process_count).map(_Tag(i))
+    for i, f in enumerate(found)
+  ]
+  ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
+  return ds, [f.name for f in found]
+
+
+class Batches(Iterator[Batch]):
+  """This process's endless, checkpointable stream of training batches.
+
+  Besides the batches it counts, for the run's logs, the epoch each source has reached (the
+  epoch of the newest document read from it, from 0) and the padding fraction of the windows
+  it returned. `get_state()` is JSON-serialisable; call `close()` to stop worker processes.
+  """
+
+  def __init__(self, ds: grain.IterDataset, names: Sequence[str]):
+    self._it = iter(ds)
+    self.names = list(names)
+    self.epochs = [0] * len(self.names)
+    self.windows = np.zeros(len(self.names), np.int64)  # returned, per source
+    self._tokens = 0
+    self._padding = 0
+
+  def __next__(self) -> Batch:
+    batch = next(self._it)
+    sources_B, epochs_B = batch.pop("source"), batch.pop("epoch")
+    for source, epoch in zip(sources_B.tolist(), epochs_B.tolist()):
+      self.epochs[source] = max(self.epochs[source], epoch)
+      self.windows[source] += 1
+    self._tokens += batch["segment_ids"].size
+    self._padding += int((batch["segment_ids"] == 0).sum())
+    return batch
+
+  @property
+  def epoch(self) -> int:
+    """The epoch of the first source (the only one without a mixture)."""
+    return self.epochs[0]
+
+  @property
+  def padding_fraction(self) -> float:
+    """The share of input positions that were padding, over the batches returned so far."""
+    return self._padding / max(self._tokens, 1)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"pipeline": self._it.get_state(), "epochs": list(self.epochs)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if set(state) != {"pipeline", "epochs"} or len(state["epochs"]) != len(self.names):
+      raise ValueError("the checkpoint's data-iterator state does not match this pipeline (a "
+                       "checkpoint of an older version, or data.mixture changed)")
+    self._it.set_state(state["pipeline"])
+    self.epochs = list(state["epochs"])
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def train_batches(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                  process_index: int = 0, process_count: int = 1) -> Batches:
+  """Returns this process's batches: data.batch_size / process_count windows each.
+
+  With data.num_workers > 0, call its `close()` when done to stop the worker processes.
+  """
+  if data_cfg.batch_size % process_count:
+    raise config.ConfigError(f"data.batch_size={data_cfg.batch_size}: must be divisible by the "
+                             f"{process_count} processes")
+  ds, names = windows(data_cfg, tokenizer, "train", data_cfg.num_workers, process_index,
+                      process_count)
+  return Batches(ds.batch(data_cfg.batch_size // process_count, drop_remainder=True), names)
 
 
 def _pad_rows(batch: Batch, rows: int, pad_id: int) -> Batch:
@@ -192,11 +383,16 @@ def _pad_rows(batch: Batch, rows: int, pad_id: int) -> Batch:
 def eval_batches(
   data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, max_batches: int
 ) -> list[Batch]:
-  """Returns the first `max_batches` batches of the eval split, in order, the last one padded."""
+  """Returns the first `max_batches` global batches of the eval split, in order, the last one
+  padded: the same batches at every evaluation, on every process."""
   if max_batches < 1:
     raise ValueError(f"max_batches={max_batches}: must be >= 1")
   # In-process: evaluation reads few documents, not worth starting worker processes for.
-  ds = windows(data_cfg, tokenizer, "eval").batch(data_cfg.batch_size)
-  batches = list(itertools.islice(ds, max_batches))
+  ds, _ = windows(data_cfg, tokenizer, "eval")
+  batches = []
+  for batch in ds.batch(data_cfg.batch_size):
+    batches.append({k: batch[k] for k in KEYS})
+    if len(batches) == max_batches:
+      break
   batches[-1] = _pad_rows(batches[-1], data_cfg.batch_size, tokenizer.pad_id)
   return batches

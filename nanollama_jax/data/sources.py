@@ -1,25 +1,63 @@
-"""Document sources: the texts of a split, from local files or a Hugging Face dataset."""
+"""Document sources: what a split reads, from local files, pretokenized shards or the Hub.
+
+A split opens as a `Documents`: either a random-access sequence (texts read from local files or
+a downloaded Hub dataset, or token arrays of a pretokenized dataset), which the pipeline shuffles
+globally and splits between hosts by index, or a `HubStream` of records streamed from the Hub,
+which it shuffles in windows and which splits itself between hosts.
+
+Bad records never reach a worker: empty documents and lines that are not valid UTF-8 are skipped
+and counted (`Documents.skipped`, logged); a record without the text field, a line that is not
+JSON, a glob that matches nothing or a split without documents is an error that names the file,
+the line and the key.
+"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import grain
 import ml_collections
+from absl import logging
 
 from nanollama_jax import config
+from nanollama_jax.data import shards
 
 SPLITS = ("train", "eval")
 JSON_EXTENSIONS = (".jsonl", ".json")
 TEXT_EXTENSIONS = (".txt",)
+PARQUET_EXTENSIONS = (".parquet",)
+EXTENSIONS = JSON_EXTENSIONS + TEXT_EXTENSIONS + PARQUET_EXTENSIONS
+EMPTY, BAD_UTF8 = "empty documents", "lines that are not UTF-8"
 
 
-def _json_lines(path: str, text_key: str) -> Iterator[str]:
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
+def _text_or_skip(text: Any, where: str, text_key: str, skipped: collections.Counter) -> str | None:
+  if text is None or (isinstance(text, str) and not text.strip()):
+    skipped[EMPTY] += 1
+    return None
+  if not isinstance(text, str):
+    raise ValueError(f"{where}: field {text_key!r} is a {type(text).__name__}, not a string")
+  return text
+
+
+def _decode(raw: bytes, skipped: collections.Counter) -> str | None:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    skipped[BAD_UTF8] += 1
+    return None
+
+
+def _json_lines(path: str, text_key: str, skipped: collections.Counter) -> Iterator[str]:
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      line = _decode(raw, skipped)
+      if line is None or not line.strip():
         continue
       try:
         record = json.loads(line)
@@ -30,37 +68,66 @@ def _json_lines(path: str, text_key: str) -> Iterator[str]:
         raise ValueError(
           f"{path}, line {number}: no field {text_key!r} (data.text_key); the record has {keys}"
         )
-      text = record[text_key]
-      if not isinstance(text, str):
-        raise ValueError(
-          f"{path}, line {number}: field {text_key!r} is a {type(text).__name__}, not a string"
-        )
+      text = _text_or_skip(record[text_key], f"{path}, line {number}", text_key, skipped)
+      if text is not None:
+        yield text
+
+
+def _text_lines(path: str, separator: str, skipped: collections.Counter) -> Iterator[str]:
+  if not separator:  # one document per line; blank lines only separate
+    with open(path, "rb") as f:
+      for raw in f:
+        line = _decode(raw.rstrip(b"\r\n"), skipped)
+        if line and line.strip():
+          yield line
+    return
+  with open(path, "rb") as f:
+    pieces = f.read().split(separator.encode("utf-8"))
+  for i, raw in enumerate(pieces):
+    text = _decode(raw.strip(), skipped)
+    if text:
       yield text
+    elif text is not None and 0 < i < len(pieces) - 1:  # not before the first or after the last
+      skipped[EMPTY] += 1
 
 
-def _text_lines(path: str) -> Iterator[str]:
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.rstrip("\n")
-      if line:
-        yield line
+def _parquet(path: str, text_key: str, skipped: collections.Counter) -> Iterator[str]:
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+  try:
+    table = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+    raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+  columns = table.schema_arrow.names
+  if text_key not in columns:
+    raise ValueError(f"{path}: no column {text_key!r} (data.text_key); columns: "
+                     f"{', '.join(columns)}")
+  for batch in table.iter_batches(columns=[text_key], batch_size=4096):
+    for text in batch.column(0).to_pylist():
+      text = _text_or_skip(text, path, text_key, skipped)
+      if text is not None:
+        yield text
 
 
-def read_files(paths: Sequence[str], text_key: str) -> Iterator[str]:
-  """Yields the documents of files in order: a JSON line's `text_key`, or a non-empty .txt line."""
+def read_files(paths: Sequence[str], text_key: str, separator: str = "",
+               skipped: collections.Counter | None = None) -> Iterator[str]:
+  """Yields the documents of text files in order; skipped records are counted in `skipped`."""
+  skipped = collections.Counter() if skipped is None else skipped
   for path in paths:
     ext = os.path.splitext(path)[1].lower()
     if ext in JSON_EXTENSIONS:
-      yield from _json_lines(path, text_key)
+      yield from _json_lines(path, text_key, skipped)
     elif ext in TEXT_EXTENSIONS:
-      yield from _text_lines(path)
+      yield from _text_lines(path, separator, skipped)
+    elif ext in PARQUET_EXTENSIONS:
+      yield from _parquet(path, text_key, skipped)
     else:
-      allowed = ", ".join(JSON_EXTENSIONS + TEXT_EXTENSIONS)
-      raise ValueError(f"{path}: unsupported file type {ext!r}; allowed: {allowed}")
+      raise ValueError(f"{path}: unsupported file type {ext!r}; allowed: {', '.join(EXTENSIONS)}"
+                       " or a directory written by scripts/prepare_dataset.py")
 
 
 class _Column(Sequence[str]):
-  """A random-access view of one text column of a `datasets.Dataset`."""
+  """A random-access view of one text column of a `datasets.Dataset`; empty texts read as ''."""
 
   def __init__(self, dataset, text_key: str):
     self._dataset = dataset
@@ -70,7 +137,22 @@ class _Column(Sequence[str]):
     return len(self._dataset)
 
   def __getitem__(self, index: int) -> str:
-    return self._dataset[index][self._key]
+    return self._dataset[index][self._key] or ""
+
+
+def _hub_error(path: str, split: str, error: Exception) -> config.ConfigError:
+  return config.ConfigError(
+    f"data.hf_path={path!r}: cannot load split {split!r} ({error}). Check the name and the "
+    "network, or train on local files with --config.data.source=files "
+    "--config.data.train_files=GLOB --config.data.eval_files=GLOB (JSONL, text or Parquet; "
+    "scripts/prepare_dataset.py can write Hub data to a local pretokenized dataset once)"
+  )
+
+
+def _data_files(spec: str | Sequence[str] | None):
+  if isinstance(spec, str):
+    spec = [s.strip() for s in spec.split(",") if s.strip()]
+  return list(spec) or None if spec is not None else None
 
 
 def hf_documents(
@@ -78,16 +160,12 @@ def hf_documents(
   data_files: str | Sequence[str] | None = None,
 ) -> Sequence[str]:
   """Returns the texts of a (downloaded, memory-mapped) Hugging Face dataset split."""
-  import datasets  # pylint: disable=g-import-not-at-top  # slow to import, only needed here
+  import datasets  # pylint: disable=import-outside-toplevel  # slow to import, only needed here
 
   try:
-    dataset = datasets.load_dataset(path, name, split=split, data_files=data_files)
-  except (ConnectionError, FileNotFoundError) as e:
-    raise config.ConfigError(
-      f"data.hf_path={path!r}: cannot load split {split!r} ({e}). Check the name and the "
-      "network, or train on local files with --config.data.source=files "
-      "--config.data.train_files=GLOB --config.data.eval_files=GLOB"
-    ) from None
+    dataset = datasets.load_dataset(path, name, split=split, data_files=_data_files(data_files))
+  except (ConnectionError, FileNotFoundError, ValueError) as e:
+    raise _hub_error(path, split, e) from None
   if text_key not in dataset.column_names:
     raise ValueError(
       f"data.text_key={text_key!r} is not a column of {path} ({split}); "
@@ -96,28 +174,199 @@ def hf_documents(
   return _Column(dataset.select_columns([text_key]), text_key)
 
 
-def _files(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
-  key = "train_files" if split == "train" else "eval_files"
-  return config.expand_globs(data_cfg[key], f"data.{key}")
+class HubStream(grain.IterDataset):
+  """The records of a Hub split streamed in order, as (text, epoch) pairs.
+
+  With `repeat`, the stream starts over at its end and the epoch counts up. With
+  `process_count` > 1 each process reads a disjoint share (whole files where the split has
+  enough of them, else every n-th record). The iterator's state is the `datasets` stream's own
+  position, so a restore continues without reading the stream again from its start.
+  """
+
+  def __init__(self, path: str, name: str | None, split: str, text_key: str,
+               data_files: str | Sequence[str] | None = None, repeat: bool = False,
+               process_index: int = 0, process_count: int = 1):
+    super().__init__()
+    self.path, self.name, self.split, self.text_key = path, name, split, text_key
+    self.data_files = _data_files(data_files)
+    self.repeat = repeat
+    self.process_index, self.process_count = process_index, process_count
+    self.skipped: collections.Counter = collections.Counter()
+    self.open()  # fail here, with a clear message, rather than inside the first batch
+
+  def open(self):
+    import datasets  # pylint: disable=import-outside-toplevel
+    from datasets import distributed  # pylint: disable=import-outside-toplevel
+
+    try:
+      ds = datasets.load_dataset(self.path, self.name, split=self.split, streaming=True,
+                                 data_files=self.data_files)
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+      raise _hub_error(self.path, self.split, e) from None
+    if self.process_count > 1:
+      ds = distributed.split_dataset_by_node(ds, self.process_index, self.process_count)
+    return ds
+
+  def __iter__(self) -> "_HubStreamIterator":
+    return _HubStreamIterator(self)
+
+  def __str__(self) -> str:
+    return f"HubStream({self.path}, {self.split})"
+
+
+class _HubStreamIterator(grain.DatasetIterator):
+
+  def __init__(self, stream: HubStream):
+    super().__init__()
+    self._stream = stream
+    self._epoch = 0
+    self._records_this_epoch = 0
+    self._start(None)
+
+  def _start(self, hf_state: dict[str, Any] | None) -> None:
+    self._ds = self._stream.open()
+    if hf_state is not None:
+      self._ds.load_state_dict(hf_state)
+    self._it = iter(self._ds)
+
+  def __next__(self) -> tuple[str, int]:
+    s = self._stream
+    while True:
+      try:
+        record = next(self._it)
+      except StopIteration:
+        if not s.repeat or not self._records_this_epoch:
+          if not self._records_this_epoch and self._epoch == 0:
+            raise ValueError(f"{s.path} ({s.split}): the stream has no documents") from None
+          raise
+        self._epoch += 1
+        self._records_this_epoch = 0
+        self._ds.set_epoch(self._epoch)
+        self._it = iter(self._ds)
+        continue
+      if s.text_key not in record:
+        raise ValueError(f"data.text_key={s.text_key!r} is not a field of {s.path} "
+                         f"({s.split}); fields: {', '.join(sorted(record))}")
+      text = _text_or_skip(record[s.text_key], f"{s.path} ({s.split})", s.text_key, s.skipped)
+      if text is not None:
+        self._records_this_epoch += 1
+        return text, self._epoch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"epoch": self._epoch, "records": self._records_this_epoch,
+            "hf": self._ds.state_dict()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._epoch, self._records_this_epoch = state["epoch"], state["records"]
+    self._start(state["hf"])
+    self._ds.set_epoch(self._epoch)
+
+
+@dataclasses.dataclass
+class Documents:
+  """A split's documents: `docs` (random access: texts or token arrays) or `stream`."""
+  name: str
+  docs: Sequence[str] | shards.TokenDocuments | None = None
+  stream: HubStream | None = None
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @property
+  def pretokenized(self) -> bool:
+    return isinstance(self.docs, shards.TokenDocuments)
+
+
+def _open_globs(globs: str, key: str, text_key: str, separator: str) -> Documents:
+  paths = config.expand_globs(globs, key)
+  datasets_ = [p for p in paths if os.path.isdir(p)]
+  if datasets_:
+    not_prepared = [p for p in datasets_ if not shards.is_dataset(p)]
+    if not_prepared:
+      raise config.ConfigError(f"{key}={globs!r}: {not_prepared[0]} is a directory without "
+                               f"{shards.INDEX}; write it with scripts/prepare_dataset.py")
+    if len(datasets_) != len(paths):
+      raise config.ConfigError(f"{key}={globs!r}: matches both pretokenized datasets and text "
+                               "files; use one kind per split (or a data.mixture)")
+    docs = shards.TokenDocuments(datasets_)
+    return Documents(globs, docs=docs)
+  skipped: collections.Counter = collections.Counter()
+  texts = list(read_files(paths, text_key, separator, skipped))
+  return Documents(globs, docs=texts, skipped=skipped)
+
+
+def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index: int = 0,
+               process_count: int = 1, globs: str | None = None) -> Documents:
+  """Opens the documents of `split` ('train' or 'eval'), or of the file globs `globs`.
+
+  Only a Hub stream uses the process index and count (it splits itself); the pipeline splits
+  random-access documents.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}: allowed: {', '.join(SPLITS)}")
+  if globs is not None:
+    found = _open_globs(globs, "data.mixture", data_cfg.text_key, data_cfg.text_separator)
+  elif data_cfg.source == "files":
+    key = "train_files" if split == "train" else "eval_files"
+    found = _open_globs(data_cfg[key], f"data.{key}", data_cfg.text_key,
+                        data_cfg.text_separator)
+  elif data_cfg.source == "hf":
+    hf_split = data_cfg.hf_train_split if split == "train" else data_cfg.hf_eval_split
+    name = f"{data_cfg.hf_path} ({hf_split})"
+    if data_cfg.hf_streaming:
+      found = Documents(name, stream=HubStream(
+        data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key,
+        data_cfg.hf_data_files, repeat=split == "train", process_index=process_index,
+        process_count=process_count))
+    else:
+      found = Documents(name, docs=hf_documents(data_cfg.hf_path, data_cfg.hf_name or None,
+                                                hf_split, data_cfg.text_key,
+                                                data_cfg.hf_data_files))
+  else:
+    raise config.ConfigError(
+      f"data.source={data_cfg.source!r}: allowed: {', '.join(config.DATA_SOURCES)}")
+  if found.docs is not None and not len(found.docs):
+    raise ValueError(f"the {split} split ({found.name}) has no documents")
+  if found.skipped:
+    logging.warning("%s: skipped %s", found.name,
+                    ", ".join(f"{n} {what}" for what, n in sorted(found.skipped.items())))
+  return found
 
 
 def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[str]:
-  """Returns the documents of `split` ('train' or 'eval') as a random-access sequence of texts."""
-  if split not in SPLITS:
-    raise ValueError(f"split={split!r}: allowed: {', '.join(SPLITS)}")
-  if data_cfg.source == "files":
-    return list(read_files(_files(data_cfg, split), data_cfg.text_key))
-  if data_cfg.source == "hf":
-    hf_split = data_cfg.hf_train_split if split == "train" else data_cfg.hf_eval_split
-    return hf_documents(data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key)
-  raise config.ConfigError(
-    f"data.source={data_cfg.source!r}: allowed: {', '.join(config.DATA_SOURCES)}"
-  )
+  """Returns the texts of `split` from local text files or a downloaded Hub dataset."""
+  found = open_split(data_cfg, split)
+  if found.docs is None or found.pretokenized:
+    raise ValueError(f"the {split} split ({found.name}) is not random-access text")
+  return found.docs
+
+
+def pretokenized_tokenizer(data_cfg: ml_collections.ConfigDict) -> str | None:
+  """The tokenizer.model of the (first) pretokenized training dataset, if the data is one."""
+  if data_cfg.mixture:
+    globs, key = config.parse_mixture(data_cfg.mixture)[0][0], "data.mixture"
+  elif data_cfg.source == "files":
+    globs, key = data_cfg.train_files, "data.train_files"
+  else:
+    return None
+  paths = config.expand_globs(globs, key)
+  if shards.is_dataset(paths[0]):
+    return os.path.join(paths[0], shards.TOKENIZER)
+  return None
 
 
 def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[str]:
-  """Returns the first `n` training documents (fewer if the split is smaller), in file order."""
-  if data_cfg.source == "files":
-    return list(itertools.islice(read_files(_files(data_cfg, "train"), data_cfg.text_key), n))
-  docs = documents(data_cfg, "train")
-  return [docs[i] for i in range(min(n, len(docs)))]
+  """Returns the first `n` training texts (fewer if the split is smaller), in order."""
+  if data_cfg.mixture:
+    globs = config.parse_mixture(data_cfg.mixture)[0][0]
+    paths = config.expand_globs(globs, "data.mixture")
+  elif data_cfg.source == "files":
+    paths = config.expand_globs(data_cfg.train_files, "data.train_files")
+  else:
+    found = open_split(data_cfg, "train")
+    if found.stream is not None:
+      it = iter(found.stream)
+      return [text for text, _ in itertools.islice(it, n)]
+    return [found.docs[i] for i in range(min(n, len(found.docs)))]
+  if any(os.path.isdir(p) for p in paths):
+    raise ValueError("the training data is pretokenized: set data.tokenizer to the model it was "
+                     "prepared with (its tokenizer.model)")
+  return list(itertools.islice(read_files(paths, data_cfg.text_key, data_cfg.text_separator), n))

@@ -70,6 +70,10 @@ class Tokenizer:
     """Returns the token ids of `text`, without BOS or EOS."""
     return self._sp.encode(text, out_type=int)
 
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Returns the token ids of each text (one call into sentencepiece for all of them)."""
+    return self._sp.encode(list(texts), out_type=int)
+
   def decode(self, ids: Sequence[int]) -> str:
     """Returns the text of token ids; BOS, EOS and padding decode to nothing."""
     return self._sp.decode([int(i) for i in ids])
@@ -139,6 +143,11 @@ def load_or_train_tokenizer(
     tokenizer = Tokenizer(dest)
     logging.info("Reusing tokenizer %s (vocab %d)", dest, tokenizer.vocab_size)
     return tokenizer
+  prepared = sources.pretokenized_tokenizer(data_cfg)
+  if prepared:
+    _write_atomically(dest, Tokenizer(prepared).proto)
+    logging.info("Using %s, the tokenizer the training data was prepared with", prepared)
+    return Tokenizer(dest)
   start = time.perf_counter()
   texts = sources.first_documents(data_cfg, data_cfg.tokenizer_train_docs)
   tokenizer = train_tokenizer(texts, vocab_size, dest)
