@@ -137,13 +137,34 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
       f"micro-batch must be divisible by mesh data x fsdp = {split}")
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Places a host batch (the same global batch on every process) as global arrays.
+def data_shard(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+  """(index, count) of this process's share of the data: its block of rows of the global batch.
 
-  Each process copies only the rows its own devices hold.
+  Processes whose devices hold the same rows (a batch not split over them, e.g. tensor
+  parallelism across hosts) get the same index and must read the same data; the others read
+  disjoint shares. With one process, (0, 1).
   """
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
+  slices = batch_sharding.addressable_devices_indices_map((batch_size,)).values()
+  blocks = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+                   for s in slices})
+  start, stop = blocks[0][0], blocks[-1][1]
+  rows = stop - start
+  if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])) or batch_size % rows or start % rows:
+    raise ValueError(f"the batch rows of this process's devices, {blocks}, are not one block "
+                     f"that tiles the batch of {batch_size}: order the mesh's devices by process")
+  return start // rows, batch_size // rows
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each process's block of rows (`local`) into global arrays."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def process_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, np.ndarray]:
+  """This process's rows of a batch that every process holds whole (the evaluation batches)."""
+  index, count = data_shard(sharding, len(batch["inputs"]))
+  rows = len(batch["inputs"]) // count
+  return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
