@@ -36,4 +36,5 @@ def get_config():
   cfg.train.eval_every = 100
   cfg.train.eval_steps = 50
   cfg.train.ckpt_every = 100
+  cfg.train.sample_tokens = 48  # greedy stories from the prompts at each evaluation
   return cfg

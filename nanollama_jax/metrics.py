@@ -6,9 +6,11 @@ import functools
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
+import tqdm
 from absl import logging
 from tensorboardX import SummaryWriter
 
@@ -130,6 +132,12 @@ class MetricsWriter:
         if isinstance(value, (int, float)) and math.isfinite(value):
           self._tb.add_scalar(key, value, step)
 
+  def write_texts(self, step: int, tag: str, texts: list[str]) -> None:
+    """Shows `texts` under `tag` in TensorBoard's text tab at `step`."""
+    if self._tb is not None:
+      self._tb.add_text(tag, "\n\n".join(f"{i}. {t}" for i, t in enumerate(texts, 1)), step)
+      self._tb.flush()
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
@@ -151,8 +159,41 @@ def summary_table(step: int, last: dict[str, Any]) -> str:
   ])
 
 
-def log_line(step: int, total_steps: int, row: dict[str, Any], eta_s: float | None) -> None:
-  """Logs a one-line summary of `row` on process 0."""
+class Progress:
+  """A progress bar on an interactive terminal: step, loss, tokens/s and the time left.
+
+  Log lines go above it (through `write`) instead of breaking it.
+  """
+
+  def __init__(self, start_step: int, total_steps: int):
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
+                          dynamic_ncols=True, desc="train", smoothing=0.1)
+
+  def step(self, row: dict[str, Any] | None = None) -> None:
+    self._bar.update(1)
+    if row:
+      shown = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
+      if "tokens_per_s" in row:
+        shown["tok/s"] = f"{row['tokens_per_s']:,.0f}"
+      self._bar.set_postfix(shown, refresh=False)
+
+  def write(self, line: str) -> None:
+    self._bar.write(line, file=sys.stderr)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def progress(start_step: int, total_steps: int) -> Progress | None:
+  """A Progress bar when process 0 writes to a terminal; None (plain log lines) otherwise."""
+  if jax.process_index() != 0 or not sys.stderr.isatty() or start_step >= total_steps:
+    return None
+  return Progress(start_step, total_steps)
+
+
+def log_line(step: int, total_steps: int, row: dict[str, Any], eta_s: float | None,
+             bar: Progress | None = None) -> None:
+  """Logs a one-line summary of `row` on process 0 (above the progress bar if there is one)."""
   if jax.process_index() != 0:
     return
   parts = [f"step {step}/{total_steps}"]
@@ -163,4 +204,7 @@ def log_line(step: int, total_steps: int, row: dict[str, Any], eta_s: float | No
       parts.append(f"{key} {value}")
   if eta_s is not None:
     parts.append(f"eta {int(eta_s // 60)}m{int(eta_s % 60):02d}s")
-  logging.info(" | ".join(parts))
+  if bar is not None:
+    bar.write(" | ".join(parts))
+  else:
+    logging.info(" | ".join(parts))

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
-from nanollama_jax import model, optim, sharding
+from nanollama_jax import generate, model, optim, sharding
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import load_or_train_tokenizer
 
@@ -304,12 +304,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   eval_step = make_eval_step(graphdef, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  train_iter = pipeline.train_batches(cfg.data, tokenizer)
+  share, shares = sharding.data_shard(batch_sharding, cfg.data.batch_size)
+  if shares > 1:
+    logging.info("data: this process reads share %d of %d", share, shares)
+  train_iter = pipeline.train_batches(cfg.data, tokenizer, share, shares)
   if data_state is not None:
     train_iter.set_state(data_state)
   eval_set: list[Batch] = []
   if cfg.data.source == "hf" or cfg.data.eval_files:
-    eval_set = [sharding.global_batch(b, batch_sharding)
+    eval_set = [sharding.global_batch(sharding.process_rows(b, batch_sharding), batch_sharding)
                 for b in pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)]
   else:
     logging.info("data.eval_files is empty: no evaluation in this run")
@@ -348,7 +351,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     now = time.time()
     row = {"loss": loss, "perplexity": metrics_lib.perplexity(loss), "lr": float(values["lr"]),
            "grad_norm": float(values["grad_norm"]), "tokens_seen": done * tokens_per_step,
-           "skipped_steps": skipped_total}
+           "skipped_steps": skipped_total, "epoch": train_iter.epoch}
+    if cfg.data.packing == "first_fit":
+      row["padding"] = train_iter.padding_fraction
     eta = None
     if done > mark_step:  # the first step's time is compilation, reported on its own
       step_time = (now - mark_time) / (done - mark_step)
@@ -357,7 +362,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       eta = (steps - done) * step_time
       mark_time, mark_step = now, done
     writer.write(done, row)
-    metrics_lib.log_line(done, steps, row, eta_s=eta)
+    metrics_lib.log_line(done, steps, row, eta_s=eta, bar=bar)
     last.update(row)
 
   def save(done: int) -> None:
@@ -367,14 +372,46 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     if ckpt.save(done, state.params, state.opt_state, train_iter.get_state(), meta, config_json):
       logging.info("checkpoint %d: training blocked %.3fs for it", done, ckpt.last_blocking_s)
 
+  prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
+  sample_tokens = min(cfg.train.sample_tokens,
+                      cfg.model.max_seq_len - max((len(tokenizer.encode(p)) + 1 for p in prompts),
+                                                  default=0))
+
+  def samples(done: int) -> None:
+    """Greedy continuations of the sample prompts, to the log and TensorBoard."""
+    if not (prompts and sample_tokens > 0):
+      return
+    if jax.process_count() > 1:  # the sampler places its inputs on local devices only
+      return
+    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    outs = generate.generate(cfg.model, state.params, ids, sample_tokens,
+                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    texts = [p + tokenizer.decode(o) for p, o in zip(prompts, outs)]
+    writer.write_texts(done, "samples", texts)
+    for text in texts:
+      line = f"step {done} sample: {text!r}"
+      if bar is not None:
+        bar.write(line)
+      elif jax.process_index() == 0:
+        logging.info("%s", line)
+
   stop = _StopRequest()
   start = time.time()
+  bar = metrics_lib.progress(start_step, steps)
   try:
     if start_step >= steps:
       logging.info("%s is already trained to step %d (train.steps=%d): nothing to do; raise "
                    "train.steps to extend it", workdir, start_step, steps)
+    epoch = train_iter.epoch
     for step in range(start_step, steps):
-      batch = sharding.global_batch(next(train_iter), batch_sharding)
+      local = next(train_iter)
+      if train_iter.epoch > epoch:
+        retire()
+        if jax.process_index() == 0:
+          logging.info("epoch %d of %s complete after step %d; the latest logged numbers:\n%s",
+                       epoch, train_iter.names[0], step, metrics_lib.summary_table(step, last))
+        epoch = train_iter.epoch
+      batch = sharding.global_batch(local, batch_sharding)
       state, step_metrics = train_step(state, batch)
       if step == start_step:
         jax.block_until_ready(state)
@@ -383,12 +420,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       retire()
       done = step + 1
       pending = (done, step_metrics)
+      if bar is not None:
+        bar.step(last if done % cfg.train.log_every == 0 else None)
       if eval_set and (done % cfg.train.eval_every == 0 or done == steps):
         retire()
         row = evaluate(eval_step, state.params, eval_set)
         writer.write(done, row)
-        metrics_lib.log_line(done, steps, row, eta_s=None)
+        metrics_lib.log_line(done, steps, row, eta_s=None, bar=bar)
         last.update(row)
+        samples(done)
         mark_time = time.time()  # evaluation time is not training throughput
       stopping = stop.requested(done)
       if stopping or done == steps or (cfg.train.ckpt_every and
@@ -401,6 +441,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     retire()
     ckpt.wait()
   finally:
+    if bar is not None:
+      bar.close()
     stop.restore()
     writer.close()
     train_iter.close()

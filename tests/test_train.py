@@ -190,3 +190,65 @@ def test_summary_table_reports_the_last_numbers():
   assert table.splitlines()[2] == "| 400 | 2.5312 | 12.57 | 3.6443 | 38.26 | 1,638,400 |"
   no_eval = metrics.summary_table(4, {"loss": 5.0, "perplexity": 148.4, "tokens_seen": 512})
   assert no_eval.splitlines()[2] == "| 4 | 5.0000 | 148.40 | - | - | 512 |"
+
+
+def test_epochs_samples_and_progress_are_reported(sample_dir, tokenizer_path, tmp_path, caplog):
+  docs = (sample_dir / "train.jsonl").read_text().splitlines()[:60]
+  (tmp_path / "small.jsonl").write_text("\n".join(docs) + "\n")
+  cfg = tiny_config(sample_dir, tokenizer_path, steps=16, log_every=4, eval_every=16,
+                    eval_steps=2, sample_tokens=8, sample_prompts="Once upon a time|Tom")
+  cfg.data.train_files = str(tmp_path / "small.jsonl")
+  cfg.optim.warmup_steps = 2
+  tok = Tokenizer(str(tokenizer_path))
+  epoch_tokens = sum(len(tok.encode(json.loads(d)["text"])) + 2 for d in docs)
+  steps_per_epoch = epoch_tokens / (16 * 64)
+  with caplog.at_level("INFO"):
+    train.train(cfg, str(tmp_path / "run"))
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  epochs = [r["epoch"] for r in rows if "epoch" in r]
+  assert epochs == [0, 0, 0, 1] and 12 < steps_per_epoch < 16
+  boundary = [r.getMessage() for r in caplog.records if "complete after step" in r.getMessage()]
+  assert len(boundary) == 1
+  assert f"epoch 0 of {tmp_path / 'small.jsonl'} complete after step {int(steps_per_epoch)}" \
+         in boundary[0]
+  assert "| step | train loss |" in boundary[0]
+  samples = [r.getMessage() for r in caplog.records if "sample:" in r.getMessage()]
+  assert len(samples) == 2
+  assert samples[0].startswith("step 16 sample: 'Once upon a time") and "sample: 'Tom" in samples[1]
+  events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tb").iterdir())
+  assert b"Once upon a time" in events and b"samples" in events
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+  from nanollama_jax import metrics
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+  assert metrics.progress(0, 10) is None
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+  bar = metrics.progress(4, 10)
+  bar.step({"loss": 2.5, "tokens_per_s": 2900.0})
+  metrics.log_line(5, 10, {"loss": 2.5}, eta_s=None, bar=bar)
+  bar.step()
+  bar.close()
+  err = capsys.readouterr().err
+  assert "step 5/10 | loss 2.5" in err
+  assert "6/10" in err and "loss=2.5000" in err and "tok/s=2,900" in err
+  assert metrics.progress(10, 10) is None  # nothing left to train
+
+
+def test_plot_metrics_draws_a_png(tmp_path):
+  rows = [{"step": s, "loss": 5 - s / 200, "lr": 1e-3, "tokens_seen": s * 4096}
+          for s in range(25, 401, 25)]
+  rows += [{"step": s, "eval_loss": 4.8 - s / 60} for s in (100, 200, 300, 400)]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(repo, "scripts", "plot_metrics.py"),
+                         "--workdir", str(tmp_path), "--out", str(tmp_path / "loss.png")],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "16 train and 4 validation points, last train loss 3.0000 at 1,638,400" in proc.stdout
+  png = (tmp_path / "loss.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+  proc = subprocess.run([sys.executable, os.path.join(repo, "scripts", "plot_metrics.py"),
+                         "--workdir", str(tmp_path / "nope"), "--out", "x.png"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "nope/metrics.jsonl: no such file" in proc.stderr
