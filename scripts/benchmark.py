@@ -6,6 +6,10 @@ Sections (choose with --sections, all by default):
   remat_memory   XLA's per-device memory estimate of the train step for each remat policy
   recipes        per-device memory estimates of the published recipes' train steps, compiled
                  ahead of time on abstract inputs for 1 device and for an 8-way FSDP mesh
+  data           tokens/s of the input pipeline (tokenising on the fly, and from a pretokenized
+                 dataset), first-fit padding, and their ratio to what the train step of
+                 configs/tinystories_cpu.py consumes on this machine (--data-dir: JSONL with
+                 {"text": ...}, repeated to --data-tokens tokens)
 
 Memory numbers come from XLA's compiled memory analysis on the platform the script runs on
 (on a CPU, an estimate for the CPU compiler's buffers, not a GPU's).
@@ -21,7 +25,7 @@ import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("compile_depth", "remat_memory", "recipes")
+SECTIONS = ("compile_depth", "remat_memory", "recipes", "data")
 RECIPES = ("tinystories", "dense_180m", "tinyllama_1b", "llama3_2_1b")
 
 
@@ -34,6 +38,11 @@ def _parse() -> argparse.Namespace:
                  help="CPU devices to fake for the 8-way mesh (CPU only; default 8)")
   p.add_argument("--unrolled-max", type=int, default=16,
                  help="deepest unrolled (no scan) model to compile for contrast; 0 skips")
+  p.add_argument("--data-dir", default=os.path.join(_ROOT, "..", "shared", "data",
+                                                    "tinystories-sample"),
+                 help="data section: a directory of .jsonl files with a 'text' field")
+  p.add_argument("--data-tokens", type=int, default=5_000_000,
+                 help="data section: repeat the documents up to about this many tokens")
   args = p.parse_args()
   unknown = set(args.sections.split(",")) - set(SECTIONS)
   if unknown:
@@ -138,6 +147,114 @@ def recipes() -> dict:
   return out
 
 
+def _pipeline_rate(data_cfg, tok, batches: int) -> float:
+  """Tokens/s of `batches` training batches, after 5 of warm-up (workers starting)."""
+  from nanollama_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  it = pipeline.train_batches(data_cfg, tok)
+  try:
+    for _ in range(5):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - start
+  finally:
+    it.close()
+  return batches * data_cfg.batch_size * data_cfg.seq_len / seconds, it.padding_fraction
+
+
+def data(data_dir: str, target_tokens: int) -> dict:
+  import glob  # pylint: disable=import-outside-toplevel
+  import statistics  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from nanollama_jax import optim  # pylint: disable=import-outside-toplevel
+  from nanollama_jax.data import pipeline, shards, sources, tokenizer  # pylint: disable=import-outside-toplevel
+
+  cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
+  files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
+  if not files:
+    raise SystemExit(f"--data-dir {data_dir}: no .jsonl files")
+  texts = list(sources.read_files(files, "text"))
+  out: dict = {"recipe": "tinystories_cpu", "seq_len": cfg.data.seq_len,
+               "batch_size": cfg.data.batch_size, "cores": os.cpu_count()}
+  with tempfile.TemporaryDirectory() as tmp:
+    tok = tokenizer.train_tokenizer(texts, cfg.model.vocab_size, os.path.join(tmp, "tok.model"))
+    tokens = sum(len(t) for t in tok.encode_batch(texts)) + 2 * len(texts)
+    repeats = max(1, round(target_tokens / tokens))
+    corpus = os.path.join(tmp, "corpus.jsonl")
+    with open(corpus, "w", encoding="utf-8") as f:
+      for _ in range(repeats):
+        for t in texts:
+          f.write(json.dumps({"text": t}) + "\n")
+    out["corpus"] = {"documents": repeats * len(texts), "tokens": repeats * tokens}
+    _progress(f"data: corpus of {repeats * tokens:,} tokens ({repeats} x {len(files)} files)")
+
+    # Writing the pretokenized dataset, in this process.
+    start = time.perf_counter()
+    writer = shards.ShardWriter(os.path.join(tmp, "tokens"), tok.proto, tok.vocab_size)
+    for i in range(0, repeats * len(texts), 1024):
+      writer.add(tok.encode_batch([texts[j % len(texts)] for j in range(i, min(
+        i + 1024, repeats * len(texts)))]))
+    writer.close()
+    out["prepare_tokens_per_s"] = round(repeats * tokens / (time.perf_counter() - start))
+
+    data_cfg = cfg.data
+    data_cfg.update(source="files", train_files=corpus)
+    rates: dict = {}
+    for label, fields, n in [
+      ("on_the_fly", dict(num_workers=0), 60),
+      ("on_the_fly_2_workers", dict(num_workers=2), 60),
+      ("pretokenized", dict(train_files=os.path.join(tmp, "tokens")), 300),
+      ("pretokenized_first_fit", dict(train_files=os.path.join(tmp, "tokens"),
+                                      packing="first_fit"), 300),
+    ]:
+      c = data_cfg.copy_and_resolve_references()
+      c.update(fields)
+      rate, padding = _pipeline_rate(c, tok, n)
+      rates[label] = {"tokens_per_s": round(rate)}
+      if c.packing == "first_fit":
+        rates[label]["padding"] = round(padding, 4)
+      _progress(f"data: {label}: {rate:,.0f} tokens/s")
+    out["pipeline"] = rates
+    padding = {}
+    for bins in (8, 64, 256):
+      c = data_cfg.copy_and_resolve_references()
+      c.update(train_files=os.path.join(tmp, "tokens"), packing="first_fit", pack_bins=bins)
+      padding[str(bins)] = round(_pipeline_rate(c, tok, 100)[1], 4)
+    out["first_fit_padding_by_bins"] = padding
+
+  # What the CPU recipe's train step consumes on this machine: median of 5 steps.
+  mesh = _one_device_mesh()
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  abstract, shardings = train.state_sharding(cfg, tx, mesh)
+  state = jax.jit(lambda: train.init_state(p := model.init_params(cfg.model, 0), tx.init(p), 0),
+                  out_shardings=shardings)()
+  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
+                               optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+  rng = np.random.default_rng(0)
+  B, T = cfg.data.batch_size, cfg.data.seq_len
+  batch = {"inputs": rng.integers(4, cfg.model.vocab_size, (B, T), dtype=np.int32),
+           "segment_ids": np.ones((B, T), np.int32),
+           "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+           "loss_mask": np.ones((B, T), np.float32)}
+  batch["targets"] = np.roll(batch["inputs"], -1, axis=1)
+  batch = sharding.global_batch(batch, sharding.batch_sharding(mesh))
+  times = []
+  for i in range(7):
+    start = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    if i >= 2:
+      times.append(time.perf_counter() - start)
+  del abstract
+  consumed = B * T / statistics.median(times)
+  out["train_step_tokens_per_s"] = round(consumed)
+  out["ratio_to_train_step"] = {k: round(v["tokens_per_s"] / consumed, 1) for k, v in rates.items()}
+  _progress(f"data: the train step consumes {consumed:,.0f} tokens/s")
+  return out
+
+
 def main() -> None:
   args = ARGS
   results: dict = {"platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind,
@@ -149,6 +266,8 @@ def main() -> None:
     results["remat_memory"] = remat_memory()
   if "recipes" in chosen:
     results["recipes"] = recipes()
+  if "data" in chosen:
+    results["data"] = data(args.data_dir, args.data_tokens)
   if args.json:
     print(json.dumps(results, indent=2))
     return
@@ -172,6 +291,18 @@ def main() -> None:
       cells = [f"{label} peak {v['peak_gib']} GiB" for label, v in row.items()
                if isinstance(v, dict)]
       print(f"  {name:14s} {row['parameters']:>14,} params  " + "; ".join(cells))
+  if "data" in results:
+    r = results["data"]
+    print(f"\ninput pipeline, {r['recipe']} batches ({r['batch_size']} x {r['seq_len']}), "
+          f"{r['corpus']['tokens']:,}-token corpus, {r['cores']} cores:")
+    print(f"  writing the pretokenized dataset  {r['prepare_tokens_per_s']:>12,} tokens/s")
+    for label, v in r["pipeline"].items():
+      extra = f"  padding {v['padding']:.2%}" if "padding" in v else ""
+      print(f"  {label:32s} {v['tokens_per_s']:>12,} tokens/s  "
+            f"x{r['ratio_to_train_step'][label]} the train step{extra}")
+    print(f"  the train step consumes          {r['train_step_tokens_per_s']:>12,} tokens/s")
+    print("  first-fit padding by data.pack_bins: " + ", ".join(
+      f"{b}: {p:.2%}" for b, p in r["first_fit_padding_by_bins"].items()))
 
 
 if __name__ == "__main__":
