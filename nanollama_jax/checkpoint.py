@@ -237,7 +237,8 @@ class Checkpointer:
   """Saves and restores the training state under `workdir`/checkpoints."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.workdir = workdir
+    self.workdir = os.path.abspath(workdir)  # orbax's array writers refuse relative paths
+    workdir = self.workdir
     self.directory = os.path.join(workdir, CHECKPOINT_DIR)
     if os.path.isdir(self.directory) and jax.process_index() == 0:
       for name in sorted(os.listdir(self.directory)):

@@ -89,8 +89,8 @@ def run_cli(*args, cwd):
 def test_command_line_writes_the_workdir(sample_dir, tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / "run"
-  args = [
-    "--config", os.path.join(repo, "configs/tinystories_cpu.py"), "--workdir", str(workdir),
+  args = [  # a relative workdir, as a user types it
+    "--config", os.path.join(repo, "configs/tinystories_cpu.py"), "--workdir", "run",
     "--config.data.source=files",
     f"--config.data.train_files={sample_dir / 'train.jsonl'}",
     f"--config.data.eval_files={sample_dir / 'validation.jsonl'}",
@@ -111,6 +111,8 @@ def test_command_line_writes_the_workdir(sample_dir, tmp_path):
   assert "eval_loss" in rows[2] and rows[2]["eval_loss"] > 0
   assert "step 4/4" in proc.stderr
   assert "| step | train loss | train perplexity | validation loss" in proc.stderr  # the summary
+  assert "step 4 sample: 'Once upon a time" in proc.stderr  # the recipe samples stories
+  assert os.listdir(workdir / "checkpoints") == ["4"]
 
   # A second run finds the run finished in its checkpoint: it reuses the tokenizer, trains
   # nothing and keeps the metrics.
