@@ -10,6 +10,12 @@ Sections (choose with --sections, all by default):
                  dataset), first-fit padding, and their ratio to what the train step of
                  configs/tinystories_cpu.py consumes on this machine (--data-dir: JSONL with
                  {"text": ...}, repeated to --data-tokens tokens)
+  torch_compare  tokens/s and MFU of our float32 train step on one CPU device against the same
+                 model and step in PyTorch (transformers LlamaForCausalLM, torch.optim.AdamW),
+                 for multi-head and grouped-query attention; needs torch and transformers.
+                 Alone, it runs on the real host (--host-devices defaults to 1), so that no
+                 faked device can take a share of the CPU's threads; faking 8 devices measured
+                 the same single-device step speed within noise (docs/performance.md)
 
 Memory numbers come from XLA's compiled memory analysis on the platform the script runs on
 (on a CPU, an estimate for the CPU compiler's buffers, not a GPU's).
@@ -21,11 +27,13 @@ import argparse
 import json
 import os
 import runpy
+import statistics
 import sys
 import time
+from collections.abc import Callable
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("compile_depth", "remat_memory", "recipes", "data")
+SECTIONS = ("compile_depth", "remat_memory", "recipes", "data", "torch_compare")
 RECIPES = ("tinystories", "dense_180m", "tinyllama_1b", "llama3_2_1b")
 
 
@@ -34,8 +42,9 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
   p.add_argument("--sections", default=",".join(SECTIONS),
                  help=f"comma-separated, from {', '.join(SECTIONS)}")
-  p.add_argument("--host-devices", type=int, default=8,
-                 help="CPU devices to fake for the 8-way mesh (CPU only; default 8)")
+  p.add_argument("--host-devices", type=int, default=None,
+                 help="CPU devices to fake for the 8-way mesh (CPU only; default 8, or 1 when "
+                      "torch_compare is the only section)")
   p.add_argument("--unrolled-max", type=int, default=16,
                  help="deepest unrolled (no scan) model to compile for contrast; 0 skips")
   p.add_argument("--data-dir", default=os.path.join(_ROOT, "..", "shared", "data",
@@ -43,10 +52,14 @@ def _parse() -> argparse.Namespace:
                  help="data section: a directory of .jsonl files with a 'text' field")
   p.add_argument("--data-tokens", type=int, default=5_000_000,
                  help="data section: repeat the documents up to about this many tokens")
+  p.add_argument("--torch-steps", type=int, default=5,
+                 help="timed steps per round in torch_compare (median over 3 rounds)")
   args = p.parse_args()
   unknown = set(args.sections.split(",")) - set(SECTIONS)
   if unknown:
     p.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+  if args.host_devices is None:
+    args.host_devices = 1 if args.sections == "torch_compare" else 8
   return args
 
 
@@ -252,6 +265,134 @@ def data(data_dir: str, target_tokens: int) -> dict:
   out["train_step_tokens_per_s"] = round(consumed)
   out["ratio_to_train_step"] = {k: round(v["tokens_per_s"] / consumed, 1) for k, v in rates.items()}
   _progress(f"data: the train step consumes {consumed:,.0f} tokens/s")
+TORCH_SHAPE = dict(vocab_size=4096, dim=288, n_layers=6, n_heads=6, ffn_dim=768,
+                   max_seq_len=256)
+TORCH_BATCH, TORCH_SEQ = 8, 256  # as _bench_cfg
+
+
+def _median_step_seconds(step: Callable[[], float], warmup: int, steps: int) -> float:
+  """Median wall time of `steps` calls of `step()` after `warmup` calls; each call blocks."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _jax_step_fn(cfg, batch_np: dict):
+  """Our train step as train.py builds it, on a one-device mesh; returns a blocking closure."""
+  from nanollama_jax import optim  # pylint: disable=import-outside-toplevel
+  mesh = _one_device_mesh()
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  _, shardings = train.state_sharding(cfg, tx, mesh)
+  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
+                               optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+  params = model.init_params(cfg.model, cfg.train.seed)
+  state = jax.device_put(train.init_state(params, tx.init(params), cfg.train.seed), shardings)
+  batch = sharding.global_batch(batch_np, sharding.batch_sharding(mesh))
+  holder = [state]
+
+  def run() -> float:
+    holder[0], step_metrics = step(holder[0], batch)
+    return float(step_metrics["loss"])
+
+  return run, jax.device_get(params)
+
+
+def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
+  """The same model (our initial weights), loss and optimizer step in PyTorch."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from nanollama_jax import export  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(threads)
+  hf_cfg = export.hf_config(cfg.model, None, "float32")
+  net = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).float()
+  tensors = {k: torch.from_numpy(v.copy())
+             for k, v in export.to_hf_tensors(params, cfg.model).items()}
+  missing, unexpected = net.load_state_dict(tensors, strict=False)
+  if unexpected or set(missing) - {"lm_head.weight"}:  # tied: lm_head is the embedding
+    raise RuntimeError(f"weights do not match LlamaForCausalLM: missing {missing}, "
+                       f"unexpected {unexpected}")
+  net.train()
+  o = cfg.optim
+  # As optim.decay_mask: weight decay on everything but the norms' scales.
+  decay = [p for n, p in net.named_parameters() if "norm" not in n]
+  no_decay = [p for n, p in net.named_parameters() if "norm" in n]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  inputs = torch.from_numpy(np.asarray(batch_np["inputs"], np.int64))
+  targets = torch.from_numpy(np.asarray(batch_np["targets"], np.int64))
+
+  def run() -> float:
+    opt.zero_grad(set_to_none=True)
+    logits = net(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
+    opt.step()
+    return loss.item()
+
+  versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+              "torch_attention": net.config._attn_implementation}  # pylint: disable=protected-access
+  return run, versions
+
+
+def torch_compare(steps: int) -> dict:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from nanollama_jax import metrics  # pylint: disable=import-outside-toplevel
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    import transformers  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    return {"skipped": f"needs torch and transformers (the test extra): {e}"}
+  if jax.default_backend() != "cpu":
+    return {"skipped": f"a CPU comparison; this run is on {jax.default_backend()}"}
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  # Best of 50 runs: the peak is the fastest the CPU goes, and a busy neighbour only slows it.
+  peak = metrics.measure_matmul_peak(repeats=50)
+  out: dict = {"shape": "dim 288, 6 layers, 6 heads, FFN 768, vocab 4096, batch 8 x 256, "
+                        "float32, one CPU device",
+               "cpu_threads": threads, "host_devices": len(jax.devices()),
+               "matmul_peak_gflops": round(peak / 1e9, 1), "steps": steps, "variants": {}}
+  tokens = TORCH_BATCH * TORCH_SEQ
+  rng = np.random.default_rng(0)
+  for label, kv_heads in (("mha", 6), ("gqa", 2)):
+    cfg = _bench_cfg(**TORCH_SHAPE, n_kv_heads=kv_heads)
+    seq = rng.integers(0, cfg.model.vocab_size, (TORCH_BATCH, TORCH_SEQ + 1)).astype(np.int32)
+    batch_np = {"inputs": seq[:, :-1], "targets": seq[:, 1:],
+                "segment_ids": np.ones((TORCH_BATCH, TORCH_SEQ), np.int32),
+                "positions": np.broadcast_to(np.arange(TORCH_SEQ, dtype=np.int32),
+                                             (TORCH_BATCH, TORCH_SEQ)).copy(),
+                "loss_mask": np.ones((TORCH_BATCH, TORCH_SEQ), np.float32)}
+    jax_run, params = _jax_step_fn(cfg, batch_np)
+    torch_run, versions = _torch_step_fn(cfg, params, batch_np, threads)
+    out.update(versions)
+    # The same weights and batch: the first step's losses agree to float32 rounding.
+    first_losses = (jax_run(), torch_run())
+    flops = metrics.model_flops_per_token(cfg.model, TORCH_SEQ)
+    # Interleaved rounds, so a neighbour's load slows both sides alike.
+    ours, theirs = [], []
+    for _ in range(3):
+      ours.append(_median_step_seconds(jax_run, 2, steps))
+      theirs.append(_median_step_seconds(torch_run, 2, steps))
+    ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+    row = {"ours_tokens_per_s": round(tokens / ours_s),
+           "torch_tokens_per_s": round(tokens / theirs_s),
+           "ratio_ours_to_torch": round(theirs_s / ours_s, 3),
+           "ours_mfu": round(flops * tokens / ours_s / peak, 3),
+           "torch_mfu": round(flops * tokens / theirs_s / peak, 3),
+           "flops_per_token": flops,
+           "first_loss_ours_torch": [round(x, 5) for x in first_losses]}
+    out["variants"][label] = row
+    _progress(f"{label}: ours {row['ours_tokens_per_s']} tok/s, torch "
+              f"{row['torch_tokens_per_s']} tok/s, x{row['ratio_ours_to_torch']}, MFU "
+              f"{row['ours_mfu']:.1%} vs {row['torch_mfu']:.1%}")
   return out
 
 
@@ -268,6 +409,8 @@ def main() -> None:
     results["recipes"] = recipes()
   if "data" in chosen:
     results["data"] = data(args.data_dir, args.data_tokens)
+  if "torch_compare" in chosen:
+    results["torch_compare"] = torch_compare(args.torch_steps)
   if args.json:
     print(json.dumps(results, indent=2))
     return
@@ -303,6 +446,20 @@ def main() -> None:
     print(f"  the train step consumes          {r['train_step_tokens_per_s']:>12,} tokens/s")
     print("  first-fit padding by data.pack_bins: " + ", ".join(
       f"{b}: {p:.2%}" for b, p in r["first_fit_padding_by_bins"].items()))
+  if "torch_compare" in results:
+    r = results["torch_compare"]
+    if "skipped" in r:
+      print(f"\ntorch_compare skipped: {r['skipped']}")
+      return
+    print(f"\ntrain step against PyTorch {r['torch']} / transformers {r['transformers']} "
+          f"(attention {r['torch_attention']}), {r['shape']}, {r['cpu_threads']} threads each, "
+          f"{r['host_devices']} host device(s); MFU against a measured float32 matmul peak of "
+          f"{r['matmul_peak_gflops']} GFLOP/s:")
+    for label, v in r["variants"].items():
+      print(f"  {label}  ours {v['ours_tokens_per_s']:>7,} tokens/s (MFU {v['ours_mfu']:.1%})  "
+            f"torch {v['torch_tokens_per_s']:>7,} tokens/s (MFU {v['torch_mfu']:.1%})  "
+            f"ours/torch x{v['ratio_ours_to_torch']}  (first-step loss "
+            f"{v['first_loss_ours_torch'][0]} / {v['first_loss_ours_torch'][1]})")
 
 
 if __name__ == "__main__":
