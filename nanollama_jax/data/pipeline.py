@@ -114,8 +114,7 @@ class _SplitChunk(grain.experimental.FlatMapTransform):
         continue
       step = self._piece_len - 1
       for start in range(0, max(len(doc) - 1, 1), step):
-        piece = doc[start:start + self._piece_len]
-        out.append({"tokens": piece, "epoch": np.full(len(piece), epoch, np.int32)})
+        out.append({"tokens": doc[start:start + self._piece_len], "epoch": int(epoch)})
     return out
 
 
@@ -207,7 +206,7 @@ class _FromBins(grain.transforms.Map):
 
   def map(self, packed: dict[str, np.ndarray]) -> dict[str, Any]:
     return _window(packed["tokens"].astype(np.int32), packed["tokens_segment_ids"].astype(np.int32),
-                   packed["tokens_positions"].astype(np.int32), int(packed["epoch"].max()))
+                   packed["tokens_positions"].astype(np.int32), max(packed["epoch"]))
 
 
 class _Tag(grain.transforms.Map):
@@ -268,8 +267,8 @@ def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
     return _PackIterDataset(ds, data_cfg.seq_len, tokenizer.pad_id)
   ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk(piece_len=size))
   ds = grain.experimental.FirstFitPackIterDataset(
-    ds, length_struct={"tokens": size, "epoch": size}, num_packing_bins=data_cfg.pack_bins,
-    shuffle_bins=False, padding_struct={"tokens": tokenizer.pad_id, "epoch": 0})
+    ds, length_struct={"tokens": size}, num_packing_bins=data_cfg.pack_bins, shuffle_bins=False,
+    padding_struct={"tokens": tokenizer.pad_id}, meta_features=("epoch",))
   return ds.map(_FromBins())
 
 
