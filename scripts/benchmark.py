@@ -265,6 +265,9 @@ def data(data_dir: str, target_tokens: int) -> dict:
   out["train_step_tokens_per_s"] = round(consumed)
   out["ratio_to_train_step"] = {k: round(v["tokens_per_s"] / consumed, 1) for k, v in rates.items()}
   _progress(f"data: the train step consumes {consumed:,.0f} tokens/s")
+  return out
+
+
 TORCH_SHAPE = dict(vocab_size=4096, dim=288, n_layers=6, n_heads=6, ffn_dim=768,
                    max_seq_len=256)
 TORCH_BATCH, TORCH_SEQ = 8, 256  # as _bench_cfg
