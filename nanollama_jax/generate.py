@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nanollama_jax import model
 
@@ -41,9 +43,10 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top
 
 @functools.partial(jax.jit, static_argnames=("cfg_json", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "return_logits"))
-def _decode(params, tokens_BxP, lengths_B, rng, eos_id, *, cfg_json, max_new_tokens,
+def _decode(params, tokens_BxP, lengths_B, seed, eos_id, *, cfg_json, max_new_tokens,
             temperature, top_k, top_p, return_logits):
   cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  rng = jax.random.key(seed)
   graphdef = model.graph(cfg)
   B, P = tokens_BxP.shape
   S = P + max_new_tokens
@@ -110,11 +113,20 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
   for i, p in enumerate(prompts):
     tokens[i, P - len(p):] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
-  out, logits = _decode(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-                        jnp.int32(-1 if eos_id is None else eos_id),
+  put = jnp.asarray
+  if jax.process_count() > 1:
+    # Every process holds the same prompts: replicate them over the devices of the (global)
+    # parameters, so that all processes run one program together.
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))
+  out, logits = _decode(params, put(tokens), put(lengths), put(np.uint32(seed)),
+                        put(np.int32(-1 if eos_id is None else eos_id)),
                         cfg_json=json.dumps(cfg.to_dict(), sort_keys=True),
                         max_new_tokens=max_new_tokens, temperature=float(temperature),
                         top_k=int(top_k), top_p=float(top_p), return_logits=return_logits)
+  if jax.process_count() > 1:
+    out, logits = multihost_utils.process_allgather((out, logits), tiled=True)
   out = np.asarray(out)
   results = []
   for row in out:

@@ -377,11 +377,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
                       cfg.model.max_seq_len - max((len(tokenizer.encode(p)) + 1 for p in prompts),
                                                   default=0))
 
-  if prompts and sample_tokens > 0 and jax.process_count() > 1:
-    # The sampler puts its prompts on this process's devices only.
-    logging.info("train.sample_tokens: no samples in a multi-process run")
-    sample_tokens = 0
-
   def samples(done: int) -> None:
     """Greedy continuations of the sample prompts, to the log and TensorBoard."""
     if not (prompts and sample_tokens > 0):

@@ -173,6 +173,10 @@ def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
   for i in range(2):
     assert f"data: this process reads share {i} of 2" in outputs[i][1]
   assert "step 6/6" in outputs[0][1] and "step 6/6" not in outputs[1][1]  # only process 0 logs
+  # Both processes ran the sampler together (the recipe samples at each evaluation).
+  for prompt in ("Once upon a time", "One day, a little"):
+    assert f"step 6 sample: '{prompt}" in outputs[0][1]
+  assert "sample:" not in outputs[1][1]
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]
 
