@@ -169,13 +169,15 @@ class Progress:
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
                           dynamic_ncols=True, desc="train", smoothing=0.1)
 
-  def step(self, row: dict[str, Any] | None = None) -> None:
+  def step(self) -> None:
     self._bar.update(1)
-    if row:
-      shown = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
-      if "tokens_per_s" in row:
-        shown["tok/s"] = f"{row['tokens_per_s']:,.0f}"
-      self._bar.set_postfix(shown, refresh=False)
+
+  def show(self, row: dict[str, Any]) -> None:
+    """Shows a logged row's loss and tokens/s beside the bar."""
+    shown = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
+    if "tokens_per_s" in row:
+      shown["tok/s"] = f"{row['tokens_per_s']:,.0f}"
+    self._bar.set_postfix(shown, refresh=False)
 
   def write(self, line: str) -> None:
     self._bar.write(line, file=sys.stderr)
@@ -191,11 +193,19 @@ def progress(start_step: int, total_steps: int) -> Progress | None:
   return Progress(start_step, total_steps)
 
 
+def say(text: str, bar: Progress | None = None) -> None:
+  """Logs `text` on process 0, above the progress bar if there is one."""
+  if jax.process_index() != 0:
+    return
+  if bar is not None:
+    bar.write(text)
+  else:
+    logging.info("%s", text)
+
+
 def log_line(step: int, total_steps: int, row: dict[str, Any], eta_s: float | None,
              bar: Progress | None = None) -> None:
   """Logs a one-line summary of `row` on process 0 (above the progress bar if there is one)."""
-  if jax.process_index() != 0:
-    return
   parts = [f"step {step}/{total_steps}"]
   for key, value in row.items():
     if isinstance(value, float):
@@ -204,7 +214,4 @@ def log_line(step: int, total_steps: int, row: dict[str, Any], eta_s: float | No
       parts.append(f"{key} {value}")
   if eta_s is not None:
     parts.append(f"eta {int(eta_s // 60)}m{int(eta_s % 60):02d}s")
-  if bar is not None:
-    bar.write(" | ".join(parts))
-  else:
-    logging.info(" | ".join(parts))
+  say(" | ".join(parts), bar)

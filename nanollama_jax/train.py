@@ -363,6 +363,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       mark_time, mark_step = now, done
     writer.write(done, row)
     metrics_lib.log_line(done, steps, row, eta_s=eta, bar=bar)
+    if bar is not None:
+      bar.show(row)
     last.update(row)
 
   def save(done: int) -> None:
@@ -373,25 +375,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       logging.info("checkpoint %d: training blocked %.3fs for it", done, ckpt.last_blocking_s)
 
   prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
+  prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
   sample_tokens = min(cfg.train.sample_tokens,
-                      cfg.model.max_seq_len - max((len(tokenizer.encode(p)) + 1 for p in prompts),
-                                                  default=0))
+                      cfg.model.max_seq_len - max(map(len, prompt_ids), default=0))
 
   def samples(done: int) -> None:
     """Greedy continuations of the sample prompts, to the log and TensorBoard."""
     if not (prompts and sample_tokens > 0):
       return
-    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-    outs = generate.generate(cfg.model, state.params, ids, sample_tokens,
+    outs = generate.generate(cfg.model, state.params, prompt_ids, sample_tokens,
                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     texts = [p + tokenizer.decode(o) for p, o in zip(prompts, outs)]
     writer.write_texts(done, "samples", texts)
     for text in texts:
-      line = f"step {done} sample: {text!r}"
-      if bar is not None:
-        bar.write(line)
-      elif jax.process_index() == 0:
-        logging.info("%s", line)
+      metrics_lib.say(f"step {done} sample: {text!r}", bar)
 
   stop = _StopRequest()
   start = time.time()
@@ -405,9 +402,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       local = next(train_iter)
       if train_iter.epoch > epoch:
         retire()
-        if jax.process_index() == 0:
-          logging.info("epoch %d of %s complete after step %d; the latest logged numbers:\n%s",
-                       epoch, train_iter.names[0], step, metrics_lib.summary_table(step, last))
+        metrics_lib.say(f"epoch {epoch} of {train_iter.names[0]} complete after step {step}; "
+                        f"the latest logged numbers:\n{metrics_lib.summary_table(step, last)}",
+                        bar)
         epoch = train_iter.epoch
       batch = sharding.global_batch(local, batch_sharding)
       state, step_metrics = train_step(state, batch)
@@ -419,7 +416,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       done = step + 1
       pending = (done, step_metrics)
       if bar is not None:
-        bar.step(last if done % cfg.train.log_every == 0 else None)
+        bar.step()
       if eval_set and (done % cfg.train.eval_every == 0 or done == steps):
         retire()
         row = evaluate(eval_step, state.params, eval_set)

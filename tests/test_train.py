@@ -227,7 +227,8 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
   assert metrics.progress(0, 10) is None
   monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
   bar = metrics.progress(4, 10)
-  bar.step({"loss": 2.5, "tokens_per_s": 2900.0})
+  bar.show({"loss": 2.5, "tokens_per_s": 2900.0})
+  bar.step()
   metrics.log_line(5, 10, {"loss": 2.5}, eta_s=None, bar=bar)
   bar.step()
   bar.close()
