@@ -14,6 +14,7 @@ the line and the key.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import itertools
 import json
@@ -192,20 +193,23 @@ class HubStream(grain.IterDataset):
     self.repeat = repeat
     self.process_index, self.process_count = process_index, process_count
     self.skipped: collections.Counter = collections.Counter()
-    self.open()  # fail here, with a clear message, rather than inside the first batch
-
-  def open(self):
+    # Resolved once, here, so that an unreachable dataset fails with a clear message before the
+    # first batch; every iterator streams from a fresh copy (restores move a copy's position).
     import datasets  # pylint: disable=import-outside-toplevel
     from datasets import distributed  # pylint: disable=import-outside-toplevel
 
     try:
-      ds = datasets.load_dataset(self.path, self.name, split=self.split, streaming=True,
+      ds = datasets.load_dataset(path, name, split=split, streaming=True,
                                  data_files=self.data_files)
     except (ConnectionError, FileNotFoundError, ValueError) as e:
-      raise _hub_error(self.path, self.split, e) from None
-    if self.process_count > 1:
-      ds = distributed.split_dataset_by_node(ds, self.process_index, self.process_count)
-    return ds
+      raise _hub_error(path, split, e) from None
+    if process_count > 1:
+      ds = distributed.split_dataset_by_node(ds, process_index, process_count)
+    self._resolved = ds
+
+  def open(self):
+    """A fresh `datasets` stream of the split, at its start."""
+    return copy.deepcopy(self._resolved)
 
   def __iter__(self) -> "_HubStreamIterator":
     return _HubStreamIterator(self)
@@ -339,28 +343,27 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[str]:
   return found.docs
 
 
+def _local_train_paths(data_cfg: ml_collections.ConfigDict) -> list[str] | None:
+  """The paths of the (first) local training source; None for a Hub dataset."""
+  if data_cfg.mixture:
+    return config.expand_globs(config.parse_mixture(data_cfg.mixture)[0][0], "data.mixture")
+  if data_cfg.source == "files":
+    return config.expand_globs(data_cfg.train_files, "data.train_files")
+  return None
+
+
 def pretokenized_tokenizer(data_cfg: ml_collections.ConfigDict) -> str | None:
   """The tokenizer.model of the (first) pretokenized training dataset, if the data is one."""
-  if data_cfg.mixture:
-    globs, key = config.parse_mixture(data_cfg.mixture)[0][0], "data.mixture"
-  elif data_cfg.source == "files":
-    globs, key = data_cfg.train_files, "data.train_files"
-  else:
-    return None
-  paths = config.expand_globs(globs, key)
-  if shards.is_dataset(paths[0]):
+  paths = _local_train_paths(data_cfg)
+  if paths and shards.is_dataset(paths[0]):
     return os.path.join(paths[0], shards.TOKENIZER)
   return None
 
 
 def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[str]:
   """Returns the first `n` training texts (fewer if the split is smaller), in order."""
-  if data_cfg.mixture:
-    globs = config.parse_mixture(data_cfg.mixture)[0][0]
-    paths = config.expand_globs(globs, "data.mixture")
-  elif data_cfg.source == "files":
-    paths = config.expand_globs(data_cfg.train_files, "data.train_files")
-  else:
+  paths = _local_train_paths(data_cfg)
+  if paths is None:
     found = open_split(data_cfg, "train")
     if found.stream is not None:
       it = iter(found.stream)
