@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
-from nanollama_jax import model
+from nanollama_jax import model, sharding
 
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
@@ -117,8 +116,7 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
   if jax.process_count() > 1:
     # Every process holds the same prompts: replicate them over the devices of the (global)
     # parameters, so that all processes run one program together.
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
     put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))
   out, logits = _decode(params, put(tokens), put(lengths), put(np.uint32(seed)),
                         put(np.int32(-1 if eos_id is None else eos_id)),

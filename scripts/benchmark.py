@@ -160,6 +160,54 @@ def recipes() -> dict:
   return out
 
 
+TORCH_SHAPE = dict(vocab_size=4096, dim=288, n_layers=6, n_heads=6, ffn_dim=768,
+                   max_seq_len=256)
+TORCH_BATCH, TORCH_SEQ = 8, 256  # as _bench_cfg
+
+
+def _median_step_seconds(step: Callable[[], float], warmup: int, steps: int) -> float:
+  """Median wall time of `steps` calls of `step()` after `warmup` calls; each call blocks."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _random_batch(vocab_size: int, batch: int, seq_len: int, rng) -> dict:
+  """A batch of random tokens, one document per row."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  seq = rng.integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+  return {"inputs": seq[:, :-1], "targets": seq[:, 1:],
+          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                       (batch, seq_len)).copy(),
+          "loss_mask": np.ones((batch, seq_len), np.float32)}
+
+
+def _jax_step_fn(cfg, batch_np: dict):
+  """Our train step as train.py builds it, on a one-device mesh; returns a blocking closure."""
+  from nanollama_jax import optim  # pylint: disable=import-outside-toplevel
+  mesh = _one_device_mesh()
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  _, shardings = train.state_sharding(cfg, tx, mesh)
+  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
+                               optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+  params = model.init_params(cfg.model, cfg.train.seed)
+  state = jax.device_put(train.init_state(params, tx.init(params), cfg.train.seed), shardings)
+  batch = sharding.global_batch(batch_np, sharding.batch_sharding(mesh))
+  holder = [state]
+
+  def run() -> float:
+    holder[0], step_metrics = step(holder[0], batch)
+    return float(step_metrics["loss"])
+
+  return run, jax.device_get(params)
+
+
 def _pipeline_rate(data_cfg, tok, batches: int) -> float:
   """Tokens/s of `batches` training batches, after 5 of warm-up (workers starting)."""
   from nanollama_jax.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -178,11 +226,9 @@ def _pipeline_rate(data_cfg, tok, batches: int) -> float:
 
 def data(data_dir: str, target_tokens: int) -> dict:
   import glob  # pylint: disable=import-outside-toplevel
-  import statistics  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from nanollama_jax import optim  # pylint: disable=import-outside-toplevel
-  from nanollama_jax.data import pipeline, shards, sources, tokenizer  # pylint: disable=import-outside-toplevel
+  from nanollama_jax.data import shards, sources, tokenizer  # pylint: disable=import-outside-toplevel
 
   cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
   files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
@@ -238,71 +284,14 @@ def data(data_dir: str, target_tokens: int) -> dict:
     out["first_fit_padding_by_bins"] = padding
 
   # What the CPU recipe's train step consumes on this machine: median of 5 steps.
-  mesh = _one_device_mesh()
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  abstract, shardings = train.state_sharding(cfg, tx, mesh)
-  state = jax.jit(lambda: train.init_state(p := model.init_params(cfg.model, 0), tx.init(p), 0),
-                  out_shardings=shardings)()
-  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
-                               optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
-  rng = np.random.default_rng(0)
   B, T = cfg.data.batch_size, cfg.data.seq_len
-  batch = {"inputs": rng.integers(4, cfg.model.vocab_size, (B, T), dtype=np.int32),
-           "segment_ids": np.ones((B, T), np.int32),
-           "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-           "loss_mask": np.ones((B, T), np.float32)}
-  batch["targets"] = np.roll(batch["inputs"], -1, axis=1)
-  batch = sharding.global_batch(batch, sharding.batch_sharding(mesh))
-  times = []
-  for i in range(7):
-    start = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    if i >= 2:
-      times.append(time.perf_counter() - start)
-  del abstract
-  consumed = B * T / statistics.median(times)
+  run, _ = _jax_step_fn(cfg, _random_batch(cfg.model.vocab_size, B, T, np.random.default_rng(0)))
+  seconds = _median_step_seconds(run, warmup=2, steps=5)
+  consumed = B * T / seconds
   out["train_step_tokens_per_s"] = round(consumed)
   out["ratio_to_train_step"] = {k: round(v["tokens_per_s"] / consumed, 1) for k, v in rates.items()}
   _progress(f"data: the train step consumes {consumed:,.0f} tokens/s")
   return out
-
-
-TORCH_SHAPE = dict(vocab_size=4096, dim=288, n_layers=6, n_heads=6, ffn_dim=768,
-                   max_seq_len=256)
-TORCH_BATCH, TORCH_SEQ = 8, 256  # as _bench_cfg
-
-
-def _median_step_seconds(step: Callable[[], float], warmup: int, steps: int) -> float:
-  """Median wall time of `steps` calls of `step()` after `warmup` calls; each call blocks."""
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def _jax_step_fn(cfg, batch_np: dict):
-  """Our train step as train.py builds it, on a one-device mesh; returns a blocking closure."""
-  from nanollama_jax import optim  # pylint: disable=import-outside-toplevel
-  mesh = _one_device_mesh()
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  _, shardings = train.state_sharding(cfg, tx, mesh)
-  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
-                               optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
-  params = model.init_params(cfg.model, cfg.train.seed)
-  state = jax.device_put(train.init_state(params, tx.init(params), cfg.train.seed), shardings)
-  batch = sharding.global_batch(batch_np, sharding.batch_sharding(mesh))
-  holder = [state]
-
-  def run() -> float:
-    holder[0], step_metrics = step(holder[0], batch)
-    return float(step_metrics["loss"])
-
-  return run, jax.device_get(params)
 
 
 def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
@@ -367,12 +356,7 @@ def torch_compare(steps: int) -> dict:
   rng = np.random.default_rng(0)
   for label, kv_heads in (("mha", 6), ("gqa", 2)):
     cfg = _bench_cfg(**TORCH_SHAPE, n_kv_heads=kv_heads)
-    seq = rng.integers(0, cfg.model.vocab_size, (TORCH_BATCH, TORCH_SEQ + 1)).astype(np.int32)
-    batch_np = {"inputs": seq[:, :-1], "targets": seq[:, 1:],
-                "segment_ids": np.ones((TORCH_BATCH, TORCH_SEQ), np.int32),
-                "positions": np.broadcast_to(np.arange(TORCH_SEQ, dtype=np.int32),
-                                             (TORCH_BATCH, TORCH_SEQ)).copy(),
-                "loss_mask": np.ones((TORCH_BATCH, TORCH_SEQ), np.float32)}
+    batch_np = _random_batch(cfg.model.vocab_size, TORCH_BATCH, TORCH_SEQ, rng)
     jax_run, params = _jax_step_fn(cfg, batch_np)
     torch_run, versions = _torch_step_fn(cfg, params, batch_np, threads)
     out.update(versions)

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from nanollama_jax import config, model, optim, sharding, train
 from nanollama_jax.data import pipeline

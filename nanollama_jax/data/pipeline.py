@@ -262,10 +262,10 @@ def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
     if num_workers:
       ds = _mp_prefetch(ds, num_workers)
   size = data_cfg.seq_len + 1
-  if data_cfg.packing == "concat":
-    ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk())
+  concat = data_cfg.packing == "concat"
+  ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk(None if concat else size))
+  if concat:
     return _PackIterDataset(ds, data_cfg.seq_len, tokenizer.pad_id)
-  ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk(piece_len=size))
   ds = grain.experimental.FirstFitPackIterDataset(
     ds, length_struct={"tokens": size}, num_packing_bins=data_cfg.pack_bins, shuffle_bins=False,
     padding_struct={"tokens": tokenizer.pad_id}, meta_features=("epoch",))
