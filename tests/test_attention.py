@@ -1,4 +1,5 @@
-"""The Pallas flash-attention kernel (interpret mode on the CPU) against the XLA reference."""
+"""The XLA attention against a plain softmax, and the Pallas flash-attention kernel (interpret
+mode on the CPU) against the XLA attention."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 
 from nanollama_jax import attention as attention_lib
 from nanollama_jax.attention import pallas
+from nanollama_jax.attention import xla as xla_lib
 from nanollama_jax.attention.xla import xla_attention
 
 
@@ -30,6 +32,63 @@ def value_and_grads(impl, q, k, v, do, segments, causal):
     return jnp.sum(impl(q, k, v, segments, causal).astype(jnp.float32) * do.astype(jnp.float32))
   out = impl(q, k, v, segments, causal)
   return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def plain_softmax(q, k, v, segments, causal):
+  """softmax(q k^T / sqrt(E)) v over one explicit T x S mask: no blocks, no custom VJP."""
+  T, S = q.shape[1], k.shape[1]
+  mask = jnp.ones((1, T, S), bool)
+  if causal:
+    mask = mask & (jnp.arange(T)[:, None] + S - T >= jnp.arange(S)[None, :])
+  if segments is not None:
+    mask = mask & (segments[:, :, None] == segments[:, None, :])
+  return xla_lib.masked_attention(q, k, v, mask)
+
+
+jitted_value_and_grads = jax.jit(value_and_grads, static_argnums=(0, 6))
+
+
+def test_causal_blocks_skip_the_upper_triangle():
+  assert xla_lib._blocks(256, 256, True) == [(0, 64, 64), (64, 128, 128), (128, 192, 192),
+                                              (192, 256, 256)]
+  assert xla_lib._blocks(200, 200, True)[-1] == (192, 200, 200)  # a shorter last block
+  assert xla_lib._blocks(256, 256, False) == [(0, 256, 256)]
+  assert xla_lib._blocks(64, 64, True) == [(0, 64, 64)]
+  blocks = xla_lib._blocks(4096, 4096, True)
+  assert len(blocks) == xla_lib.MAX_BLOCKS and blocks[0] == (0, 512, 512)
+  # The work done, as a share of T x S: (n + 1) / 2n for n equal blocks.
+  assert sum((q1 - q0) * keys for q0, q1, keys in blocks) / 4096**2 == pytest.approx(9 / 16)
+
+
+@pytest.mark.parametrize("T, S, H, K, causal, segmented", [
+  (256, 256, 4, 2, True, True),   # 4 blocks of queries
+  (200, 200, 4, 4, True, False),  # a last block of 8 queries
+  (64, 64, 4, 1, False, True),    # one block, no causal mask, one K/V head
+  (16, 48, 4, 2, True, False),    # queries are the last 16 of 48 keys
+])
+def test_xla_attention_matches_a_plain_softmax(T, S, H, K, causal, segmented):
+  ks = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(ks[0], (2, T, H, 16))
+  k, v = (jax.random.normal(key, (2, S, K, 16)) for key in ks[1:3])
+  do = jax.random.normal(ks[3], (2, T, H, 16))
+  segments = packed_segments(T) if segmented else None
+  out, grads = jitted_value_and_grads(xla_attention, q, k, v, do, segments, causal)
+  ref, ref_grads = jitted_value_and_grads(plain_softmax, q, k, v, do, segments, causal)
+  np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_xla_attention_in_bfloat16_stays_near_float32():
+  q, k, v, do = inputs(256, 4, 2, 32, jnp.bfloat16)
+  segments = packed_segments(256)
+  out, grads = jitted_value_and_grads(xla_attention, q, k, v, do, segments, True)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+  ref, ref_grads = jitted_value_and_grads(plain_softmax, *f32, segments, True)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.02
+  for g, r in zip(grads, ref_grads):
+    assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) < 0.02 * float(jnp.max(jnp.abs(r)))
 
 
 def kernel(q, k, v, segments, causal):
