@@ -89,19 +89,21 @@ def _attention_bwd(causal, residuals, dout):
   # d softmax: p * (dp - rowsum(p * dp)), and rowsum(p * dp) = rowsum(dout * out) per query.
   delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
   dqs = []
-  dk, dv = jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+  B, K, S_, E = k.shape
+  dk_t, dv_t = jnp.zeros((B, K, E, S_), f32), jnp.zeros((B, K, E, S_), f32)
   for q0, q1, keys in _blocks(T, S, causal):
     qi, di = q[:, :, :, q0:q1], dout[:, :, :, q0:q1]
     ki, vi = k[:, :, :keys], v[:, :, :keys]
     p = jnp.exp(_scores(qi, ki, _bias(segment_ids, q0, q1, keys, causal, S - T))
                 - lse[:, :, :, q0:q1])
-    dv_i = jnp.einsum("bkgts,bkgte->bkse", p.astype(dout.dtype), di, preferred_element_type=f32)
+    dv_i = jnp.einsum("bkgte,bkgts->bkes", di, p.astype(dout.dtype), preferred_element_type=f32)
     dp = jnp.einsum("bkgte,bkse->bkgts", di, vi, preferred_element_type=f32)
     ds = (p * (dp - delta[:, :, :, q0:q1])).astype(q.dtype)
     dqs.append(jnp.einsum("bkgts,bkse->bkgte", ds, ki, preferred_element_type=f32))
-    dk_i = jnp.einsum("bkgts,bkgte->bkse", ds, qi, preferred_element_type=f32)
-    dk, dv = dk.at[:, :, :keys].add(dk_i), dv.at[:, :, :keys].add(dv_i)
+    dk_i = jnp.einsum("bkgte,bkgts->bkes", qi, ds, preferred_element_type=f32)
+    dk_t, dv_t = dk_t.at[..., :keys].add(dk_i), dv_t.at[..., :keys].add(dv_i)
   dq = jnp.concatenate(dqs, axis=3)
+  dk, dv = dk_t.transpose(0, 1, 3, 2), dv_t.transpose(0, 1, 3, 2)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
