@@ -108,6 +108,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.train.keep_ckpts = 3  # the newest N are kept; older ones go once a newer save is complete
   cfg.train.async_checkpoint = True  # write in the background while training goes on
   cfg.train.max_bad_steps = 20  # consecutive non-finite steps (each skipped) before stopping
+  # Linux/glibc: malloc keeps freed host memory for reuse (hostmem.py), so XLA:CPU's per-step
+  # scratch space is not page-faulted in again every step; on a CPU run, steps ~20% faster.
+  cfg.train.keep_host_memory = True
   # Parameters to start from (optimizer and step fresh): a workdir, its checkpoints/ folder,
   # one checkpoints/<step> folder, or a Hugging Face Llama directory (config.json +
   # safetensors). Ignored when the workdir has a checkpoint to resume.

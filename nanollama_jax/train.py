@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
-from nanollama_jax import generate, model, optim, sharding
+from nanollama_jax import generate, hostmem, model, optim, sharding
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import load_or_train_tokenizer
 
@@ -483,6 +483,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("both --config and --workdir are required")
+  if _CONFIG.value.train.keep_host_memory:
+    hostmem.keep_freed_memory()  # before JAX starts its CPU backend's threads
   try:
     if _COORDINATOR.value or _MULTIHOST.value:
       sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
