@@ -20,6 +20,9 @@ def get_config():
   cfg.model.ffn_dim = 704
   cfg.model.max_seq_len = 256
   cfg.model.dtype = "float32"
+  # Four layers compile in seconds unrolled, and on a CPU the unrolled stack is ~10% faster than
+  # the scan, which zero-fills and copies stacked per-layer activations (docs/performance.md).
+  cfg.model.scan_layers = False
 
   cfg.data.source = "hf"
   cfg.data.hf_path = "roneneldan/TinyStories"

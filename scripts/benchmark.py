@@ -52,6 +52,9 @@ def _parse() -> argparse.Namespace:
                  help="data section: a directory of .jsonl files with a 'text' field")
   p.add_argument("--data-tokens", type=int, default=5_000_000,
                  help="data section: repeat the documents up to about this many tokens")
+  p.add_argument("--system-malloc", action="store_true",
+                 help="leave glibc's malloc as it is (train.keep_host_memory=False); by default "
+                      "it keeps freed memory, as training does (nanollama_jax/hostmem.py)")
   p.add_argument("--torch-steps", type=int, default=5,
                  help="timed steps per round in torch_compare (median over 3 rounds)")
   args = p.parse_args()
@@ -64,15 +67,18 @@ def _parse() -> argparse.Namespace:
 
 
 ARGS = _parse() if __name__ == "__main__" else None
+sys.path.insert(0, _ROOT)
 if ARGS is not None and "xla_force_host_platform_device_count" not in os.environ.get(
     "XLA_FLAGS", ""):
   # Fake CPU devices for the sharded compile; harmless on GPU/TPU hosts (CPU platform only).
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={ARGS.host_devices}")
+from nanollama_jax import hostmem  # pylint: disable=wrong-import-position
+if ARGS is not None and not ARGS.system_malloc:
+  hostmem.keep_freed_memory()  # as train.py does by default, before JAX starts
 
 import jax  # pylint: disable=wrong-import-position
 
-sys.path.insert(0, _ROOT)
 from nanollama_jax import config as config_lib  # pylint: disable=wrong-import-position
 from nanollama_jax import model, sharding, train  # pylint: disable=wrong-import-position
 
@@ -351,35 +357,41 @@ def torch_compare(steps: int) -> dict:
   out: dict = {"shape": "dim 288, 6 layers, 6 heads, FFN 768, vocab 4096, batch 8 x 256, "
                         "float32, one CPU device",
                "cpu_threads": threads, "host_devices": len(jax.devices()),
+               "keep_host_memory": hostmem.applied(),
                "matmul_peak_gflops": round(peak / 1e9, 1), "steps": steps, "variants": {}}
   tokens = TORCH_BATCH * TORCH_SEQ
   rng = np.random.default_rng(0)
   for label, kv_heads in (("mha", 6), ("gqa", 2)):
-    cfg = _bench_cfg(**TORCH_SHAPE, n_kv_heads=kv_heads)
+    # Ours as a 6-layer recipe runs (layers unrolled, like configs/tinystories_cpu.py), and with
+    # the layer scan, the default that keeps compile time flat for deep models.
+    cfg = _bench_cfg(**TORCH_SHAPE, n_kv_heads=kv_heads, scan_layers=False)
     batch_np = _random_batch(cfg.model.vocab_size, TORCH_BATCH, TORCH_SEQ, rng)
     jax_run, params = _jax_step_fn(cfg, batch_np)
+    scan_run, _ = _jax_step_fn(_bench_cfg(**TORCH_SHAPE, n_kv_heads=kv_heads), batch_np)
     torch_run, versions = _torch_step_fn(cfg, params, batch_np, threads)
     out.update(versions)
     # The same weights and batch: the first step's losses agree to float32 rounding.
-    first_losses = (jax_run(), torch_run())
+    first_losses = (jax_run(), scan_run(), torch_run())
     flops = metrics.model_flops_per_token(cfg.model, TORCH_SEQ)
-    # Interleaved rounds, so a neighbour's load slows both sides alike.
-    ours, theirs = [], []
+    # Interleaved rounds, so a neighbour's load slows every side alike.
+    times: dict = {"ours": [], "ours_scan": [], "torch": []}
     for _ in range(3):
-      ours.append(_median_step_seconds(jax_run, 2, steps))
-      theirs.append(_median_step_seconds(torch_run, 2, steps))
-    ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
-    row = {"ours_tokens_per_s": round(tokens / ours_s),
-           "torch_tokens_per_s": round(tokens / theirs_s),
-           "ratio_ours_to_torch": round(theirs_s / ours_s, 3),
-           "ours_mfu": round(flops * tokens / ours_s / peak, 3),
-           "torch_mfu": round(flops * tokens / theirs_s / peak, 3),
-           "flops_per_token": flops,
-           "first_loss_ours_torch": [round(x, 5) for x in first_losses]}
+      for name, run in (("ours", jax_run), ("ours_scan", scan_run), ("torch", torch_run)):
+        times[name].append(_median_step_seconds(run, 2, steps))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    row: dict = {}
+    for name in ("ours", "ours_scan", "torch"):
+      row[f"{name}_tokens_per_s"] = round(tokens / seconds[name])
+      row[f"{name}_mfu"] = round(flops * tokens / seconds[name] / peak, 3)
+    row["ratio_ours_to_torch"] = round(seconds["torch"] / seconds["ours"], 3)
+    row["ratio_ours_scan_to_torch"] = round(seconds["torch"] / seconds["ours_scan"], 3)
+    row["flops_per_token"] = flops
+    row["first_loss_ours_scan_torch"] = [round(x, 5) for x in first_losses]
     out["variants"][label] = row
-    _progress(f"{label}: ours {row['ours_tokens_per_s']} tok/s, torch "
-              f"{row['torch_tokens_per_s']} tok/s, x{row['ratio_ours_to_torch']}, MFU "
-              f"{row['ours_mfu']:.1%} vs {row['torch_mfu']:.1%}")
+    _progress(f"{label}: ours {row['ours_tokens_per_s']} tok/s (scan {row['ours_scan_tokens_per_s']}),"
+              f" torch {row['torch_tokens_per_s']} tok/s, x{row['ratio_ours_to_torch']} (scan "
+              f"x{row['ratio_ours_scan_to_torch']}), MFU {row['ours_mfu']:.1%} vs "
+              f"{row['torch_mfu']:.1%}")
   return out
 
 
@@ -445,8 +457,11 @@ def main() -> None:
     for label, v in r["variants"].items():
       print(f"  {label}  ours {v['ours_tokens_per_s']:>7,} tokens/s (MFU {v['ours_mfu']:.1%})  "
             f"torch {v['torch_tokens_per_s']:>7,} tokens/s (MFU {v['torch_mfu']:.1%})  "
-            f"ours/torch x{v['ratio_ours_to_torch']}  (first-step loss "
-            f"{v['first_loss_ours_torch'][0]} / {v['first_loss_ours_torch'][1]})")
+            f"ours/torch x{v['ratio_ours_to_torch']}")
+      print(f"       with the layer scan {v['ours_scan_tokens_per_s']:>7,} tokens/s (MFU "
+            f"{v['ours_scan_mfu']:.1%}), x{v['ratio_ours_scan_to_torch']}; first-step losses "
+            f"(ours, scan, torch) {v['first_loss_ours_scan_torch']}")
+    print(f"  glibc malloc keeps freed memory (train.keep_host_memory): {r['keep_host_memory']}")
 
 
 if __name__ == "__main__":
