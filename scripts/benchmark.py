@@ -352,8 +352,8 @@ def torch_compare(steps: int) -> dict:
   if jax.default_backend() != "cpu":
     return {"skipped": f"a CPU comparison; this run is on {jax.default_backend()}"}
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  # Best of 50 runs: the peak is the fastest the CPU goes, and a busy neighbour only slows it.
-  peak = metrics.measure_matmul_peak(repeats=50)
+  # Best of 50 runs (the default): the fastest the CPU goes; a busy neighbour only slows it.
+  peak = metrics.measure_matmul_peak()
   out: dict = {"shape": "dim 288, 6 layers, 6 heads, FFN 768, vocab 4096, batch 8 x 256, "
                         "float32, one CPU device",
                "cpu_threads": threads, "host_devices": len(jax.devices()),
