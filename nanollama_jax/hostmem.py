@@ -8,10 +8,10 @@ that was 133,000 minor faults and about 0.3 s of kernel time per 0.9 s step.
 
 `keep_freed_memory` sets glibc's allocator to serve every thread from the main heap (one arena),
 never to use `mmap` for large blocks, and never to trim the heap, so freed scratch blocks are
-reused by later steps. Over the first few steps the heap grows until it holds enough of them (a
-step's block can still be in use when the next step allocates, and aligned blocks fragment): the
-process keeps a few scratch sizes of host memory until it exits, which a training process would
-hold anyway. It must run before JAX starts its CPU backend: threads that already hold an arena
+reused by later steps. Now and then over the first tens of steps the heap grows until it holds
+enough of them (a step's block can still be in use when the next step allocates, and aligned
+blocks fragment); then host memory stays flat. The process keeps a few scratch sizes of host
+memory until it exits, which a training process would hold anyway. It must run before JAX starts its CPU backend: threads that already hold an arena
 keep it.
 """
 
