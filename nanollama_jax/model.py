@@ -221,12 +221,16 @@ class Llama(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     rope_scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
     inv_freq_E2 = rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, rope_scaling)
-    angles_BxTxE2 = positions_BxT[:, :, None].astype(jnp.float32) * inv_freq_E2
-    # The barrier keeps sin and cos as arrays computed once: left alone, XLA fuses them into
-    # every rotation of q and k, recomputing two transcendentals per element (on a CPU, RoPE
-    # took about 3% of a TinyStories-sized train step that way).
-    sin_BxTxE2, cos_BxTxE2 = jax.lax.optimization_barrier(
-      (jnp.sin(angles_BxTxE2), jnp.cos(angles_BxTxE2)))
+    # sin and cos of every position the call can meet, looked up per token. XLA fuses the
+    # lookup into the rotation of q and k as a plain load; from the positions directly it fused
+    # sin and cos into every rotation (and its gradient), recomputing them for each head (on a
+    # CPU that took about 8% of a TinyStories-sized train step). An optimization barrier does not
+    # stop it: XLA drops the barrier before fusing. Positions are exact in float32 below 2^24,
+    # so the table's angles are the same numbers as per-token ones.
+    n_positions = max(cfg.max_seq_len, T, 0 if cache is None else cache["k"].shape[2])
+    angles_PxE2 = jnp.arange(n_positions, dtype=jnp.float32)[:, None] * inv_freq_E2
+    sin_BxTxE2 = jnp.take(jnp.sin(angles_PxE2), positions_BxT, axis=0)
+    cos_BxTxE2 = jnp.take(jnp.cos(angles_PxE2), positions_BxT, axis=0)
 
     residual = ("batch", "length", "embed")  # the residual stream's logical axes
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(dt)

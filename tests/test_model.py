@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import re
 import runpy
 
 import jax
@@ -253,6 +254,21 @@ def test_logical_axes_name_every_dimension():
   for spec, x in zip(flat_axes, jax.tree.leaves(params)):
     assert len(spec) == x.ndim and all(isinstance(name, str) for name in spec)
   assert tuple(axes["layers"]["attn"]["wq_DxHxE"]) == ("layers", "embed", "heads", "head_dim")
+
+
+def test_rope_sin_and_cos_are_computed_once_per_position():
+  """The compiled gradient computes sin and cos only on the position table, never per head."""
+  cfg = tiny_cfg(max_seq_len=64, scan_layers=False)
+  params, graphdef = init(cfg, 0), model.graph(cfg)
+  tokens = random_tokens(3, (2, 16))
+  positions = jnp.broadcast_to(jnp.arange(16) % 5, (2, 16))  # packed documents restart at 0
+
+  def loss(params):
+    return jnp.sum(model.apply(graphdef, params, tokens, None, positions))
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  shapes = re.findall(r"= f32\[([\d,]*)\][^=]*? (?:sine|cosine)\(", hlo)
+  assert sorted(shapes) == ["64,8", "64,8"]  # one sin and one cos of [max_seq_len, E/2]
 
 
 def test_rope_scaling_reaches_the_model():
