@@ -1,6 +1,8 @@
 """The XLA attention against a plain softmax, and the Pallas flash-attention kernel (interpret
 mode on the CPU) against the XLA attention."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,29 +62,49 @@ def test_causal_blocks_skip_the_upper_triangle():
   assert sum((q1 - q0) * keys for q0, q1, keys in blocks) / 4096**2 == pytest.approx(9 / 16)
 
 
-@pytest.mark.parametrize("T, S, H, K, causal, segmented", [
-  (256, 256, 4, 2, True, True),   # 4 blocks of queries
-  (200, 200, 4, 4, True, False),  # a last block of 8 queries
-  (64, 64, 4, 1, False, True),    # one block, no causal mask, one K/V head
-  (16, 48, 4, 2, True, False),    # queries are the last 16 of 48 keys
+# The backward pass either keeps the forward's probabilities or recomputes them.
+SAVING, RECOMPUTING = (functools.partial(xla_attention, save_probs=s) for s in (True, False))
+
+
+def test_short_sequences_keep_their_probabilities():
+  assert xla_lib.SAVE_PROBS_MAX_KEYS == 512
+  q = jnp.ones((1, 8, 2, 16))
+
+  def residual_shapes(S):
+    k = jnp.ones((1, S, 2, 16))
+    _, vjp = jax.vjp(lambda q, k: xla_attention(q, k, k, None, False), q, k)
+    return [x.shape for x in jax.tree.leaves(vjp)]
+
+  assert (1, 2, 1, 8, 512) in residual_shapes(512)  # B x K x G x T x S probabilities
+  assert not [shape for shape in residual_shapes(513) if shape[-2:] == (8, 513)]
+
+
+@pytest.mark.parametrize("T, S, H, K, causal, segmented, attn", [
+  (256, 256, 4, 2, True, True, SAVING),       # 4 blocks of queries
+  (256, 256, 4, 2, True, True, RECOMPUTING),
+  (200, 200, 4, 4, True, False, RECOMPUTING),  # a last block of 8 queries
+  (64, 64, 4, 1, False, True, SAVING),         # one block, no causal mask, one K/V head
+  (64, 64, 4, 1, False, True, RECOMPUTING),
+  (16, 48, 4, 2, True, False, SAVING),         # queries are the last 16 of 48 keys
 ])
-def test_xla_attention_matches_a_plain_softmax(T, S, H, K, causal, segmented):
+def test_xla_attention_matches_a_plain_softmax(T, S, H, K, causal, segmented, attn):
   ks = jax.random.split(jax.random.key(1), 4)
   q = jax.random.normal(ks[0], (2, T, H, 16))
   k, v = (jax.random.normal(key, (2, S, K, 16)) for key in ks[1:3])
   do = jax.random.normal(ks[3], (2, T, H, 16))
   segments = packed_segments(T) if segmented else None
-  out, grads = jitted_value_and_grads(xla_attention, q, k, v, do, segments, causal)
+  out, grads = jitted_value_and_grads(attn, q, k, v, do, segments, causal)
   ref, ref_grads = jitted_value_and_grads(plain_softmax, q, k, v, do, segments, causal)
   np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(r))))
 
 
-def test_xla_attention_in_bfloat16_stays_near_float32():
+@pytest.mark.parametrize("attn", [SAVING, RECOMPUTING])
+def test_xla_attention_in_bfloat16_stays_near_float32(attn):
   q, k, v, do = inputs(256, 4, 2, 32, jnp.bfloat16)
   segments = packed_segments(256)
-  out, grads = jitted_value_and_grads(xla_attention, q, k, v, do, segments, True)
+  out, grads = jitted_value_and_grads(attn, q, k, v, do, segments, True)
   f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
   ref, ref_grads = jitted_value_and_grads(plain_softmax, *f32, segments, True)
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)

@@ -1,9 +1,12 @@
 """Attention in plain jax.numpy, which XLA compiles for any backend.
 
 `xla_attention` is the training path: a flash-attention-style formulation in ordinary XLA ops.
-- The forward keeps the log-sum-exp of each query's scores; a custom VJP recomputes the
-  probabilities from it in the backward pass, so no T x S array outlives its layer's forward
-  (and the backward needs no max or sum over the scores again).
+- Short sequences (at most SAVE_PROBS_MAX_KEYS keys) keep each block's unnormalised
+  probabilities and their row sums for the backward pass: the probabilities weigh no more than
+  the layer's other saved activations there, and the backward skips a matmul and an exp.
+- Longer ones keep only the log-sum-exp of each query's scores; a custom VJP recomputes the
+  probabilities from it, so no T x S array outlives its layer's forward (and the backward needs
+  no max or sum over the scores again).
 - Causal self-attention is cut into blocks of queries; block i only meets the keys up to its
   own end, so the blocks above the diagonal (almost half the T x S work for many blocks) are
   never computed.
@@ -25,6 +28,10 @@ _MASKED = jnp.finfo(jnp.float32).min  # added to the scores of keys a query may 
 # Query blocks of causal attention: at least this long, and at most this many per sequence.
 # T 256 runs as 4 blocks of 64 (62.5% of the T x S work); T 2048 as 8 blocks of 256 (56%).
 MIN_BLOCK, MAX_BLOCKS = 64, 8
+# Up to this many keys the forward's probabilities are kept for the backward pass. At 256 keys
+# (the CPU benchmark: 6 heads, dim 288) they are 8 MB a layer for 8 sequences, about a quarter of
+# the layer's other activations; at 512 keys about half.
+SAVE_PROBS_MAX_KEYS = 512
 
 
 def _blocks(T: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
@@ -56,9 +63,11 @@ def _scores(q_BxKxGxTxE, k_BxKxSxE, bias):
 
 
 def _forward(q, k, v, segment_ids, causal):
-  """Attention of pre-scaled q (BxKxGxTxE) over k, v (BxKxSxE); returns (out, log-sum-exp)."""
+  """Attention of pre-scaled q (BxKxGxTxE) over k, v (BxKxSxE).
+
+  Returns (out, per-block unnormalised probabilities, per-block row sums, log-sum-exp)."""
   T, S = q.shape[3], k.shape[2]
-  outs, lses = [], []
+  outs, probs, totals, lses = [], [], [], []
   for q0, q1, keys in _blocks(T, S, causal):
     s = _scores(q[:, :, :, q0:q1], k[:, :, :keys], _bias(segment_ids, q0, q1, keys, causal, S - T))
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -68,22 +77,25 @@ def _forward(q, k, v, segment_ids, causal):
     o = jnp.einsum("bkgts,bkse->bkgte", p.astype(v.dtype), v[:, :, :keys],
                    preferred_element_type=jnp.float32) / total
     outs.append(o.astype(q.dtype))
+    probs.append(p)
+    totals.append(total)
     lses.append(m + jnp.log(total))
-  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+  return jnp.concatenate(outs, axis=3), probs, totals, jnp.concatenate(lses, axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segment_ids, causal):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, segment_ids, causal, save_probs):
   return _forward(q, k, v, segment_ids, causal)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids, causal):
-  out, lse = _forward(q, k, v, segment_ids, causal)
-  return out, (q, k, v, segment_ids, out, lse)
+def _attention_fwd(q, k, v, segment_ids, causal, save_probs):
+  out, probs, totals, lse = _forward(q, k, v, segment_ids, causal)
+  saved = (probs, totals) if save_probs else lse
+  return out, (q, k, v, segment_ids, out, saved)
 
 
-def _attention_bwd(causal, residuals, dout):
-  q, k, v, segment_ids, out, lse = residuals
+def _attention_bwd(causal, save_probs, residuals, dout):
+  q, k, v, segment_ids, out, saved = residuals
   T, S = q.shape[3], k.shape[2]
   f32 = jnp.float32
   # d softmax: p * (dp - rowsum(p * dp)), and rowsum(p * dp) = rowsum(dout * out) per query.
@@ -91,14 +103,21 @@ def _attention_bwd(causal, residuals, dout):
   dqs = []
   B, K, S_, E = k.shape
   dk_t, dv_t = jnp.zeros((B, K, E, S_), f32), jnp.zeros((B, K, E, S_), f32)
-  for q0, q1, keys in _blocks(T, S, causal):
+  for i, (q0, q1, keys) in enumerate(_blocks(T, S, causal)):
     qi, di = q[:, :, :, q0:q1], dout[:, :, :, q0:q1]
     ki, vi = k[:, :, :keys], v[:, :, :keys]
-    p = jnp.exp(_scores(qi, ki, _bias(segment_ids, q0, q1, keys, causal, S - T))
-                - lse[:, :, :, q0:q1])
-    dv_i = jnp.einsum("bkgte,bkgts->bkes", di, p.astype(dout.dtype), preferred_element_type=f32)
+    if save_probs:
+      # p = p_i / total_i: the division goes on the T x E operands, not on the T x S block.
+      p, inv_total = saved[0][i], 1.0 / saved[1][i]
+      dv_i = jnp.einsum("bkgte,bkgts->bkes", (di * inv_total).astype(dout.dtype),
+                        p.astype(dout.dtype), preferred_element_type=f32)
+    else:
+      p = jnp.exp(_scores(qi, ki, _bias(segment_ids, q0, q1, keys, causal, S - T))
+                  - saved[:, :, :, q0:q1])
+      dv_i = jnp.einsum("bkgte,bkgts->bkes", di, p.astype(dout.dtype), preferred_element_type=f32)
     dp = jnp.einsum("bkgte,bkse->bkgts", di, vi, preferred_element_type=f32)
-    ds = (p * (dp - delta[:, :, :, q0:q1])).astype(q.dtype)
+    dp = dp - delta[:, :, :, q0:q1]
+    ds = (p * (dp * inv_total if save_probs else dp)).astype(q.dtype)
     dqs.append(jnp.einsum("bkgts,bkse->bkgte", ds, ki, preferred_element_type=f32))
     dk_i = jnp.einsum("bkgte,bkgts->bkes", qi, ds, preferred_element_type=f32)
     dk_t, dv_t = dk_t.at[..., :keys].add(dk_i), dv_t.at[..., :keys].add(dv_i)
@@ -116,8 +135,13 @@ def xla_attention(
   v_BxSxKxE: jax.Array,
   segment_ids_BxT: jax.Array | None,
   causal: bool,
+  save_probs: bool | None = None,
 ) -> jax.Array:
-  """Softmax(q k^T / sqrt(E)) v with float32 scores; K/V heads are shared, never repeated."""
+  """Softmax(q k^T / sqrt(E)) v with float32 scores; K/V heads are shared, never repeated.
+
+  `save_probs` keeps the probabilities for the backward pass instead of recomputing them;
+  None decides by the number of keys (at most SAVE_PROBS_MAX_KEYS).
+  """
   B, T, H, E = q_BxTxHxE.shape
   S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
   if segment_ids_BxT is not None and S != T:
@@ -126,7 +150,8 @@ def xla_attention(
   q_BxTxHxE = q_BxTxHxE * jnp.asarray(E**-0.5, q_BxTxHxE.dtype)
   q_BxKxGxTxE = q_BxTxHxE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
   out_BxKxGxTxE = _attention(q_BxKxGxTxE, k_BxSxKxE.transpose(0, 2, 1, 3),
-                             v_BxSxKxE.transpose(0, 2, 1, 3), segment_ids_BxT, causal)
+                             v_BxSxKxE.transpose(0, 2, 1, 3), segment_ids_BxT, causal,
+                             S <= SAVE_PROBS_MAX_KEYS if save_probs is None else save_probs)
   return out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
