@@ -212,6 +212,9 @@ class Llama(nnx.Module):
   ) -> jax.Array | tuple[jax.Array, dict]:
     """Returns float32 logits; segment ids and positions describe packed documents.
 
+    Positions must lie below max(model.max_seq_len, T, the cache's length): RoPE looks them up
+    in a table that long, and a position past its end makes the sequence's logits NaN.
+
     With a KV cache (see `init_cache`), the tokens are written at its `slot`, attend to what
     the cache holds under its key mask, and (logits, updated cache) is returned.
     """

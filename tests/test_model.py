@@ -271,6 +271,16 @@ def test_rope_sin_and_cos_are_computed_once_per_position():
   assert sorted(shapes) == ["64,8", "64,8"]  # one sin and one cos of [max_seq_len, E/2]
 
 
+def test_positions_past_the_rope_table_give_nan_not_a_wrong_rotation():
+  cfg = tiny_cfg(max_seq_len=32)
+  params = init(cfg, 0)
+  tokens = random_tokens(4, (1, 4))
+  inside = logits(cfg, params, tokens, positions=jnp.array([[0, 1, 30, 31]]))
+  past = logits(cfg, params, tokens, positions=jnp.array([[0, 1, 2, 32]]))
+  assert bool(jnp.all(jnp.isfinite(inside)))
+  assert bool(jnp.all(jnp.isnan(past)))  # the NaN key reaches every query's max
+
+
 def test_rope_scaling_reaches_the_model():
   """The config's Llama 3.1 scaling changes attention exactly as the frequencies say."""
   scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
