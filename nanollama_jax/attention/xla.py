@@ -107,17 +107,16 @@ def _attention_bwd(causal, save_probs, residuals, dout):
     qi, di = q[:, :, :, q0:q1], dout[:, :, :, q0:q1]
     ki, vi = k[:, :, :keys], v[:, :, :keys]
     if save_probs:
-      # p = p_i / total_i: the division goes on the T x E operands, not on the T x S block.
+      # Saved p is unnormalised: the division by its row sum goes on the T x E operand of dv
+      # and on dp - delta, not on the T x S block.
       p, inv_total = saved[0][i], 1.0 / saved[1][i]
-      dv_i = jnp.einsum("bkgte,bkgts->bkes", (di * inv_total).astype(dout.dtype),
-                        p.astype(dout.dtype), preferred_element_type=f32)
-    else:
-      p = jnp.exp(_scores(qi, ki, _bias(segment_ids, q0, q1, keys, causal, S - T))
-                  - saved[:, :, :, q0:q1])
-      dv_i = jnp.einsum("bkgte,bkgts->bkes", di, p.astype(dout.dtype), preferred_element_type=f32)
+    else:  # p recomputed from the log-sum-exp is normalised (XLA drops the * 1.0)
+      p, inv_total = jnp.exp(_scores(qi, ki, _bias(segment_ids, q0, q1, keys, causal, S - T))
+                             - saved[:, :, :, q0:q1]), 1.0
+    dv_i = jnp.einsum("bkgte,bkgts->bkes", (di * inv_total).astype(dout.dtype),
+                      p.astype(dout.dtype), preferred_element_type=f32)
     dp = jnp.einsum("bkgte,bkse->bkgts", di, vi, preferred_element_type=f32)
-    dp = dp - delta[:, :, :, q0:q1]
-    ds = (p * (dp * inv_total if save_probs else dp)).astype(q.dtype)
+    ds = (p * ((dp - delta[:, :, :, q0:q1]) * inv_total)).astype(q.dtype)
     dqs.append(jnp.einsum("bkgts,bkse->bkgte", ds, ki, preferred_element_type=f32))
     dk_i = jnp.einsum("bkgte,bkgts->bkes", qi, ds, preferred_element_type=f32)
     dk_t, dv_t = dk_t.at[..., :keys].add(dk_i), dv_t.at[..., :keys].add(dv_i)
