@@ -56,11 +56,16 @@ def _parse() -> argparse.Namespace:
                  help="leave glibc's malloc as it is (train.keep_host_memory=False); by default "
                       "it keeps freed memory, as training does (nanollama_jax/hostmem.py)")
   p.add_argument("--torch-steps", type=int, default=5,
-                 help="timed steps per round in torch_compare (median over 3 rounds)")
+                 help="timed steps per round in torch_compare (the median step of each round)")
+  p.add_argument("--torch-rounds", type=int, default=5,
+                 help="interleaved rounds per side in torch_compare; the result is the median "
+                      "round, and the JSON keeps every round's tokens/s to show the spread")
   args = p.parse_args()
   unknown = set(args.sections.split(",")) - set(SECTIONS)
   if unknown:
     p.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+  if args.torch_steps < 1 or args.torch_rounds < 1:
+    p.error("--torch-steps and --torch-rounds must be at least 1")
   if args.host_devices is None:
     args.host_devices = 1 if args.sections == "torch_compare" else 8
   return args
@@ -81,6 +86,19 @@ import jax  # pylint: disable=wrong-import-position
 
 from nanollama_jax import config as config_lib  # pylint: disable=wrong-import-position
 from nanollama_jax import model, sharding, train  # pylint: disable=wrong-import-position
+
+
+def _cpu_model() -> str:
+  """The host CPU's model name (Linux /proc/cpuinfo, else `platform`): timings depend on it."""
+  import platform  # pylint: disable=import-outside-toplevel
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def _progress(msg: str) -> None:
@@ -341,7 +359,7 @@ def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
   return run, versions
 
 
-def torch_compare(steps: int) -> dict:
+def torch_compare(steps: int, rounds: int) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from nanollama_jax import metrics  # pylint: disable=import-outside-toplevel
   try:
@@ -358,7 +376,8 @@ def torch_compare(steps: int) -> dict:
                         "float32, one CPU device",
                "cpu_threads": threads, "host_devices": len(jax.devices()),
                "keep_host_memory": hostmem.applied(),
-               "matmul_peak_gflops": round(peak / 1e9, 1), "steps": steps, "variants": {}}
+               "matmul_peak_gflops": round(peak / 1e9, 1), "steps": steps, "rounds": rounds,
+               "variants": {}}
   tokens = TORCH_BATCH * TORCH_SEQ
   rng = np.random.default_rng(0)
   for label, kv_heads in (("mha", 6), ("gqa", 2)):
@@ -373,9 +392,11 @@ def torch_compare(steps: int) -> dict:
     # The same weights and batch: the first step's losses agree to float32 rounding.
     first_losses = (jax_run(), scan_run(), torch_run())
     flops = metrics.model_flops_per_token(cfg.model, TORCH_SEQ)
-    # Interleaved rounds, so a neighbour's load slows every side alike.
+    # Interleaved rounds, so a neighbour's load slows every side alike; the median round leaves
+    # out the rounds a busy neighbour slowed (on a shared 2-core VM one side's rate moved by up
+    # to 20% between whole runs with 3 rounds).
     times: dict = {"ours": [], "ours_scan": [], "torch": []}
-    for _ in range(3):
+    for _ in range(rounds):
       for name, run in (("ours", jax_run), ("ours_scan", scan_run), ("torch", torch_run)):
         times[name].append(_median_step_seconds(run, 2, steps))
     seconds = {name: statistics.median(t) for name, t in times.items()}
@@ -383,6 +404,7 @@ def torch_compare(steps: int) -> dict:
     for name in ("ours", "ours_scan", "torch"):
       row[f"{name}_tokens_per_s"] = round(tokens / seconds[name])
       row[f"{name}_mfu"] = round(flops * tokens / seconds[name] / peak, 3)
+      row[f"{name}_rounds_tokens_per_s"] = [round(tokens / t) for t in times[name]]
     row["ratio_ours_to_torch"] = round(seconds["torch"] / seconds["ours"], 3)
     row["ratio_ours_scan_to_torch"] = round(seconds["torch"] / seconds["ours_scan"], 3)
     row["flops_per_token"] = flops
@@ -398,7 +420,7 @@ def torch_compare(steps: int) -> dict:
 def main() -> None:
   args = ARGS
   results: dict = {"platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind,
-                   "jax": jax.__version__}
+                   "cpu": _cpu_model(), "jax": jax.__version__}
   chosen = args.sections.split(",")
   if "compile_depth" in chosen:
     results["compile_depth"] = compile_depth(args.unrolled_max)
@@ -409,11 +431,12 @@ def main() -> None:
   if "data" in chosen:
     results["data"] = data(args.data_dir, args.data_tokens)
   if "torch_compare" in chosen:
-    results["torch_compare"] = torch_compare(args.torch_steps)
+    results["torch_compare"] = torch_compare(args.torch_steps, args.torch_rounds)
   if args.json:
     print(json.dumps(results, indent=2))
     return
-  print(f"platform: {results['platform']} ({results['device']}), jax {results['jax']}")
+  print(f"platform: {results['platform']} ({results['device']}), CPU {results['cpu']}, "
+        f"jax {results['jax']}")
   if "compile_depth" in results:
     r = results["compile_depth"]
     print(f"\ncompile time of the train step ({r['shape']}):")
@@ -453,13 +476,21 @@ def main() -> None:
     print(f"\ntrain step against PyTorch {r['torch']} / transformers {r['transformers']} "
           f"(attention {r['torch_attention']}), {r['shape']}, {r['cpu_threads']} threads each, "
           f"{r['host_devices']} host device(s); MFU against a measured float32 matmul peak of "
-          f"{r['matmul_peak_gflops']} GFLOP/s:")
+          f"{r['matmul_peak_gflops']} GFLOP/s; median of {r['rounds']} interleaved rounds, "
+          f"the rounds' range in brackets:")
+
+    def spread(v: dict, name: str) -> str:
+      rates = v[f"{name}_rounds_tokens_per_s"]
+      return f"[{min(rates):,}-{max(rates):,}]"
+
     for label, v in r["variants"].items():
-      print(f"  {label}  ours {v['ours_tokens_per_s']:>7,} tokens/s (MFU {v['ours_mfu']:.1%})  "
-            f"torch {v['torch_tokens_per_s']:>7,} tokens/s (MFU {v['torch_mfu']:.1%})  "
-            f"ours/torch x{v['ratio_ours_to_torch']}")
-      print(f"       with the layer scan {v['ours_scan_tokens_per_s']:>7,} tokens/s (MFU "
-            f"{v['ours_scan_mfu']:.1%}), x{v['ratio_ours_scan_to_torch']}; first-step losses "
+      print(f"  {label}  ours {v['ours_tokens_per_s']:>7,} tokens/s {spread(v, 'ours')} (MFU "
+            f"{v['ours_mfu']:.1%})  torch {v['torch_tokens_per_s']:>7,} tokens/s "
+            f"{spread(v, 'torch')} (MFU {v['torch_mfu']:.1%})  ours/torch "
+            f"x{v['ratio_ours_to_torch']}")
+      print(f"       with the layer scan {v['ours_scan_tokens_per_s']:>7,} tokens/s "
+            f"{spread(v, 'ours_scan')} (MFU {v['ours_scan_mfu']:.1%}), "
+            f"x{v['ratio_ours_scan_to_torch']}; first-step losses "
             f"(ours, scan, torch) {v['first_loss_ours_scan_torch']}")
     print(f"  glibc malloc keeps freed memory (train.keep_host_memory): {r['keep_host_memory']}")
 
