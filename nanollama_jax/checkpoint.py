@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ from absl import logging
 from etils import epath
 
 from nanollama_jax import config as config_lib
+from nanollama_jax import model, sharding
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -168,9 +170,23 @@ def _mismatched(tree: Any, expected: dict[str, int]) -> list[str]:
   return [p for p, h in hashes.items() if expected.get(p) != h]
 
 
+class _DropReadOnlyNotice(std_logging.Filter):
+  """Drops orbax's "Given directory is read only" warning, which every read-only manager logs."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=_ITEMS)
+  """A manager that only reads `directory` (relative paths allowed: orbax needs absolute ones)."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                         cleanup_tmp_directories=False)
+  quiet = _DropReadOnlyNotice()
+  logging.get_absl_logger().addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=_ITEMS)
+  finally:
+    logging.get_absl_logger().removeFilter(quiet)
 
 
 def _read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -402,14 +418,6 @@ def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, i
     manager.close()
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
-  """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying a sharding for restore."""
-  def one(x):
-    s = sharding if sharding is not None else getattr(x, "sharding", None)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  return jax.tree.map(one, tree)
-
-
 def steps_on_disk(workdir: str) -> Sequence[int]:
   """Complete checkpoint steps under `workdir`, oldest first."""
   return _step_dirs(os.path.join(workdir, CHECKPOINT_DIR))
@@ -432,9 +440,8 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
   manager = _read_only_manager(os.path.join(workdir, CHECKPOINT_DIR))
   try:
     cfg = config_lib.from_json(json.dumps(_read_config(manager, step)))
-    from nanollama_jax import model  # pylint: disable=import-outside-toplevel
-    abstract = abstract_like(jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed)),
-                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    abstract = sharding.abstract(model.abstract_params(cfg.model),
+                                 jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     return cfg, _read_params(manager, step, abstract, workdir), step
   finally:
     manager.close()

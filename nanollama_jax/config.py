@@ -7,6 +7,7 @@ is compiled, with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import os
@@ -141,13 +142,46 @@ def _is_group(value: Any) -> bool:
   return isinstance(value, (Mapping, ml_collections.ConfigDict))
 
 
+def _all_keys(group: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in group.items():
+    keys.append(prefix + key)
+    if _is_group(value):
+      keys += _all_keys(value, f"{prefix}{key}.")
+  return keys
+
+
+def _unknown_key(name: str) -> ConfigError:
+  """The error for a key the schema lacks, naming the closest keys at its depth."""
+  group, _, last = name.rpartition(".")
+  peers = [k for k in _all_keys(get_default_config()) if k.count(".") == name.count(".")]
+  close = difflib.get_close_matches(name, peers, n=3, cutoff=0.6)
+  if not close:  # a misspelled field: compare its name with the other fields of its group
+    close = [k for k in peers if k.startswith(group + ".")
+             and difflib.SequenceMatcher(None, k.rpartition(".")[2], last).ratio() >= 0.5][:3]
+  hint = f"did you mean {' or '.join(close)}? " if close else ""
+  return ConfigError(f"unknown config key {name!r}; {hint}every field and its default are in "
+                     "nanollama_jax/config.py")
+
+
+def check_key(name: str) -> None:
+  """Raises ConfigError (with the closest valid keys) unless `name` ('group.field') exists."""
+  value: Any = get_default_config()
+  seen = []
+  for part in name.split("."):
+    if not _is_group(value):  # inside a dict-valued field (rope_scaling): not ours to check
+      return
+    if part not in value:
+      raise _unknown_key(".".join([*seen, part]))
+    value, seen = value[part], [*seen, part]
+
+
 def _check_known_keys(cfg: ml_collections.ConfigDict, default: ml_collections.ConfigDict,
                       prefix: str) -> None:
   for key in cfg.keys():
     name = f"{prefix}{key}"
     if key not in default:
-      known = ", ".join(sorted(default.keys()))
-      raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
+      raise _unknown_key(name)
     if _is_group(default[key]):
       if not _is_group(cfg[key]):
         _fail(name, cfg[key], "must be a group of fields")

@@ -1,34 +1,40 @@
-"""Perplexity of a trained model over a whole split or given files: every token counted once."""
+"""Evaluation: the token-weighted mean loss over batches, its perplexity, for training and after.
+
+The trainer evaluates fixed batches of the eval split with `mean_loss`; `perplexity` runs the
+same computation over a whole split or given files, every token a target exactly once.
+"""
 
 from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 
-from nanollama_jax import metrics, model
+from nanollama_jax import metrics, model, sharding
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
 
+EvalStep = Callable[[dict, dict], tuple[jax.Array, jax.Array]]
 
-def perplexity(cfg: ml_collections.ConfigDict, params: dict, tokenizer: Tokenizer,
-               files: str | None = None, progress: bool = True,
-               max_batches: int = 10**9) -> dict[str, float]:
-  """Token-weighted mean next-token loss and its perplexity over the eval split of `cfg.data`
-  (or over `files`, comma-separated globs), with the run's packing: documents as
-  [BOS] + tokens + [EOS], each token of each document a target exactly once.
+
+def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None) -> EvalStep:
+  """Returns eval_step(params, batch) -> (loss sum, token count), jitted."""
+  return jax.jit(sharding.under_mesh(functools.partial(model.loss_sums, graphdef), mesh))
+
+
+def mean_loss(eval_step: EvalStep, params: dict, batches: Sequence[dict],
+              progress: bool = False) -> dict[str, float]:
+  """{"loss", "perplexity", "tokens"}: the token-weighted mean loss over `batches`.
+
+  With `progress` and a terminal, a counter of batches and tokens on stderr.
   """
-  data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
-  if files:
-    data_cfg.source, data_cfg.eval_files = "files", files
-  batches = pipeline.eval_batches(data_cfg, tokenizer, max_batches)
-  step = jax.jit(functools.partial(model.loss_sums, model.graph(cfg.model)))
-  loss_sum, count = 0.0, 0.0
   show = progress and sys.stderr.isatty()
+  loss_sum, count = 0.0, 0.0
   for i, batch in enumerate(batches, 1):
-    s, c = step(params, batch)
+    s, c = eval_step(params, batch)
     loss_sum, count = loss_sum + float(s), count + float(c)
     if show:
       print(f"\rperplexity: batch {i}/{len(batches)}, {int(count):,} tokens", end="",
@@ -37,3 +43,17 @@ def perplexity(cfg: ml_collections.ConfigDict, params: dict, tokenizer: Tokenize
     print(file=sys.stderr)
   loss = loss_sum / max(count, 1.0)
   return {"loss": loss, "perplexity": metrics.perplexity(loss), "tokens": int(count)}
+
+
+def perplexity(cfg: ml_collections.ConfigDict, params: dict, tokenizer: Tokenizer,
+               files: str | None = None, progress: bool = True,
+               max_batches: int = 10**9) -> dict[str, float]:
+  """The mean next-token loss and its perplexity over the eval split of `cfg.data` (or over
+  `files`, comma-separated globs), with the run's packing: documents as [BOS] + tokens + [EOS],
+  each token of each document a target exactly once.
+  """
+  data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+  if files:
+    data_cfg.source, data_cfg.eval_files = "files", files
+  batches = pipeline.eval_batches(data_cfg, tokenizer, max_batches)
+  return mean_loss(make_eval_step(model.graph(cfg.model)), params, batches, progress)

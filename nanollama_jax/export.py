@@ -230,6 +230,13 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str, max_length: int) -> None
 # --- Directories ---------------------------------------------------------------------------------
 
 
+def _ordinary_permissions(path: str) -> None:
+  """Gives `path` the permissions a new file gets under the process's umask (0644 usually)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
             tokenizer: Tokenizer | None = None, dtype: str = "float32") -> None:
   """Writes a Hugging Face Llama directory: config.json, model.safetensors (+ tokenizer)."""
@@ -242,9 +249,10 @@ def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
   tensors = to_hf_tensors(params, model_cfg)
   os.makedirs(out_dir, exist_ok=True)
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  weights = os.path.join(out_dir, SAFETENSORS)
   save_file({k: torch.from_numpy(np.array(v)).to(torch_dtype).contiguous()
-             for k, v in tensors.items()},
-            os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
+             for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+  _ordinary_permissions(weights)  # safetensors writes through a private (0600) temporary file
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(cfg, f, indent=2)
   with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:

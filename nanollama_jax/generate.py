@@ -133,3 +133,23 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
       row = row[:row.index(eos_id)]
     results.append(row)
   return (results, np.asarray(logits)) if return_logits else results
+
+
+class Samples:
+  """Greedy continuations of a run's sample prompts (`train.sample_prompts`), for its log."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, tokenizer):
+    self.prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
+    self._ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in self.prompts]
+    longest = max(map(len, self._ids), default=0)
+    self._new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - longest)
+    self._model_cfg, self._tokenizer = cfg.model, tokenizer
+
+  def continue_prompts(self, params: dict) -> list[str]:
+    """Each prompt followed by its greedy continuation; none when sampling is off."""
+    if not (self.prompts and self._new_tokens > 0):
+      return []
+    tok = self._tokenizer
+    outs = generate(self._model_cfg, params, self._ids, self._new_tokens, eos_id=tok.eos_id,
+                    pad_id=tok.pad_id)
+    return [p + tok.decode(o) for p, o in zip(self.prompts, outs)]

@@ -319,6 +319,11 @@ def init_params(cfg: ml_collections.ConfigDict, seed: int) -> dict:
   return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(params=seed)))))()
 
 
+def abstract_params(cfg: ml_collections.ConfigDict) -> dict:
+  """The parameters' shapes and dtypes (ShapeDtypeStructs); nothing is computed or allocated."""
+  return jax.eval_shape(lambda: init_params(cfg, 0))
+
+
 def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
           segment_ids_BxT: jax.Array | None = None,
           positions_BxT: jax.Array | None = None) -> jax.Array:

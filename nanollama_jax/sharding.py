@@ -14,9 +14,10 @@ failing; `describe` reports which.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -165,6 +166,28 @@ def process_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
   index, count = data_shard(sharding, len(batch["inputs"]))
   rows = len(batch["inputs"]) // count
   return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
+
+
+def under_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+  """`fn` traced with `mesh` as the context, so that activation constraints apply."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) placed on `shardings`: one
+  Sharding for every leaf, or a tree of them matching `tree`. What restores and ahead-of-time
+  lowering take instead of arrays."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

@@ -5,9 +5,12 @@ It wires the modules together and holds no model, data or optimizer logic of its
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging as std_logging
 import os
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -25,9 +28,9 @@ from ml_collections import config_flags
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
-from nanollama_jax import generate, hostmem, model, optim, sharding
-from nanollama_jax.data import pipeline
-from nanollama_jax.data.tokenizer import load_or_train_tokenizer
+from nanollama_jax import evaluate, generate, hostmem, model, optim, sharding
+from nanollama_jax.data import DataError, HubUnreachable, pipeline
+from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 Batch = dict[str, Any]
 
@@ -49,18 +52,6 @@ def init_state(params: dict, opt_state: optax.OptState, seed: int, step: int = 0
   return TrainState(jnp.asarray(step, jnp.int32), params, opt_state,
                     jnp.asarray(rng, jnp.uint32), jnp.asarray(bad_run, jnp.int32),
                     jnp.asarray(skipped, jnp.int32))
-
-
-def _under_mesh(fn, mesh: jax.sharding.Mesh | None):
-  """`fn` traced with `mesh` as the context, so that activation constraints apply."""
-  if mesh is None:
-    return fn
-
-  @functools.wraps(fn)
-  def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
-  return wrapped
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
@@ -113,24 +104,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
 
   if mesh is None:
     return jax.jit(train_step, donate_argnums=0)
-  return jax.jit(_under_mesh(train_step, mesh), donate_argnums=0,
+  return jax.jit(sharding.under_mesh(train_step, mesh), donate_argnums=0,
                  in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)))
-
-
-def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None):
-  """Returns eval_step(params, batch) -> (loss sum, token count), jitted."""
-  return jax.jit(_under_mesh(functools.partial(model.loss_sums, graphdef), mesh))
-
-
-def evaluate(eval_step, params: dict, batches: list[Batch]) -> dict[str, float]:
-  """Token-weighted mean loss over `batches`, and its perplexity."""
-  sums = [eval_step(params, b) for b in batches]
-  loss_sum = sum(float(s) for s, _ in sums)
-  count = sum(float(c) for _, c in sums)
-  loss = loss_sum / max(count, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": metrics_lib.perplexity(loss),
-          "eval_tokens": int(count)}
 
 
 class TrainingError(Exception):
@@ -190,7 +166,7 @@ class _StopRequest:
 def state_sharding(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                    mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
   """The abstract TrainState and its shardings on `mesh` (parameters by the logical rules)."""
-  abstract_params = jax.eval_shape(lambda: model.init_params(cfg.model, cfg.train.seed))
+  abstract_params = model.abstract_params(cfg.model)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   params, opt = sharding.state_shardings(tx, abstract_params, abstract_opt,
                                          model.logical_axes(cfg.model), mesh)
@@ -199,12 +175,6 @@ def state_sharding(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformat
   abstract = TrainState(counter, abstract_params, abstract_opt,
                         jax.ShapeDtypeStruct((2,), jnp.uint32), counter, counter)
   return abstract, TrainState(replicated, params, opt, replicated, replicated, replicated)
-
-
-def _placed(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree` carrying the matching leaf of `shardings`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
 
 
 def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -217,7 +187,7 @@ def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   abstract, shardings = state_sharding(cfg, tx, mesh)
   step = make_train_step(cfg, model.graph(cfg.model), tx,
                          optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
-  state = _placed(abstract, shardings)
+  state = sharding.abstract(abstract, shardings)
   rows = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                               sharding=sharding.batch_sharding(mesh))
   batch = {k: rows for k in ("inputs", "targets", "segment_ids", "positions")}
@@ -232,8 +202,8 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointe
   Whatever the source, the state is created directly with its shardings, never whole on one
   device.
   """
-  target_params = _placed(abstract.params, shardings.params)
-  restored = ckpt.restore(target_params, _placed(abstract.opt_state, shardings.opt_state),
+  target_params = sharding.abstract(abstract.params, shardings.params)
+  restored = ckpt.restore(target_params, sharding.abstract(abstract.opt_state, shardings.opt_state),
                           cfg.model)
   if restored is not None:
     meta = restored.meta
@@ -259,25 +229,36 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointe
   return init(), None
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str, float]]:
-  """Trains `cfg` in `workdir`, resuming from its newest checkpoint if it has one.
+class _FailedStart:
+  """Removes what a run created in its workdir when it fails before its first step.
 
-  Returns the final parameters and the last logged numbers. Raises Preempted after saving when
-  SIGTERM/SIGINT arrives, and TrainingError after `train.max_bad_steps` non-finite steps in a row.
+  A workdir left with a config and a tokenizer but no step would be taken for a run by the next
+  command (which would reuse a tokenizer trained for a run that never happened).
   """
-  config_lib.validate(cfg)
-  steps = cfg.train.steps
-  schedule = optim.lr_schedule(cfg.optim, steps)
-  tx = optim.make_optimizer(cfg.optim, steps)
-  mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
-  abstract, shardings = state_sharding(cfg, tx, mesh)
-  logging.info("%s", sharding.describe(mesh, shardings, abstract))
-  checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), cfg.train.keep_ckpts)
-  config_json = config_lib.to_json(cfg)
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.existed = os.path.isdir(workdir)
+    self.before = set(os.listdir(workdir)) if self.existed else set()
+    self.started = False
+
+  def __enter__(self) -> "_FailedStart":
+    return self
+
+  def __exit__(self, kind, error, tb) -> None:
+    if kind is None or self.started or jax.process_index() != 0:
+      return
+    if not self.existed:
+      shutil.rmtree(self.workdir, ignore_errors=True)
+      return
+    for name in set(os.listdir(self.workdir)) - self.before:
+      path = os.path.join(self.workdir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """The run's tokenizer: process 0 copies, reuses or trains it; the others then read it."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config_json)
     tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
   if jax.process_count() > 1:
     # The others reuse the tokenizer process 0 trained (on a workdir every host can see).
@@ -288,166 +269,212 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     raise config_lib.ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
       f"({tokenizer.vocab_size} pieces in {cfg.data.tokenizer or 'the workdir tokenizer'})")
+  return tokenizer
 
-  graphdef = model.graph(cfg.model)
-  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_ckpts, cfg.train.async_checkpoint)
-  try:
-    state, data_state = _resume_or_init(cfg, ckpt, tx, abstract, shardings)
-  except BaseException:
-    ckpt.close()
-    raise
-  start_step = int(state.step)
-  n_params = model.param_count(state.params)
-  logging.info("model: %s parameters (%s without embeddings)", f"{n_params:,}",
-               f"{n_params - model.embedding_param_count(cfg.model):,}")
-  train_step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
-  eval_step = make_eval_step(graphdef, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
 
-  share, shares = sharding.data_shard(batch_sharding, cfg.data.batch_size)
-  if shares > 1:
-    logging.info("data: this process reads share %d of %d", share, shares)
-  train_iter = pipeline.train_batches(cfg.data, tokenizer, share, shares)
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  eval_set: list[Batch] = []
-  if cfg.data.source == "hf" or cfg.data.eval_files:
-    eval_set = [sharding.global_batch(sharding.process_rows(b, batch_sharding), batch_sharding)
-                for b in pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)]
-  else:
+def _eval_set(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
+              batch_sharding: jax.sharding.NamedSharding) -> list[Batch]:
+  """The fixed evaluation batches as global arrays; none without an eval split."""
+  if cfg.data.source != "hf" and not cfg.data.eval_files:
     logging.info("data.eval_files is empty: no evaluation in this run")
+    return []
+  return [sharding.global_batch(sharding.process_rows(b, batch_sharding), batch_sharding)
+          for b in pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)]
 
-  writer = metrics_lib.MetricsWriter(workdir, start_step=start_step)
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  flops_per_token = metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len)
-  peak_flops, peak_source = metrics_lib.device_peak_flops()
-  peak_flops *= jax.device_count()
-  logging.info("%.3g model FLOPs per token; MFU against %.3g FLOP/s (%s, x%d devices)",
-               flops_per_token, peak_flops, peak_source, jax.device_count())
-  last: dict[str, float] = {}
-  pending = None  # (step, device metrics) of the last dispatched step, read one step late
-  mark_time, mark_step = time.time(), start_step + 1
-  skipped_total = int(state.skipped)
 
-  def retire() -> None:
+class _Steps:
+  """The loop's bookkeeping: metrics read one step late, log rows and timing, evaluations with
+  samples, and checkpoints."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, state: TrainState,
+               ckpt: checkpoint.Checkpointer, train_iter: pipeline.Batches, tokenizer: Tokenizer,
+               mesh: jax.sharding.Mesh, config_json: str):
+    self.cfg, self.ckpt, self.train_iter, self.config_json = cfg, ckpt, train_iter, config_json
+    self.start_step = int(state.step)
+    self.skipped_total = int(state.skipped)
+    self.writer = metrics_lib.MetricsWriter(workdir, start_step=self.start_step)
+    self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    self.flops_per_token = metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak_flops, peak_source = metrics_lib.device_peak_flops()
+    self.peak_flops = peak_flops * jax.device_count()
+    logging.info("%.3g model FLOPs per token; MFU against %.3g FLOP/s (%s, x%d devices)",
+                 self.flops_per_token, self.peak_flops, peak_source, jax.device_count())
+    self.eval_step = evaluate.make_eval_step(model.graph(cfg.model), mesh)
+    self.samples = generate.Samples(cfg, tokenizer)
+    self.last: dict[str, float] = {}
+    self.pending = None  # (step, device metrics) of the last dispatched step, read one step late
+    self.mark_time, self.mark_step = time.time(), self.start_step + 1
+    self.bar = metrics_lib.progress(self.start_step, cfg.train.steps)
+
+  def restart_clock(self) -> None:
+    """Time from now on counts as training (not compilation, evaluation or saving)."""
+    self.mark_time = time.time()
+
+  def dispatched(self, done: int, step_metrics: dict[str, jax.Array]) -> None:
+    """Records step `done` as queued, after reading the metrics of the step before it."""
+    self.retire()
+    self.pending = (done, step_metrics)
+    if self.bar is not None:
+      self.bar.step()
+
+  def retire(self) -> None:
     """Reads the pending step's metrics: stops on a run of bad steps, logs on log steps."""
-    nonlocal pending, mark_time, mark_step, skipped_total
-    if pending is None:
+    if self.pending is None:
       return
-    (done, device_metrics), pending = pending, None
+    (done, device_metrics), self.pending = self.pending, None
     values = jax.device_get(device_metrics)
-    loss = float(values["loss"])
-    skipped_total += int(values["skipped"])
+    self.skipped_total += int(values["skipped"])
     if values["skipped"]:
-      logging.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)", done,
-                      loss, float(values["grad_norm"]), int(values["bad_run"]))
-      if values["bad_run"] >= cfg.train.max_bad_steps:
-        raise TrainingError(
-          f"{int(values['bad_run'])} non-finite steps in a row, the last at step {done} "
-          f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint is step "
-          f"{ckpt.latest_step()}: lower optim.lr or check the data before resuming")
-    if not (done % cfg.train.log_every == 0 or done == steps or values["skipped"]):
-      return
-    now = time.time()
+      self._bad_step(done, values)
+    if done % self.cfg.train.log_every == 0 or done == self.cfg.train.steps or values["skipped"]:
+      self._log(done, values)
+
+  def _bad_step(self, done: int, values: dict[str, Any]) -> None:
+    logging.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)", done,
+                    float(values["loss"]), float(values["grad_norm"]), int(values["bad_run"]))
+    if values["bad_run"] >= self.cfg.train.max_bad_steps:
+      raise TrainingError(
+        f"{int(values['bad_run'])} non-finite steps in a row, the last at step {done} "
+        f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); the newest checkpoint is step "
+        f"{self.ckpt.latest_step()}: lower optim.lr or check the data before resuming")
+
+  def _log(self, done: int, values: dict[str, Any]) -> None:
+    loss = float(values["loss"])
     row = {"loss": loss, "perplexity": metrics_lib.perplexity(loss), "lr": float(values["lr"]),
-           "grad_norm": float(values["grad_norm"]), "tokens_seen": done * tokens_per_step,
-           "skipped_steps": skipped_total, "epoch": train_iter.epoch}
-    if cfg.data.packing == "first_fit":
-      row["padding"] = train_iter.padding_fraction
+           "grad_norm": float(values["grad_norm"]), "tokens_seen": done * self.tokens_per_step,
+           "skipped_steps": self.skipped_total, "epoch": self.train_iter.epoch}
+    if self.cfg.data.packing == "first_fit":
+      row["padding"] = self.train_iter.padding_fraction
     eta = None
-    if done > mark_step:  # the first step's time is compilation, reported on its own
-      step_time = (now - mark_time) / (done - mark_step)
-      row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                 mfu=tokens_per_step / step_time * flops_per_token / peak_flops)
-      eta = (steps - done) * step_time
-      mark_time, mark_step = now, done
-    writer.write(done, row)
-    metrics_lib.log_line(done, steps, row, eta_s=eta, bar=bar)
-    if bar is not None:
-      bar.show(row)
-    last.update(row)
+    now = time.time()
+    if done > self.mark_step:  # the first step's time is compilation, reported on its own
+      step_time = (now - self.mark_time) / (done - self.mark_step)
+      tokens_per_s = self.tokens_per_step / step_time
+      row.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
+                 mfu=tokens_per_s * self.flops_per_token / self.peak_flops)
+      eta = (self.cfg.train.steps - done) * step_time
+      self.mark_time, self.mark_step = now, done
+    self._record(done, row, eta)
+    if self.bar is not None:
+      self.bar.show(row)
 
-  def save(done: int) -> None:
-    retire()
-    meta = {"tokens_seen": done * tokens_per_step, "bad_run": int(state.bad_run),
+  def _record(self, done: int, row: dict[str, Any], eta: float | None = None) -> None:
+    self.writer.write(done, row)
+    metrics_lib.log_line(done, self.cfg.train.steps, row, eta_s=eta, bar=self.bar)
+    self.last.update(row)
+
+  def epoch_ended(self, epoch: int, step: int) -> None:
+    self.retire()
+    metrics_lib.say(f"epoch {epoch} of {self.train_iter.names[0]} complete after step {step}; "
+                    f"the latest logged numbers:\n{metrics_lib.summary_table(step, self.last)}",
+                    self.bar)
+
+  def evaluate(self, done: int, params: dict, eval_set: list[Batch]) -> None:
+    """Evaluates on the fixed batches, then writes the sample continuations."""
+    self.retire()
+    result = evaluate.mean_loss(self.eval_step, params, eval_set)
+    self._record(done, {f"eval_{k}": v for k, v in result.items()})
+    texts = self.samples.continue_prompts(params)
+    if texts:
+      self.writer.write_texts(done, "samples", texts)
+      for text in texts:
+        metrics_lib.say(f"step {done} sample: {text!r}", self.bar)
+    self.restart_clock()
+
+  def save(self, done: int, state: TrainState) -> None:
+    self.retire()
+    meta = {"tokens_seen": done * self.tokens_per_step, "bad_run": int(state.bad_run),
             "skipped": int(state.skipped), "rng": [int(x) for x in jax.device_get(state.rng)]}
-    if ckpt.save(done, state.params, state.opt_state, train_iter.get_state(), meta, config_json):
-      logging.info("checkpoint %d: training blocked %.3fs for it", done, ckpt.last_blocking_s)
+    if self.ckpt.save(done, state.params, state.opt_state, self.train_iter.get_state(), meta,
+                      self.config_json):
+      logging.info("checkpoint %d: training blocked %.3fs for it", done,
+                   self.ckpt.last_blocking_s)
+    self.restart_clock()
 
-  prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
-  prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-  sample_tokens = min(cfg.train.sample_tokens,
-                      cfg.model.max_seq_len - max(map(len, prompt_ids), default=0))
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    self.writer.close()
 
-  def samples(done: int) -> None:
-    """Greedy continuations of the sample prompts, to the log and TensorBoard."""
-    if not (prompts and sample_tokens > 0):
-      return
-    outs = generate.generate(cfg.model, state.params, prompt_ids, sample_tokens,
-                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    texts = [p + tokenizer.decode(o) for p, o in zip(prompts, outs)]
-    writer.write_texts(done, "samples", texts)
-    for text in texts:
-      metrics_lib.say(f"step {done} sample: {text!r}", bar)
 
-  stop = _StopRequest()
-  start = time.time()
-  bar = metrics_lib.progress(start_step, steps)
-  try:
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str, float]]:
+  """Trains `cfg` in `workdir`, resuming from its newest checkpoint if it has one.
+
+  Returns the final parameters and the last logged numbers. Raises Preempted after saving when
+  SIGTERM/SIGINT arrives, and TrainingError after `train.max_bad_steps` non-finite steps in a row.
+  A run that fails before its first step leaves the workdir as it found it.
+  """
+  config_lib.validate(cfg)
+  steps = cfg.train.steps
+  tx = optim.make_optimizer(cfg.optim, steps)
+  mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
+  abstract, shardings = state_sharding(cfg, tx, mesh)
+  logging.info("%s", sharding.describe(mesh, shardings, abstract))
+  with _FailedStart(workdir) as start_guard, contextlib.ExitStack() as cleanup:
+    checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), cfg.train.keep_ckpts)
+    config_json = config_lib.to_json(cfg)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config_json)
+    tokenizer = _tokenizer(cfg, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_ckpts, cfg.train.async_checkpoint)
+    cleanup.callback(ckpt.close)
+    state, data_state = _resume_or_init(cfg, ckpt, tx, abstract, shardings)
+    start_step = int(state.step)
+    n_params = model.param_count(state.params)
+    logging.info("model: %s parameters (%s without embeddings)", f"{n_params:,}",
+                 f"{n_params - model.embedding_param_count(cfg.model):,}")
+    train_step = make_train_step(cfg, model.graph(cfg.model), tx,
+                                 optim.lr_schedule(cfg.optim, steps), mesh, shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    share, shares = sharding.data_shard(batch_sharding, cfg.data.batch_size)
+    if shares > 1:
+      logging.info("data: this process reads share %d of %d", share, shares)
+    train_iter = pipeline.train_batches(cfg.data, tokenizer, share, shares)
+    cleanup.callback(train_iter.close)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    eval_set = _eval_set(cfg, tokenizer, batch_sharding)
+    record = _Steps(cfg, workdir, state, ckpt, train_iter, tokenizer, mesh, config_json)
+    cleanup.callback(record.close)
+    stop = _StopRequest()
+    cleanup.callback(stop.restore)
+    start = time.time()
     if start_step >= steps:
+      start_guard.started = True
       logging.info("%s is already trained to step %d (train.steps=%d): nothing to do; raise "
                    "train.steps to extend it", workdir, start_step, steps)
     epoch = train_iter.epoch
     for step in range(start_step, steps):
       local = next(train_iter)
       if train_iter.epoch > epoch:
-        retire()
-        metrics_lib.say(f"epoch {epoch} of {train_iter.names[0]} complete after step {step}; "
-                        f"the latest logged numbers:\n{metrics_lib.summary_table(step, last)}",
-                        bar)
+        record.epoch_ended(epoch, step)
         epoch = train_iter.epoch
-      batch = sharding.global_batch(local, batch_sharding)
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, sharding.global_batch(local, batch_sharding))
       if step == start_step:
         jax.block_until_ready(state)
+        start_guard.started = True
         logging.info("first step (compilation included) took %.1fs", time.time() - start)
-        mark_time = time.time()
-      retire()
+        record.restart_clock()
       done = step + 1
-      pending = (done, step_metrics)
-      if bar is not None:
-        bar.step()
+      record.dispatched(done, step_metrics)
       if eval_set and (done % cfg.train.eval_every == 0 or done == steps):
-        retire()
-        row = evaluate(eval_step, state.params, eval_set)
-        writer.write(done, row)
-        metrics_lib.log_line(done, steps, row, eta_s=None, bar=bar)
-        last.update(row)
-        samples(done)
-        mark_time = time.time()  # evaluation time is not training throughput
+        record.evaluate(done, state.params, eval_set)
       stopping = stop.requested(done)
-      if stopping or done == steps or (cfg.train.ckpt_every and
-                                       done % cfg.train.ckpt_every == 0):
-        save(done)
-        mark_time = time.time()
+      if stopping or done == steps or (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0):
+        record.save(done, state)
       if stopping:
         ckpt.wait()
         raise Preempted(stop.signum, done, workdir)
-    retire()
+    record.retire()
     ckpt.wait()
-  finally:
-    if bar is not None:
-      bar.close()
-    stop.restore()
-    writer.close()
-    train_iter.close()
-    ckpt.close()
   if start_step < steps:
     logging.info("done: %d steps, %s tokens in %.1fs", steps - start_step,
-                 f"{(steps - start_step) * tokens_per_step:,}", time.time() - start)
+                 f"{(steps - start_step) * record.tokens_per_step:,}", time.time() - start)
     if jax.process_index() == 0:
-      logging.info("summary:\n%s", metrics_lib.summary_table(steps, last))
-  return state.params, last
+      logging.info("summary:\n%s", metrics_lib.summary_table(steps, record.last))
+  return state.params, record.last
 
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -471,18 +498,93 @@ _MULTIHOST = flags.DEFINE_bool(
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax (dozens of lines per save); its warnings still show."""
+  """Drops the INFO chatter of orbax (dozens of lines per save) and JAX's start-up notes (such as
+  "Unable to initialize backend 'tpu'" on every machine without one); warnings still show."""
+
+  _CHATTY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    return record.levelno >= std_logging.WARNING or not any(
+      part in record.pathname for part in self._CHATTY)
+
+
+USAGE = """\
+usage: python -m nanollama_jax.train --config CONFIG.py --workdir DIR [--config.GROUP.FIELD=VALUE ...]
+
+Trains the model of CONFIG.py in DIR, or resumes the run DIR holds. Every config field, with its
+default and a comment, is defined in nanollama_jax/config.py (get_default_config); the recipes in
+configs/ change only what differs. Groups: model, data, optim, train, mesh.
+
+Common overrides:
+  --config.train.steps=200 --config.model.n_layers=2       a shorter run of a smaller model
+  --config.data.source=files --config.data.train_files='data/*.jsonl' \\
+      --config.data.eval_files=data/val.jsonl            local JSONL, text or Parquet files
+  --config.model.attention=xla --config.model.dtype=float32  the portable attention, in float32
+
+Exit codes: 0 done, 1 training failed, 2 the run could not start (a config, data or network
+problem, named in one line), 128 + N stopped by signal N after saving a checkpoint.
+"""
+
+
+def _fail(kind: str, message: str) -> None:
+  """Ends the program with one line (no traceback) for a mistake the user can fix."""
+  print(f"{kind}: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_path(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the user's mistakes as one `config error:` line (exit 2)."""
+  if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+    print(USAGE + "\nflags:\n" + flags.FLAGS.module_help(sys.modules[__name__]))
+    sys.exit(0)
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+    _fail("config error", f"--config {path}: no such file (the recipes are in configs/)")
+  try:
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        config_lib.check_key(arg[len("--config."):].split("=", 1)[0])
+    rest = flags.FLAGS(argv)
+    _CONFIG.value  # loads the config file; a broken one raises here  # pylint: disable=pointless-statement
+  except config_lib.ConfigError as e:
+    _fail("config error", str(e))
+  except (flags.Error, KeyError, AttributeError, OSError, TypeError, ValueError) as e:
+    _fail("config error", " ".join(str(e).split()))
+  return rest
+
+
+def _offline_command(workdir: str) -> str:
+  """The training command of this run on the TinyStories sample that ships with the package."""
+  from nanollama_jax.data import sample_dir  # pylint: disable=import-outside-toplevel
+  sample = str(sample_dir())
+  if sample.startswith(os.getcwd() + os.sep):
+    sample = os.path.relpath(sample)
+  config_flag = flags.FLAGS["config"]
+  keep = {k: v for k, v in config_flags.get_override_values(config_flag).items()
+          if not k.startswith("data.")}
+  args = ["python", "-m", "nanollama_jax.train", "--config",
+          config_flags.get_config_filename(config_flag), "--workdir", workdir,
+          *(f"--config.{k}={v}" for k, v in keep.items()), "--config.data.source=files",
+          f"--config.data.train_files={os.path.join(sample, 'train.jsonl')}",
+          f"--config.data.eval_files={os.path.join(sample, 'validation.jsonl')}"]
+  return " ".join(shlex.quote(a) for a in args)
 
 
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail("usage error", f"unexpected arguments: {' '.join(argv[1:])} (see --help)")
   if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("both --config and --workdir are required")
+    _fail("usage error", "both --config and --workdir are required (see --help)")
   if _CONFIG.value.train.keep_host_memory:
     hostmem.keep_freed_memory()  # before JAX starts its CPU backend's threads
   try:
@@ -490,8 +592,12 @@ def main(argv: list[str]) -> None:
       sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail("config error", str(e))
+  except HubUnreachable as e:
+    _fail("network error", f"{e}. To train offline on the TinyStories sample that ships with "
+                           f"the package:\n  {_offline_command(_WORKDIR.value)}")
+  except DataError as e:
+    _fail("data error", str(e))
   except (checkpoint.CheckpointError, TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -501,4 +607,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -47,9 +47,9 @@ def _parse() -> argparse.Namespace:
                       "torch_compare is the only section)")
   p.add_argument("--unrolled-max", type=int, default=16,
                  help="deepest unrolled (no scan) model to compile for contrast; 0 skips")
-  p.add_argument("--data-dir", default=os.path.join(_ROOT, "..", "shared", "data",
-                                                    "tinystories-sample"),
-                 help="data section: a directory of .jsonl files with a 'text' field")
+  p.add_argument("--data-dir", default=None,
+                 help="data section: a directory of .jsonl files with a 'text' field (default: "
+                      "the TinyStories sample the package ships)")
   p.add_argument("--data-tokens", type=int, default=5_000_000,
                  help="data section: repeat the documents up to about this many tokens")
   p.add_argument("--system-malloc", action="store_true",
@@ -72,7 +72,6 @@ def _parse() -> argparse.Namespace:
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-sys.path.insert(0, _ROOT)
 if ARGS is not None and "xla_force_host_platform_device_count" not in os.environ.get(
     "XLA_FLAGS", ""):
   # Fake CPU devices for the sharded compile; harmless on GPU/TPU hosts (CPU platform only).
@@ -86,6 +85,7 @@ import jax  # pylint: disable=wrong-import-position
 
 from nanollama_jax import config as config_lib  # pylint: disable=wrong-import-position
 from nanollama_jax import model, sharding, train  # pylint: disable=wrong-import-position
+from nanollama_jax.data import sample_dir  # pylint: disable=wrong-import-position
 
 
 def _cpu_model() -> str:
@@ -429,7 +429,7 @@ def main() -> None:
   if "recipes" in chosen:
     results["recipes"] = recipes()
   if "data" in chosen:
-    results["data"] = data(args.data_dir, args.data_tokens)
+    results["data"] = data(args.data_dir or str(sample_dir()), args.data_tokens)
   if "torch_compare" in chosen:
     results["torch_compare"] = torch_compare(args.torch_steps, args.torch_rounds)
   if args.json:

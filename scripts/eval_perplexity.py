@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from nanollama_jax import checkpoint, config, evaluate  # pylint: disable=g-import-not-at-top
-from nanollama_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+from nanollama_jax import checkpoint, config, evaluate
+from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   try:
     cfg, params, step = checkpoint.load_run(args.workdir, args.step)
-    tokenizer = Tokenizer(os.path.join(args.workdir, "tokenizer.model"))
+    tokenizer = workdir_tokenizer(args.workdir)
     result = evaluate.perplexity(cfg, params, tokenizer, args.files,
                                  max_batches=args.max_batches)
   except (checkpoint.CheckpointError, config.ConfigError, ValueError, FileNotFoundError) as e:

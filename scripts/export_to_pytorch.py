@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from nanollama_jax import checkpoint, export  # pylint: disable=g-import-not-at-top
-from nanollama_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+from nanollama_jax import checkpoint, export
+from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   try:
     cfg, params, step = checkpoint.load_run(args.workdir, args.step)
-    tok = Tokenizer(os.path.join(args.workdir, "tokenizer.model"))
+    tok = workdir_tokenizer(args.workdir)
     export.save_hf(args.out, params, cfg.model, tok, args.dtype)
   except (checkpoint.CheckpointError, export.ExportError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from nanollama_jax import checkpoint, generate  # pylint: disable=g-import-not-at-top
-from nanollama_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+from nanollama_jax import checkpoint, generate
+from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   try:
     cfg, params, step = checkpoint.load_run(args.workdir, args.step)
-    tok = Tokenizer(os.path.join(args.workdir, "tokenizer.model"))
+    tok = workdir_tokenizer(args.workdir)
     max_new = min(args.max_new_tokens,
                   cfg.model.max_seq_len - max(len(tok.encode(t)) + 1 for t in args.prompt))
     if max_new < 1:

@@ -18,18 +18,15 @@ import collections
 import itertools
 import json
 import multiprocessing
-import pathlib
 import sys
 import time
 from collections.abc import Iterator
 
 import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from nanollama_jax import config  # pylint: disable=g-import-not-at-top
-from nanollama_jax.data import shards, sources  # pylint: disable=g-import-not-at-top
-from nanollama_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+from nanollama_jax import config
+from nanollama_jax.data import shards, sources
+from nanollama_jax.data.tokenizer import Tokenizer
 
 _CHUNK = 256  # documents per tokenisation task
 _worker_tokenizer: Tokenizer | None = None

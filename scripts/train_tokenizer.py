@@ -8,14 +8,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from nanollama_jax import config  # pylint: disable=g-import-not-at-top
-from nanollama_jax.data import sources, tokenizer  # pylint: disable=g-import-not-at-top
+from nanollama_jax import config
+from nanollama_jax.data import sources, tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the TinyStories sample, found through NANOLLAMA_SAMPLE_DATA."""
+"""Shared test fixtures: the TinyStories sample the package ships (or $NANOLLAMA_SAMPLE_DATA)."""
 
 import atexit
 import os
@@ -20,20 +20,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+def pytest_sessionstart(session):
+  """Stops the session at once, not after minutes of errors, when the sample is missing."""
+  del session
+  from nanollama_jax.data import sample_dir  # pylint: disable=g-import-not-at-top
+  try:
+    sample_dir()
+  except FileNotFoundError as e:
+    pytest.exit(f"the TinyStories sample is missing: {e}", returncode=4)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> pathlib.Path:
   """The directory holding train.jsonl and validation.jsonl of the TinyStories sample."""
-  env = os.environ.get("NANOLLAMA_SAMPLE_DATA")
-  if not env:
-    pytest.fail(
-      "NANOLLAMA_SAMPLE_DATA is not set: point it at the TinyStories sample directory "
-      "(train.jsonl, validation.jsonl), e.g. export NANOLLAMA_SAMPLE_DATA=../shared/data/tinystories-sample"
-    )
-  path = pathlib.Path(env).resolve()
-  missing = [n for n in ("train.jsonl", "validation.jsonl") if not (path / n).is_file()]
-  if missing:
-    pytest.fail(f"NANOLLAMA_SAMPLE_DATA={env}: missing {', '.join(missing)}")
-  return path
+  from nanollama_jax import data  # pylint: disable=g-import-not-at-top
+  return data.sample_dir()
 
 
 @pytest.fixture(scope="session")

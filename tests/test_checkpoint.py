@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nanollama_jax import checkpoint, config, model, optim, train
+from nanollama_jax import checkpoint, config, model, optim, sharding, train
 from nanollama_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,9 +169,9 @@ def test_values_that_read_back_different_are_caught_by_the_fingerprint(
   meta_path.write_text(json.dumps(meta))
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  params = jax.eval_shape(lambda: model.init_params(cfg.model, 0))
-  restored = ckpt.restore(checkpoint.abstract_like(params, _one_device()),
-                          checkpoint.abstract_like(jax.eval_shape(tx.init, params), _one_device()),
+  params = model.abstract_params(cfg.model)
+  restored = ckpt.restore(sharding.abstract(params, _one_device()),
+                          sharding.abstract(jax.eval_shape(tx.init, params), _one_device()),
                           cfg.model)
   ckpt.close()
   assert restored.step == 4 and restored.meta["step"] == 4
@@ -329,7 +329,7 @@ def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, 
   for target_mesh, axes in ((None, ()), (grid, ("tensor", "data"))):
     def target(tree):
       if target_mesh is None:
-        return checkpoint.abstract_like(tree, _one_device())
+        return sharding.abstract(tree, _one_device())
       return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=NamedSharding(grid, _spec(x.shape, axes, grid))), tree)
 
@@ -349,7 +349,7 @@ def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, 
 def test_init_from_loads_parameters_only(sample_dir, tokenizer_path, tmp_path):
   cfg = small_config(sample_dir, tokenizer_path, steps=8)
   trained, _ = train.train(cfg, str(tmp_path / "a"))
-  abstract = checkpoint.abstract_like(jax.eval_shape(lambda: model.init_params(cfg.model, 0)),
+  abstract = sharding.abstract(model.abstract_params(cfg.model),
                                       _one_device())
   for path in (tmp_path / "a", tmp_path / "a" / "checkpoints",
                tmp_path / "a" / "checkpoints" / "8"):

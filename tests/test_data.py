@@ -83,19 +83,62 @@ def test_hf_documents_from_local_json(sample_dir, tmp_path, monkeypatch):
     sources.hf_documents("json", None, "train", "story", data_files=files)
 
 
-def test_hub_failure_names_the_dataset_and_the_way_out(sample_dir, monkeypatch):
+@pytest.fixture
+def local_hub(monkeypatch):
+  """A reachable stand-in for the Hub endpoint: an HTTP server on 127.0.0.1 that answers 404."""
+  import http.server  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+  thread = threading.Thread(target=server.serve_forever)
+  thread.start()
+  monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+  yield
+  server.shutdown()
+  server.server_close()
+  thread.join()  # no thread may end later, inside another test
+
+
+def test_hub_failure_names_the_dataset_and_the_way_out(sample_dir, local_hub, monkeypatch):
   import datasets  # pylint: disable=g-import-not-at-top
 
-  def unreachable(*args, **kwargs):
-    raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub")
+  def missing(*args, **kwargs):
+    raise FileNotFoundError("Dataset 'roneneldan/TinyStories' doesn't exist on the Hub")
 
-  monkeypatch.setattr(datasets, "load_dataset", unreachable)
+  monkeypatch.setattr(datasets, "load_dataset", missing)
   cfg = _data_cfg(sample_dir)
   cfg.source = "hf"
   with pytest.raises(config.ConfigError) as err:
     sources.documents(cfg, "train")
   assert "data.hf_path='roneneldan/TinyStories': cannot load split 'train'" in str(err.value)
   assert "--config.data.source=files" in str(err.value)
+
+
+def test_an_unreachable_hub_is_reported_as_the_network_at_once(sample_dir, monkeypatch):
+  import datasets  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+
+  with socket.socket() as s:  # a port nothing listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+  calls = []
+  monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a))
+  cfg = _data_cfg(sample_dir)
+  cfg.source = "hf"
+  for streaming in (True, False):
+    cfg.hf_streaming = streaming
+    with pytest.raises(sources.HubUnreachable, match=f"cannot reach the Hugging Face Hub at "
+                       f"http://127.0.0.1:{port} to read 'roneneldan/TinyStories'"):
+      sources.open_split(cfg, "train")
+  assert not calls  # datasets never started its retries
+  # Local folders, packaged loaders and the offline cache need no network: never probed.
+  sources.check_hub_reachable("json")
+  sources.check_hub_reachable(str(sample_dir))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  sources.check_hub_reachable("roneneldan/TinyStories")
 
 
 # Packing.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from nanollama_jax import config, export, model
+from nanollama_jax import config, export, model, sharding
 from nanollama_jax.data.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
@@ -102,13 +102,13 @@ TEXTS = [
 ]
 
 
-def test_exported_tokenizer_matches_sentencepiece(tokenizer_path, tmp_path):
+def test_exported_tokenizer_matches_sentencepiece(tokenizer_path, sample_dir, tmp_path):
   tok = Tokenizer(str(tokenizer_path))
   export.write_tokenizer(tok, str(tmp_path), 64)
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   assert hf.vocab_size == tok.vocab_size
   sample = TEXTS + [json.loads(line)["text"] for line in
-                    open(os.path.join(os.environ["NANOLLAMA_SAMPLE_DATA"], "validation.jsonl"))][:50]
+                    open(sample_dir / "validation.jsonl")][:50]
   for text in sample:
     ids = tok.encode(text)
     assert hf.encode(text, add_special_tokens=False) == ids, text
@@ -171,7 +171,7 @@ def test_sampling_respects_top_k_top_p_and_the_seed():
   np.testing.assert_array_equal(everything, again)
 
 
-def test_five_training_steps_match_pytorch(tokenizer_path, tmp_path):
+def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path):
   """Our train step (model, loss, AdamW, schedule, clipping) against transformers + torch.optim."""
   from nanollama_jax import optim, train
   cfg = config.get_default_config()
@@ -200,7 +200,7 @@ def test_five_training_steps_match_pytorch(tokenizer_path, tmp_path):
   # Rows of real text (the sample's first stories, tokenised and cut into 33-token rows).
   tok = Tokenizer(str(tokenizer_path))
   texts = [json.loads(line)["text"] for line in
-           open(os.path.join(os.environ["NANOLLAMA_SAMPLE_DATA"], "train.jsonl"))][:40]
+           open(sample_dir / "train.jsonl")][:40]
   stream = np.array([t for text in texts for t in [tok.bos_id, *tok.encode(text)]], np.int32)
   rows = stream[:steps * 4 * 33].reshape(steps, 4, 33)
   ours, theirs = [], []
@@ -323,7 +323,7 @@ def test_init_from_an_exported_directory_starts_from_its_weights(trained_run, tm
   assert run_script("export_to_pytorch.py", "--workdir", str(trained_run), "--out",
                     str(out)).returncode == 0
   cfg, trained, _ = checkpoint.load_run(str(trained_run))
-  abstract = checkpoint.abstract_like(jax.eval_shape(lambda: model.init_params(cfg.model, 0)),
+  abstract = sharding.abstract(model.abstract_params(cfg.model),
                                       jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   loaded, step = checkpoint.load_params(str(out), abstract, cfg.model)
   assert step == 0

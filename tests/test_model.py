@@ -196,7 +196,7 @@ def remat_temp_bytes(remat: str) -> int:
   cfg = tiny_cfg(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
                  max_seq_len=512, remat=remat)
   graphdef = model.graph(cfg)
-  params = jax.eval_shape(lambda: model.init_params(cfg, 0))
+  params = model.abstract_params(cfg)
   tokens = jax.ShapeDtypeStruct((4, 512), jnp.int32)
 
   def loss(p, t):
@@ -235,7 +235,7 @@ def test_param_count_formula(overrides):
 
 def test_tinystories_param_count():
   cfg = runpy.run_path("configs/tinystories.py")["get_config"]().model
-  abstract = jax.eval_shape(lambda: model.init_params(cfg, 0))
+  abstract = model.abstract_params(cfg)
   # V*D*2 (embedding + untied head) + 4 layers * (attention 2*D*D + 2*D*K*E, SwiGLU 3*D*F,
   # two norms 2*D) + final norm D, with V=10000, D=1024, K*E=256, F=1536.
   expected = 10000 * 1024 * 2 + 4 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 1536

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanollama_jax import config, model, optim, train
+from nanollama_jax import config, evaluate, model, optim, train
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -34,15 +35,15 @@ def test_training_lowers_validation_loss(sample_dir, tokenizer_path, tmp_path):
   cfg = tiny_config(sample_dir, tokenizer_path)
   tokenizer = Tokenizer(str(tokenizer_path))
   eval_set = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)
-  eval_step = train.make_eval_step(model.graph(cfg.model))
-  before = train.evaluate(eval_step, model.init_params(cfg.model, cfg.train.seed), eval_set)
-  assert before["eval_loss"] == pytest.approx(math.log(512), abs=0.3)  # ~uniform at init
+  eval_step = evaluate.make_eval_step(model.graph(cfg.model))
+  before = evaluate.mean_loss(eval_step, model.init_params(cfg.model, cfg.train.seed), eval_set)
+  assert before["loss"] == pytest.approx(math.log(512), abs=0.3)  # ~uniform at init
 
   params, last = train.train(cfg, str(tmp_path))
-  again = train.evaluate(eval_step, params, eval_set)  # the returned params are the final ones
-  assert again == pytest.approx({k: last[k] for k in again})
-  assert last["eval_tokens"] == before["eval_tokens"] > 8 * 16 * 60
-  assert last["eval_loss"] < before["eval_loss"] - 1.5, (before, last)
+  again = evaluate.mean_loss(eval_step, params, eval_set)  # the returned params are the final ones
+  assert again == pytest.approx({k: last[f"eval_{k}"] for k in again})
+  assert last["eval_tokens"] == before["tokens"] > 8 * 16 * 60
+  assert last["eval_loss"] < before["loss"] - 1.5, (before, last)
   assert last["loss"] < 4.8
 
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -123,16 +124,78 @@ def test_command_line_writes_the_workdir(sample_dir, tmp_path):
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-def test_command_line_reports_config_errors(tmp_path):
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = run_cli("--config", os.path.join(repo, "configs/tinystories.py"),
-                 "--workdir", str(tmp_path / "run"), "--config.model.n_kv_heads=3", cwd=tmp_path)
-  assert proc.returncode == 2
-  assert "config error: model.n_kv_heads=3: must divide model.n_heads=8" in proc.stderr
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.model.vocab_size=384", "--config.model.dim=32", "--config.model.n_layers=1",
+         "--config.model.n_heads=2", "--config.model.n_kv_heads=1", "--config.model.ffn_dim=64",
+         "--config.data.seq_len=32", "--config.data.batch_size=8",
+         "--config.data.tokenizer_train_docs=300", "--config.train.steps=2",
+         "--config.train.eval_steps=1", "--config.train.sample_tokens=0",
+         "--config.optim.warmup_steps=1"]
+
+
+def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
+  """Each mistake a new user makes prints one `config error:`/`data error:` line, no traceback."""
+  (tmp_path / "story.jsonl").write_text('{"story": "Once upon a time"}\n')
+  (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n\xff\xfe\n")
+  (tmp_path / "blank.jsonl").write_text("\n\n")
+  cpu = os.path.join(REPO, "configs/tinystories_cpu.py")
+  files = ["--config.data.source=files", f"--config.data.eval_files={sample_dir / 'validation.jsonl'}"]
+  cases = {
+    "config error: unknown config key 'model.no_such_key'; did you mean model.": [
+      "--config", cpu, "--config.model.no_such_key=3"],
+    "config error: unknown config key 'model.n_layer'; did you mean model.n_layers": [
+      "--config", cpu, "--config.model.n_layer=3"],
+    "config error: --config configs/nope.py: no such file": ["--config", "configs/nope.py"],
+    "config error: model.n_kv_heads=3: must divide model.n_heads=8": [
+      "--config", os.path.join(REPO, "configs/tinystories.py"), "--config.model.n_kv_heads=3"],
+    "data error: story.jsonl, line 1: no field 'text' (data.text_key); the record has ['story']": [
+      "--config", cpu, *files, "--config.data.train_files=story.jsonl"],
+    "data error: latin1.txt: no training document to read (skipped 2 lines that are not UTF-8)": [
+      "--config", cpu, *files, "--config.data.train_files=latin1.txt"],
+    "data error: blank.jsonl: no training document to read": [
+      "--config", cpu, *files, "--config.data.train_files=blank.jsonl"],
+  }
+  procs = {expected: subprocess.Popen(
+    [sys.executable, "-m", "nanollama_jax.train", "--workdir", "run", *args], cwd=tmp_path,
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for expected, args in cases.items()}
+  for expected, proc in procs.items():
+    _, stderr = proc.communicate(timeout=300)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2, stderr[-2000:]
+    assert lines[-1].startswith(expected), stderr[-2000:]
+    assert "Traceback" not in stderr and len(lines) <= 3, stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run")  # no run started: no workdir left behind
+  help_ = run_cli("--help", cwd=tmp_path)
+  assert help_.returncode == 0 and "nanollama_jax/config.py" in help_.stdout
+  assert "--config.train.steps=200" in help_.stdout
+
+
+def test_no_network_fails_at_once_naming_the_offline_command_which_works(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:  # a port nothing listens on stands for the unreachable Hub
+    s.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+  env = {**os.environ, "HF_ENDPOINT": endpoint}
+  args = ["--config", "configs/tinystories_cpu.py", "--workdir", str(tmp_path / "ts"), *SMALL]
+  proc = subprocess.run([sys.executable, "-m", "nanollama_jax.train", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
-  proc = run_cli("--config", os.path.join(repo, "configs/tinystories.py"),
-                 "--workdir", str(tmp_path / "run"), "--config.model.depth=3", cwd=tmp_path)
-  assert proc.returncode != 0 and "depth" in proc.stderr
+  message, command = proc.stderr.strip().splitlines()[-2:]
+  assert message.startswith(f"network error: cannot reach the Hugging Face Hub at {endpoint} to "
+                            "read 'roneneldan/TinyStories'")
+  assert not os.path.exists(tmp_path / "ts")  # nothing a later command could take for a run
+  assert command.startswith("  python -m nanollama_jax.train --config configs/tinystories_cpu.py")
+  assert "--config.data.train_files=nanollama_jax/data/tinystories_sample/train.jsonl" in command
+  assert "--config.model.dim=32" in command  # the user's own overrides are kept
+  # The offline command, exactly as printed, trains on the shipped sample.
+  argv = shlex.split(command)
+  assert argv[0] == "python"
+  ran = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert ran.returncode == 0, ran.stderr[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "ts" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["step"] == 2 and rows[-1]["eval_loss"] > 0
 
 
 def test_published_recipe_compiles_and_donates_its_state():
@@ -140,7 +203,7 @@ def test_published_recipe_compiles_and_donates_its_state():
   cfg = runpy.run_path("configs/tinystories.py")["get_config"]()
   graphdef = model.graph(cfg.model)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  params = jax.eval_shape(lambda: model.init_params(cfg.model, 0))
+  params = model.abstract_params(cfg.model)
   state = jax.eval_shape(lambda p: train.init_state(p, tx.init(p), seed=0), params)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -165,7 +228,7 @@ def test_model_flops_count_matmuls_and_causal_attention():
   attention = 3 * 2 * 4 * 64 * (16 + 1) / 2  # 3 x layers x 4 D x mean visible keys
   assert metrics.model_flops_per_token(cfg, 16) == 6 * matmuls + attention
   # The dense part is 6 x the parameters but the norms and the input embedding (a lookup).
-  params = jax.eval_shape(lambda: model.init_params(cfg, 0))
+  params = model.abstract_params(cfg)
   norms = 2 * 2 * 64 + 64
   assert model.param_count(params) - norms - 1000 * 64 == matmuls
 

@@ -1,0 +1,36 @@
+"""Data: the tokenizer, document sources, pretokenized shards and the grain pipeline.
+
+The package ships a small TinyStories sample (`tinystories_sample/`, about 1 MB) for the tests
+and the offline examples; `sample_dir()` finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+SAMPLE_ENV = "NANOLLAMA_SAMPLE_DATA"  # overrides the shipped sample's directory
+SAMPLE_FILES = ("train.jsonl", "validation.jsonl")
+SHIPPED_SAMPLE = pathlib.Path(__file__).resolve().parent / "tinystories_sample"
+
+
+def sample_dir() -> pathlib.Path:
+  """The TinyStories sample's directory: $NANOLLAMA_SAMPLE_DATA if set, else the shipped one.
+
+  Raises FileNotFoundError naming the directory and the missing files.
+  """
+  env = os.environ.get(SAMPLE_ENV)
+  path = pathlib.Path(env).expanduser().resolve() if env else SHIPPED_SAMPLE
+  missing = [name for name in SAMPLE_FILES if not (path / name).is_file()]
+  if missing:
+    where = f"{SAMPLE_ENV}={env}" if env else "the shipped sample"
+    raise FileNotFoundError(f"{where}: {path} lacks {', '.join(missing)}")
+  return path
+
+
+class DataError(ValueError):
+  """Training or evaluation data that cannot be used; the message names the file, line and key."""
+
+
+class HubUnreachable(DataError):
+  """The Hugging Face Hub cannot be reached: the network, not the config or the data."""

@@ -41,7 +41,7 @@ import numpy as np
 from absl import flags
 
 from nanollama_jax import config
-from nanollama_jax.data import shards, sources
+from nanollama_jax.data import DataError, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -219,7 +219,7 @@ class _Tag(grain.transforms.Map):
 
 def _check_tokenizer(found: sources.Documents, tokenizer: Tokenizer) -> None:
   if found.pretokenized and found.docs.tokenizer_sha256 != shards.sha256(tokenizer.proto):
-    raise ValueError(
+    raise DataError(
       f"{found.name} was prepared with another tokenizer than this run's ({tokenizer.model_path})"
       f": set data.tokenizer to its {shards.TOKENIZER}, or prepare it again with this one")
 
@@ -250,7 +250,7 @@ def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
     if train and process_count > 1:
       ds = ds[process_index::process_count]
       if not len(ds):
-        raise ValueError(f"{found.name}: fewer documents than the {process_count} processes")
+        raise DataError(f"{found.name}: fewer documents than the {process_count} processes")
     per_epoch = len(ds)
     if train:
       ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
@@ -345,7 +345,7 @@ class Batches(Iterator[Batch]):
 
   def set_state(self, state: dict[str, Any]) -> None:
     if set(state) != {"pipeline", "epochs"} or len(state["epochs"]) != len(self.names):
-      raise ValueError("the checkpoint's data-iterator state does not match this pipeline (a "
+      raise DataError("the checkpoint's data-iterator state does not match this pipeline (a "
                        "checkpoint of an older version, or data.mixture changed)")
     self._it.set_state(state["pipeline"])
     self.epochs = list(state["epochs"])

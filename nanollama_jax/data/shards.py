@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from nanollama_jax.data import DataError
+
 INDEX = "index.json"
 TOKENIZER = "tokenizer.model"
 FORMAT = "nanollama-tokens"
@@ -45,9 +47,9 @@ def read_index(path: str) -> dict[str, Any]:
     with open(os.path.join(path, INDEX), encoding="utf-8") as f:
       index = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not a readable pretokenized dataset ({e})") from None
+    raise DataError(f"{path}: not a readable pretokenized dataset ({e})") from None
   if index.get("format") != FORMAT or index.get("version") != VERSION:
-    raise ValueError(f"{path}: {INDEX} is not a {FORMAT} v{VERSION} index; rewrite it with "
+    raise DataError(f"{path}: {INDEX} is not a {FORMAT} v{VERSION} index; rewrite it with "
                      "scripts/prepare_dataset.py")
   return index
 
@@ -112,7 +114,7 @@ class ShardWriter:
     self._flush()
     if not self._index["documents"]:
       shutil.rmtree(self._tmp)
-      raise ValueError("no documents to write")
+      raise DataError("no documents to write")
     self._index.update(extra)
     with open(os.path.join(self._tmp, INDEX), "w", encoding="utf-8") as f:
       json.dump(self._index, f, indent=2)
@@ -137,7 +139,7 @@ class TokenDocuments(Sequence[np.ndarray]):
     self.indexes = [read_index(d) for d in self.dirs]
     hashes = {i["tokenizer_sha256"] for i in self.indexes}
     if len(hashes) > 1:
-      raise ValueError(f"{', '.join(self.dirs)}: written with different tokenizers; prepare them "
+      raise DataError(f"{', '.join(self.dirs)}: written with different tokenizers; prepare them "
                        "with one")
     self.tokenizer_sha256 = hashes.pop()
     self.vocab_size = max(i["vocab_size"] for i in self.indexes)

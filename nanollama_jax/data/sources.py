@@ -14,11 +14,11 @@ the line and the key.
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import itertools
 import json
 import os
+import pickle
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,7 +27,7 @@ import ml_collections
 from absl import logging
 
 from nanollama_jax import config
-from nanollama_jax.data import shards
+from nanollama_jax.data import DataError, HubUnreachable, shards
 
 SPLITS = ("train", "eval")
 JSON_EXTENSIONS = (".jsonl", ".json")
@@ -42,7 +42,7 @@ def _text_or_skip(text: Any, where: str, text_key: str, skipped: collections.Cou
     skipped[EMPTY] += 1
     return None
   if not isinstance(text, str):
-    raise ValueError(f"{where}: field {text_key!r} is a {type(text).__name__}, not a string")
+    raise DataError(f"{where}: field {text_key!r} is a {type(text).__name__}, not a string")
   return text
 
 
@@ -63,10 +63,10 @@ def _json_lines(path: str, text_key: str, skipped: collections.Counter) -> Itera
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
+        raise DataError(f"{path}, line {number}: not valid JSON ({e})") from None
       if not isinstance(record, dict) or text_key not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(
+        raise DataError(
           f"{path}, line {number}: no field {text_key!r} (data.text_key); the record has {keys}"
         )
       text = _text_or_skip(record[text_key], f"{path}, line {number}", text_key, skipped)
@@ -98,10 +98,10 @@ def _parquet(path: str, text_key: str, skipped: collections.Counter) -> Iterator
   try:
     table = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-    raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+    raise DataError(f"{path}: not a readable Parquet file ({e})") from None
   columns = table.schema_arrow.names
   if text_key not in columns:
-    raise ValueError(f"{path}: no column {text_key!r} (data.text_key); columns: "
+    raise DataError(f"{path}: no column {text_key!r} (data.text_key); columns: "
                      f"{', '.join(columns)}")
   for batch in table.iter_batches(columns=[text_key], batch_size=4096):
     for text in batch.column(0).to_pylist():
@@ -123,7 +123,7 @@ def read_files(paths: Sequence[str], text_key: str, separator: str = "",
     elif ext in PARQUET_EXTENSIONS:
       yield from _parquet(path, text_key, skipped)
     else:
-      raise ValueError(f"{path}: unsupported file type {ext!r}; allowed: {', '.join(EXTENSIONS)}"
+      raise DataError(f"{path}: unsupported file type {ext!r}; allowed: {', '.join(EXTENSIONS)}"
                        " or a directory written by scripts/prepare_dataset.py")
 
 
@@ -141,13 +141,56 @@ class _Column(Sequence[str]):
     return self._dataset[index][self._key] or ""
 
 
-def _hub_error(path: str, split: str, error: Exception) -> config.ConfigError:
-  return config.ConfigError(
-    f"data.hf_path={path!r}: cannot load split {split!r} ({error}). Check the name and the "
-    "network, or train on local files with --config.data.source=files "
-    "--config.data.train_files=GLOB --config.data.eval_files=GLOB (JSONL, text or Parquet; "
-    "scripts/prepare_dataset.py can write Hub data to a local pretokenized dataset once)"
-  )
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _is_hub_dataset(path: str) -> bool:
+  """Whether `path` names a Hub dataset, not a local folder or a packaged loader ("json")."""
+  from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES  # pylint: disable=import-outside-toplevel
+  return not os.path.exists(path) and path not in _PACKAGED_DATASETS_MODULES
+
+
+def check_hub_reachable(path: str) -> None:
+  """Raises HubUnreachable within seconds when the Hub that serves `path` cannot be reached.
+
+  `datasets` would retry for about 30 s and then report a missing dataset; one HTTP request to
+  the endpoint (proxies honoured) tells the network apart from a wrong name first. Local folders,
+  packaged loaders and HF_HUB_OFFLINE=1 (the local cache) need no network and are not probed.
+  """
+  import urllib.error  # pylint: disable=import-outside-toplevel
+  import urllib.request  # pylint: disable=import-outside-toplevel
+
+  from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
+
+  if constants.HF_HUB_OFFLINE or not _is_hub_dataset(path):
+    return
+  try:
+    urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                           timeout=HUB_PROBE_TIMEOUT_S).close()
+  except urllib.error.HTTPError:
+    return  # the server answered: the network is fine
+  except (OSError, ValueError) as e:
+    reason = getattr(e, "reason", e)
+    raise HubUnreachable(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to read "
+                         f"{path!r} ({reason}): the network is down or blocked") from None
+
+
+def load_hub_dataset(path: str, name: str | None, split: str,
+                     data_files: Sequence[str] | None, streaming: bool):
+  """`datasets.load_dataset`, with a probe of the network first and one clear error after."""
+  import datasets  # pylint: disable=import-outside-toplevel  # slow to import, only needed here
+
+  check_hub_reachable(path)
+  try:
+    return datasets.load_dataset(path, name, split=split, data_files=data_files,
+                                 streaming=streaming)
+  except (ConnectionError, FileNotFoundError, ValueError) as e:
+    raise config.ConfigError(
+      f"data.hf_path={path!r}: cannot load split {split!r} ({e}). Check the dataset's name, "
+      "config (data.hf_name) and split, or train on local files with --config.data.source=files "
+      "--config.data.train_files=GLOB --config.data.eval_files=GLOB (JSONL, text or Parquet; "
+      "scripts/prepare_dataset.py can write Hub data to a local pretokenized dataset once)"
+    ) from None
 
 
 def _data_files(spec: str | Sequence[str] | None):
@@ -161,14 +204,9 @@ def hf_documents(
   data_files: str | Sequence[str] | None = None,
 ) -> Sequence[str]:
   """Returns the texts of a (downloaded, memory-mapped) Hugging Face dataset split."""
-  import datasets  # pylint: disable=import-outside-toplevel  # slow to import, only needed here
-
-  try:
-    dataset = datasets.load_dataset(path, name, split=split, data_files=_data_files(data_files))
-  except (ConnectionError, FileNotFoundError, ValueError) as e:
-    raise _hub_error(path, split, e) from None
+  dataset = load_hub_dataset(path, name, split, _data_files(data_files), streaming=False)
   if text_key not in dataset.column_names:
-    raise ValueError(
+    raise DataError(
       f"data.text_key={text_key!r} is not a column of {path} ({split}); "
       f"columns: {', '.join(dataset.column_names)}"
     )
@@ -195,21 +233,19 @@ class HubStream(grain.IterDataset):
     self.skipped: collections.Counter = collections.Counter()
     # Resolved once, here, so that an unreachable dataset fails with a clear message before the
     # first batch; every iterator streams from a fresh copy (restores move a copy's position).
-    import datasets  # pylint: disable=import-outside-toplevel
     from datasets import distributed  # pylint: disable=import-outside-toplevel
 
-    try:
-      ds = datasets.load_dataset(path, name, split=split, streaming=True,
-                                 data_files=self.data_files)
-    except (ConnectionError, FileNotFoundError, ValueError) as e:
-      raise _hub_error(path, split, e) from None
+    ds = load_hub_dataset(path, name, split, self.data_files, streaming=True)
     if process_count > 1:
       ds = distributed.split_dataset_by_node(ds, process_index, process_count)
     self._resolved = ds
 
   def open(self):
     """A fresh `datasets` stream of the split, at its start."""
-    return copy.deepcopy(self._resolved)
+    # An in-memory copy through pickle, the way `datasets` hands streams to worker processes.
+    # copy.deepcopy breaks here: it re-creates the cached fsspec filesystems the stream refers to
+    # while it copies their cache, and fails once that cache holds two (two endpoints or tokens).
+    return pickle.loads(pickle.dumps(self._resolved))
 
   def __iter__(self) -> "_HubStreamIterator":
     return _HubStreamIterator(self)
@@ -241,7 +277,7 @@ class _HubStreamIterator(grain.DatasetIterator):
       except StopIteration:
         if not s.repeat or not self._records_this_epoch:
           if not self._records_this_epoch and self._epoch == 0:
-            raise ValueError(f"{s.path} ({s.split}): the stream has no documents") from None
+            raise DataError(f"{s.path} ({s.split}): the stream has no documents") from None
           raise
         self._epoch += 1
         self._records_this_epoch = 0
@@ -249,7 +285,7 @@ class _HubStreamIterator(grain.DatasetIterator):
         self._it = iter(self._ds)
         continue
       if s.text_key not in record:
-        raise ValueError(f"data.text_key={s.text_key!r} is not a field of {s.path} "
+        raise DataError(f"data.text_key={s.text_key!r} is not a field of {s.path} "
                          f"({s.split}); fields: {', '.join(sorted(record))}")
       text = _text_or_skip(record[s.text_key], f"{s.path} ({s.split})", s.text_key, s.skipped)
       if text is not None:
@@ -328,7 +364,7 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
     raise config.ConfigError(
       f"data.source={data_cfg.source!r}: allowed: {', '.join(config.DATA_SOURCES)}")
   if found.docs is not None and not len(found.docs):
-    raise ValueError(f"the {split} split ({found.name}) has no documents")
+    raise DataError(f"the {split} split ({found.name}) has no documents")
   if found.skipped:
     logging.warning("%s: skipped %s", found.name,
                     ", ".join(f"{n} {what}" for what, n in sorted(found.skipped.items())))
@@ -370,6 +406,13 @@ def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[str]:
       return [text for text, _ in itertools.islice(it, n)]
     return [found.docs[i] for i in range(min(n, len(found.docs)))]
   if any(os.path.isdir(p) for p in paths):
-    raise ValueError("the training data is pretokenized: set data.tokenizer to the model it was "
+    raise DataError("the training data is pretokenized: set data.tokenizer to the model it was "
                      "prepared with (its tokenizer.model)")
-  return list(itertools.islice(read_files(paths, data_cfg.text_key, data_cfg.text_separator), n))
+  skipped: collections.Counter = collections.Counter()
+  texts = list(itertools.islice(
+    read_files(paths, data_cfg.text_key, data_cfg.text_separator, skipped), n))
+  if not texts:
+    counts = ", ".join(f"{count} {what}" for what, count in sorted(skipped.items()))
+    raise DataError(f"{', '.join(paths)}: no training document to read"
+                    f"{f' (skipped {counts})' if counts else ''}")
+  return texts

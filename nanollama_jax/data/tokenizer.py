@@ -12,7 +12,7 @@ import ml_collections
 import sentencepiece as spm
 from absl import logging
 
-from nanollama_jax.data import sources
+from nanollama_jax.data import DataError, sources
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 WORKDIR_NAME = "tokenizer.model"
@@ -32,7 +32,7 @@ class Tokenizer:
     try:
       self._sp.LoadFromSerializedProto(self._proto)
     except RuntimeError as e:
-      raise ValueError(f"{self.model_path}: not a sentencepiece model ({e})") from None
+      raise DataError(f"{self.model_path}: not a sentencepiece model ({e})") from None
 
   def __getstate__(self) -> dict[str, Any]:
     return {"model_path": self.model_path, "proto": self._proto}
@@ -79,6 +79,14 @@ class Tokenizer:
     return self._sp.decode([int(i) for i in ids])
 
 
+def workdir_tokenizer(workdir: str) -> Tokenizer:
+  """The tokenizer a training run in `workdir` used (and keeps there)."""
+  path = os.path.join(workdir, WORKDIR_NAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir} has no {WORKDIR_NAME}: not a training run's workdir")
+  return Tokenizer(path)
+
+
 def _write_atomically(path: str, data: bytes) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
@@ -115,7 +123,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tok
     )
   except RuntimeError as e:
     reason = str(e).rsplit("] ", 1)[-1].strip() or "no training text"
-    raise ValueError(
+    raise DataError(
       f"cannot train a tokenizer with vocab_size={vocab_size} on {len(lines)} lines of text: "
       f"{reason}"
     ) from None
@@ -134,7 +142,7 @@ def load_or_train_tokenizer(
       _write_atomically(dest, given.proto)
       logging.info("Copied tokenizer %s to %s", data_cfg.tokenizer, dest)
     elif Tokenizer(dest).proto != given.proto:
-      raise ValueError(
+      raise DataError(
         f"data.tokenizer={data_cfg.tokenizer!r} differs from {dest}, the tokenizer this workdir "
         f"was started with: use a new workdir, or set data.tokenizer={dest!r} or empty"
       )
