@@ -60,9 +60,14 @@ _TABLE: dict[tuple[str, int], Blocks] = {
 _INTERPRET_BLOCKS = Blocks(64, 64, 4, 1)
 
 
-def _generation(device: jax.Device) -> str:
-  cc = getattr(device, "compute_capability", "8.0")
-  major, minor = (int(x) for x in str(cc).split(".")[:2])
+def device_generation(device: jax.Device) -> str:
+  """The GPU generation of `device` as "sm_XY" (its compute capability X.Y)."""
+  major, minor = (int(x) for x in str(getattr(device, "compute_capability", "8.0")).split(".")[:2])
+  return f"sm_{major}{minor}"
+
+
+def _table_key(generation: str) -> str:
+  major, minor = divmod(int(generation.removeprefix("sm_")), 10)
   if major >= 9:
     return "sm_90"
   if major == 8 and minor >= 9:
@@ -71,17 +76,17 @@ def _generation(device: jax.Device) -> str:
     return "sm_86"
   if major == 8:
     return "sm_80"
-  raise ValueError(f"the pallas attention kernel needs an sm_80+ GPU; this one is sm_{major}{minor}"
+  raise ValueError(f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
                    ": use model.attention='xla'")
 
 
-def choose_blocks(head_dim: int, interpret: bool, device: jax.Device | None = None) -> Blocks:
-  """The tile sizes for `head_dim` on `device` (see the table above)."""
+def choose_blocks(head_dim: int, interpret: bool, generation: str | None = None) -> Blocks:
+  """The tile sizes for `head_dim` on GPU `generation` ("sm_90"; default: the running GPU)."""
   if interpret:
     return _INTERPRET_BLOCKS
   if head_dim not in (32, 64, 128):
     raise ValueError(f"head dim {head_dim}: the pallas kernel supports 32, 64 and 128")
-  return _TABLE[(_generation(device or jax.devices()[0]), head_dim)]
+  return _TABLE[(_table_key(generation or device_generation(jax.devices()[0])), head_dim)]
 
 
 def _interpret_mode() -> bool:
@@ -297,8 +302,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def pallas_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT=None, causal=True,
-                     interpret: bool | None = None, blocks: Blocks | None = None):
-  """Flash attention (forward and backward kernels); same contract as the xla reference."""
+                     interpret: bool | None = None, blocks: Blocks | None = None,
+                     generation: str | None = None):
+  """Flash attention (forward and backward kernels); same contract as the xla reference.
+
+  `generation` ("sm_90") builds the kernels for that GPU without one present, so that any host
+  can lower the exact GPU program ahead of time; None builds them for the running GPU.
+  """
   B, T, H, E = q_BxTxHxE.shape
   S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
   if S != T:
@@ -306,8 +316,8 @@ def pallas_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT=None, caus
   if H % K:
     raise ValueError(f"{H} query heads cannot share {K} K/V heads")
   if interpret is None:
-    interpret = _interpret_mode()
-  blocks = blocks or choose_blocks(E, interpret)
+    interpret = generation is None and _interpret_mode()
+  blocks = blocks or choose_blocks(E, interpret, generation)
   if E % 16 or (not interpret and E not in (32, 64, 128)):
     raise ValueError(f"head dim {E}: the pallas kernel supports 32, 64 and 128")
   seg = (jnp.zeros((B, T), jnp.int32) if segment_ids_BxT is None
