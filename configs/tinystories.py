@@ -4,6 +4,13 @@ dim 1024, 8 heads / 2 KV heads, FFN 1536, vocab 10000, sequence 128, batch 128, 
 with 10 warmup steps and cosine decay to 3e-5, clipping 1.0: 30,000 steps = 2 epochs of 15,000 =
 491,520,000 tokens. Sized for one GPU (RTX 3090 and up); bfloat16 compute, float32 parameters.
 
+About the "33M" quoted for this baseline: our count is 49,849,344 = 20,480,000 in the token
+embedding and the untied output projection (10000 x 1024 each) + 29,369,344 in the four decoder
+layers and the final norm. A SwiGLU MLP has three 1024 x 1536 matrices per layer; with two (a
+GELU MLP) and one shared embedding the same shape counts 23,077,888 + 10,240,000 = 33,317,888,
+the quoted figure. We keep the LLaMA layout (SwiGLU, untied head), so the model is larger than
+the quoted number; --config.model.tie_embeddings=True gives 39,609,344.
+
 Train on local files instead of the Hub with
   --config.data.source=files --config.data.train_files='data/train*.jsonl'
   --config.data.eval_files='data/validation*.jsonl'

@@ -131,6 +131,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 
 def head_dim(model: ml_collections.ConfigDict) -> int:
+  """E, the width of one attention head: model.dim // model.n_heads."""
   return model.dim // model.n_heads
 
 
@@ -224,46 +225,43 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
   return parts
 
 
-def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
-  """Raises ConfigError naming the first key whose value cannot work."""
-  _check_known_keys(cfg, get_default_config(), "")
-  m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+def _check_ints(values: dict[str, Any], minimum: int) -> None:
+  """Each value must be an integer (not a bool) of at least `minimum`."""
+  allowed = "must be a positive integer" if minimum == 1 else f"must be an integer >= {minimum}"
+  for key, value in values.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+      _fail(key, value, allowed)
 
-  positive = {
-    "model.vocab_size": m.vocab_size,
-    "model.dim": m.dim,
-    "model.n_layers": m.n_layers,
-    "model.n_heads": m.n_heads,
-    "model.n_kv_heads": m.n_kv_heads,
-    "model.ffn_dim": m.ffn_dim,
-    "model.max_seq_len": m.max_seq_len,
-    "data.seq_len": d.seq_len,
-    "data.batch_size": d.batch_size,
-    "data.tokenizer_train_docs": d.tokenizer_train_docs,
-    "data.pack_bins": d.pack_bins,
-    "data.shuffle_window": d.shuffle_window,
-    "optim.grad_accum": o.grad_accum,
-    "train.steps": t.steps,
-    "train.log_every": t.log_every,
-    "train.eval_every": t.eval_every,
-    "train.eval_steps": t.eval_steps,
-    "train.keep_ckpts": t.keep_ckpts,
-    "train.max_bad_steps": t.max_bad_steps,
-  }
-  for key, value in positive.items():
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      _fail(key, value, "must be a positive integer")
-  for key, value in {"data.num_workers": d.num_workers, "optim.warmup_steps": o.warmup_steps,
-                     "data.shuffle_seed": d.shuffle_seed, "train.seed": t.seed,
-                     "train.ckpt_every": t.ckpt_every,
-                     "train.sample_tokens": t.sample_tokens}.items():
-    if not isinstance(value, int) or value < 0:
-      _fail(key, value, "must be an integer >= 0")
-  for key, value in {"model.norm_eps": m.norm_eps, "model.rope_theta": m.rope_theta,
-                     "model.init_std": m.init_std, "optim.lr": o.lr, "optim.eps": o.eps}.items():
+
+def _check_positive(values: dict[str, Any]) -> None:
+  for key, value in values.items():
     if not value > 0:
       _fail(key, value, "must be > 0")
 
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    _fail(key, value, f"allowed: {', '.join(allowed)}")
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+  if scaling is None:
+    return
+  rs = dict(scaling)
+  if sorted(rs) != sorted(ROPE_SCALING_KEYS):
+    _fail("model.rope_scaling", rs, f"must be None or have exactly the keys {ROPE_SCALING_KEYS}")
+  for key in ROPE_SCALING_KEYS:
+    if not rs[key] > 0:
+      _fail(f"model.rope_scaling.{key}", rs[key], "must be > 0")
+  if not rs["high_freq_factor"] > rs["low_freq_factor"]:
+    _fail("model.rope_scaling.high_freq_factor", rs["high_freq_factor"],
+          f"must be > low_freq_factor={rs['low_freq_factor']}")
+
+
+def _check_model(m: ml_collections.ConfigDict) -> None:
+  _check_ints({f"model.{k}": m[k] for k in ("vocab_size", "dim", "n_layers", "n_heads",
+                                              "n_kv_heads", "ffn_dim", "max_seq_len")}, 1)
+  _check_positive({f"model.{k}": m[k] for k in ("norm_eps", "rope_theta", "init_std")})
   if m.dim % m.n_heads:
     _fail("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
   if head_dim(m) % 2:
@@ -271,43 +269,40 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
           f"dim / n_heads = {head_dim(m)} must be even: RoPE rotates pairs of features")
   if m.n_heads % m.n_kv_heads:
     _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
-  if m.attention not in ATTENTION_IMPLS:
-    _fail("model.attention", m.attention, f"allowed: {', '.join(ATTENTION_IMPLS)}")
-  if m.remat not in REMAT_POLICIES:
-    _fail("model.remat", m.remat, f"allowed: {', '.join(REMAT_POLICIES)}")
-  for key in ("dtype", "param_dtype"):
-    if m[key] not in DTYPES:
-      _fail(f"model.{key}", m[key], f"allowed: {', '.join(DTYPES)}")
-  if m.rope_scaling is not None:
-    rs = dict(m.rope_scaling)
-    if sorted(rs) != sorted(ROPE_SCALING_KEYS):
-      _fail("model.rope_scaling", rs, f"must be None or have exactly the keys {ROPE_SCALING_KEYS}")
-    for key in ROPE_SCALING_KEYS:
-      if not rs[key] > 0:
-        _fail(f"model.rope_scaling.{key}", rs[key], "must be > 0")
-    if not rs["high_freq_factor"] > rs["low_freq_factor"]:
-      _fail("model.rope_scaling.high_freq_factor", rs["high_freq_factor"],
-            f"must be > low_freq_factor={rs['low_freq_factor']}")
+  _check_choice("model.attention", m.attention, ATTENTION_IMPLS)
+  _check_choice("model.remat", m.remat, REMAT_POLICIES)
+  _check_choice("model.dtype", m.dtype, DTYPES)
+  _check_choice("model.param_dtype", m.param_dtype, DTYPES)
+  _check_rope_scaling(m.rope_scaling)
 
+
+def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
+                o: ml_collections.ConfigDict) -> None:
+  _check_ints({f"data.{k}": d[k] for k in ("seq_len", "batch_size", "tokenizer_train_docs",
+                                             "pack_bins", "shuffle_window")}, 1)
+  _check_ints({"data.num_workers": d.num_workers, "data.shuffle_seed": d.shuffle_seed}, 0)
   if d.seq_len > m.max_seq_len:
     _fail("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-  if d.source not in DATA_SOURCES:
-    _fail("data.source", d.source, f"allowed: {', '.join(DATA_SOURCES)}")
-  if d.packing not in PACKINGS:
-    _fail("data.packing", d.packing, f"allowed: {', '.join(PACKINGS)}")
+  _check_choice("data.source", d.source, DATA_SOURCES)
+  _check_choice("data.packing", d.packing, PACKINGS)
   if d.mixture:
     parse_mixture(d.mixture)
   if d.source == "hf" and not d.hf_path:
     _fail("data.hf_path", d.hf_path, "must name a Hub dataset when data.source='hf'")
-  if d.batch_size % o.grad_accum:
+  if isinstance(o.grad_accum, int) and o.grad_accum > 0 and d.batch_size % o.grad_accum:
     _fail("data.batch_size", d.batch_size,
           f"must be divisible by optim.grad_accum={o.grad_accum}")
 
+
+def _check_optim(o: ml_collections.ConfigDict, steps: int) -> None:
+  _check_ints({"optim.grad_accum": o.grad_accum}, 1)
+  _check_ints({"optim.warmup_steps": o.warmup_steps}, 0)
+  _check_positive({"optim.lr": o.lr, "optim.eps": o.eps})
   if o.min_lr < 0 or o.min_lr > o.lr:
     _fail("optim.min_lr", o.min_lr, f"must be between 0 and optim.lr={o.lr}")
-  if o.warmup_steps > t.steps:
+  if o.warmup_steps > steps:
     _fail("optim.warmup_steps", o.warmup_steps,
-          f"is longer than the run: must be <= train.steps={t.steps}")
+          f"is longer than the run: must be <= train.steps={steps}")
   for key in ("b1", "b2"):
     if not 0 <= o[key] < 1:
       _fail(f"optim.{key}", o[key], "must be in [0, 1)")
@@ -315,27 +310,49 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
     if o[key] < 0:
       _fail(f"optim.{key}", o[key], "must be >= 0")
 
+
+def _check_train(t: ml_collections.ConfigDict) -> None:
+  _check_ints({f"train.{k}": t[k] for k in ("steps", "log_every", "eval_every", "eval_steps",
+                                              "keep_ckpts", "max_bad_steps")}, 1)
+  _check_ints({f"train.{k}": t[k] for k in ("seed", "ckpt_every", "sample_tokens")}, 0)
+
+
+def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
   for axis in ("data", "fsdp", "tensor"):
-    size = cfg.mesh[axis]
+    size = mesh[axis]
     if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
       _fail(f"mesh.{axis}", size, "must be a positive integer or -1 (the devices left)")
-  if [cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
-    _fail("mesh", cfg.mesh.to_dict(), "at most one axis can be -1")
+  if [mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+    _fail("mesh", mesh.to_dict(), "at most one axis can be -1")
 
+
+def _check_files(d: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> None:
+  """The files and directories the config names exist."""
+  if d.mixture:
+    for globs, _ in parse_mixture(d.mixture):
+      expand_globs(globs, "data.mixture")
+  elif d.source == "files":
+    expand_globs(d.train_files, "data.train_files")
+    if d.eval_files:
+      expand_globs(d.eval_files, "data.eval_files")
+  if d.tokenizer and not os.path.isfile(d.tokenizer):
+    _fail("data.tokenizer", d.tokenizer, "no such file (leave empty to train one)")
+  if t.init_from and not os.path.isdir(t.init_from):
+    _fail("train.init_from", t.init_from,
+          "no such directory (a workdir, its checkpoints/, a checkpoints/<step> folder or a "
+          "Hugging Face Llama directory)")
+
+
+def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
+  """Raises ConfigError naming the first key whose value cannot work."""
+  _check_known_keys(cfg, get_default_config(), "")
+  _check_model(cfg.model)
+  _check_train(cfg.train)
+  _check_optim(cfg.optim, cfg.train.steps)
+  _check_data(cfg.data, cfg.model, cfg.optim)
+  _check_mesh(cfg.mesh)
   if check_files:
-    if d.mixture:
-      for globs, _ in parse_mixture(d.mixture):
-        expand_globs(globs, "data.mixture")
-    elif d.source == "files":
-      expand_globs(d.train_files, "data.train_files")
-      if d.eval_files:
-        expand_globs(d.eval_files, "data.eval_files")
-    if d.tokenizer and not os.path.isfile(d.tokenizer):
-      _fail("data.tokenizer", d.tokenizer, "no such file (leave empty to train one)")
-    if t.init_from and not os.path.isdir(t.init_from):
-      _fail("train.init_from", t.init_from,
-            "no such directory (a workdir, its checkpoints/, a checkpoints/<step> folder or a "
-            "Hugging Face Llama directory)")
+    _check_files(cfg.data, cfg.train)
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

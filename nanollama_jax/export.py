@@ -74,7 +74,7 @@ def hf_config(model_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,
     "num_hidden_layers": m.n_layers,
     "num_attention_heads": m.n_heads,
     "num_key_value_heads": m.n_kv_heads,
-    "head_dim": m.dim // m.n_heads,
+    "head_dim": config_lib.head_dim(m),
     "hidden_act": "silu",
     "max_position_embeddings": m.max_seq_len,
     "rms_norm_eps": float(m.norm_eps),
@@ -96,8 +96,7 @@ def hf_config(model_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,
 def to_hf_tensors(params: dict, model_cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """Our parameter tree as Hugging Face Llama state-dict arrays (float32 numpy)."""
   m = model_cfg
-  D, H, K = m.dim, m.n_heads, m.n_kv_heads
-  E = D // H
+  D, H, K, E = m.dim, m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
   out = {"model.embed_tokens.weight": np.asarray(params["embed_VxD"], np.float32),
          "model.norm.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
   layers = params["layers"]
@@ -125,7 +124,7 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], model_cfg: ml_collections.Co
   """Hugging Face Llama state-dict arrays as our parameter tree (the inverse of to_hf_tensors)."""
   m = model_cfg
   D, H, K, L = m.dim, m.n_heads, m.n_kv_heads, m.n_layers
-  E = D // H
+  E = config_lib.head_dim(m)
 
   def get(name: str) -> np.ndarray:
     if name not in tensors:
@@ -279,7 +278,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   m.n_layers = hf["num_hidden_layers"]
   m.n_heads = hf["num_attention_heads"]
   m.n_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-  if hf.get("head_dim") not in (None, m.dim // m.n_heads):
+  if hf.get("head_dim") not in (None, config_lib.head_dim(m)):
     raise ExportError(f"head_dim={hf['head_dim']} differs from hidden_size / heads")
   m.ffn_dim = hf["intermediate_size"]
   m.norm_eps = hf.get("rms_norm_eps", 1e-6)

@@ -14,6 +14,8 @@ import tqdm
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from nanollama_jax import config as config_lib
+
 
 # Peak dense matmul throughput per device, FLOP/s, for the precision named. MFU compares the
 # model's FLOPs against these. Sources: vendor datasheets (NVIDIA A100 / H100 / GeForce RTX
@@ -40,7 +42,7 @@ def model_flops_per_token(model_cfg, seq_len: int) -> float:
   masked half that the XLA path computes anyway is not counted.
   """
   m = model_cfg
-  E = m.dim // m.n_heads
+  E = config_lib.head_dim(m)
   attn_proj = 2 * m.dim * m.n_heads * E + 2 * m.dim * m.n_kv_heads * E
   layer_matmuls = attn_proj + 3 * m.dim * m.ffn_dim
   dense = 6 * (m.n_layers * layer_matmuls + m.dim * m.vocab_size)

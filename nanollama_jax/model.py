@@ -27,11 +27,14 @@ import optax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from nanollama_jax import config as config_lib
 from nanollama_jax import sharding
 from nanollama_jax.attention import attention
 from nanollama_jax.attention.xla import masked_attention
 
-REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+# What each model.remat policy (config.REMAT_POLICIES names them) keeps for the backward pass;
+# "none" applies no remat at all.
+_REMAT_SAVES: dict[str, Callable[..., bool] | None] = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
   # keep the matmul outputs against weights (projections, MLP), recompute the rest
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -42,6 +45,7 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     jax.checkpoint_policies.save_only_these_names("attn_out")),
 }
+assert set(_REMAT_SAVES) | {"none"} == set(config_lib.REMAT_POLICIES)
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -104,8 +108,7 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    D, H, K = cfg.dim, cfg.n_heads, cfg.n_kv_heads
-    E = D // H
+    D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_kv_heads, config_lib.head_dim(cfg)
     std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
     self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.attention
     self.wq_DxHxE = _param(rngs, std, (D, H, E), ("embed", "heads", "head_dim"), pd)
@@ -185,6 +188,9 @@ class DecoderLayer(nnx.Module):
     return x_BxTxD if cache is None else (x_BxTxD, new_cache)
 
 
+_RESIDUAL = ("batch", "length", "embed")  # the residual stream's logical axes
+
+
 class Llama(nnx.Module):
   """Token embedding, L decoder layers (stacked parameters), final norm, output projection."""
 
@@ -218,60 +224,70 @@ class Llama(nnx.Module):
     With a KV cache (see `init_cache`), the tokens are written at its `slot`, attend to what
     the cache holds under its key mask, and (logits, updated cache) is returned.
     """
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    rope_scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
-    inv_freq_E2 = rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, rope_scaling)
-    # sin and cos of every position the call can meet, looked up per token. XLA fuses the
-    # lookup into the rotation of q and k as a plain load; from the positions directly it fused
-    # sin and cos into every rotation (and its gradient), recomputing them for each head (on a
-    # CPU that took about 8% of a TinyStories-sized train step). An optimization barrier does not
-    # stop it: XLA drops the barrier before fusing. Positions are exact in float32 below 2^24,
-    # so the table's angles are the same numbers as per-token ones.
-    n_positions = max(cfg.max_seq_len, T, 0 if cache is None else cache["k"].shape[2])
-    angles_PxE2 = jnp.arange(n_positions, dtype=jnp.float32)[:, None] * inv_freq_E2
-    sin_BxTxE2 = jnp.take(jnp.sin(angles_PxE2), positions_BxT, axis=0)
-    cos_BxTxE2 = jnp.take(jnp.cos(angles_PxE2), positions_BxT, axis=0)
-
-    residual = ("batch", "length", "embed")  # the residual stream's logical axes
-    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(dt)
-    x_BxTxD = sharding.constrain(x_BxTxD, residual)
-
-    layer_def, layer_state = nnx.split(self.layers)
+    n_positions = max(self.cfg.max_seq_len, T, 0 if cache is None else cache["k"].shape[2])
+    sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT, n_positions)
+    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    x_BxTxD = sharding.constrain(x_BxTxD, _RESIDUAL)
     if cache is not None:
-      # Query t sits in cache slot slot + t and sees the valid keys up to that slot.
-      S = cache["k"].shape[2]
-      query_slot_T = cache["slot"] + jnp.arange(T)
-      mask_BxTxS = cache["valid_BxS"][:, None, :] & (
-        jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None])
-
-      def cached_step(x_BxTxD, xs):
-        state, k_BxSxKxE, v_BxSxKxE = xs
-        layer = nnx.merge(layer_def, state)
-        x_BxTxD, kv = layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, None,
-                            (k_BxSxKxE, v_BxSxKxE, cache["slot"], mask_BxTxS))
-        return x_BxTxD, kv
-
-      x_BxTxD, (k, v) = jax.lax.scan(cached_step, x_BxTxD, (layer_state, cache["k"], cache["v"]))
-      cache = {**cache, "k": k, "v": v, "slot": cache["slot"] + T}
+      x_BxTxD, cache = self._layers_with_cache(x_BxTxD, sin_BxTxE2, cos_BxTxE2, cache)
       return self._logits(x_BxTxD), cache
+    return self._logits(self._layers(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT))
+
+  def _rope(self, positions_BxT: jax.Array, n_positions: int) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of every token's rotation angles, looked up in a table of `n_positions`.
+
+    XLA fuses the lookup into the rotation of q and k as a plain load; from the positions
+    directly it fused sin and cos into every rotation (and its gradient), recomputing them for
+    each head (on a CPU that took about 8% of a TinyStories-sized train step). An optimization
+    barrier does not stop it: XLA drops the barrier before fusing. Positions are exact in
+    float32 below 2^24, so the table's angles are the same numbers as per-token ones.
+    """
+    cfg = self.cfg
+    rope_scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    inv_freq_E2 = rope_frequencies(config_lib.head_dim(cfg), cfg.rope_theta, rope_scaling)
+    angles_PxE2 = jnp.arange(n_positions, dtype=jnp.float32)[:, None] * inv_freq_E2
+    return (jnp.take(jnp.sin(angles_PxE2), positions_BxT, axis=0),
+            jnp.take(jnp.cos(angles_PxE2), positions_BxT, axis=0))
+
+  def _layers(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT) -> jax.Array:
+    """The decoder stack for training and evaluation: a scan or a loop, remat as configured."""
+    cfg = self.cfg
+    layer_def, layer_state = nnx.split(self.layers)
 
     def layer_step(x_BxTxD, state):
       layer = nnx.merge(layer_def, state)
       x_BxTxD = layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT)
-      return sharding.constrain(x_BxTxD, residual), None
+      return sharding.constrain(x_BxTxD, _RESIDUAL), None
 
     if cfg.remat != "none":
-      layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[cfg.remat])
+      layer_step = jax.checkpoint(layer_step, policy=_REMAT_SAVES[cfg.remat])
     if cfg.scan_layers:
-      x_BxTxD, _ = jax.lax.scan(layer_step, x_BxTxD, layer_state)
-    else:
-      for i in range(cfg.n_layers):
-        x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
+      return jax.lax.scan(layer_step, x_BxTxD, layer_state)[0]
+    for i in range(cfg.n_layers):
+      x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
+    return x_BxTxD
 
-    return self._logits(x_BxTxD)
+  def _layers_with_cache(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2,
+                         cache: dict) -> tuple[jax.Array, dict]:
+    """The decoder stack over a KV cache: query t sits in slot `slot + t` and sees the valid
+    keys up to that slot."""
+    layer_def, layer_state = nnx.split(self.layers)
+    T, S = x_BxTxD.shape[1], cache["k"].shape[2]
+    query_slot_T = cache["slot"] + jnp.arange(T)
+    mask_BxTxS = cache["valid_BxS"][:, None, :] & (
+      jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None])
+
+    def cached_step(x_BxTxD, xs):
+      state, k_BxSxKxE, v_BxSxKxE = xs
+      layer = nnx.merge(layer_def, state)
+      return layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, None,
+                   (k_BxSxKxE, v_BxSxKxE, cache["slot"], mask_BxTxS))
+
+    x_BxTxD, (k, v) = jax.lax.scan(cached_step, x_BxTxD, (layer_state, cache["k"], cache["v"]))
+    return x_BxTxD, {**cache, "k": k, "v": v, "slot": cache["slot"] + T}
 
   def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
     x_BxTxD = self.final_norm(x_BxTxD)
@@ -289,7 +305,7 @@ def param_count(params: Any) -> int:
 def param_count_formula(cfg: ml_collections.ConfigDict) -> int:
   """The closed-form parameter count of a model config (no model is built)."""
   D, F, L = cfg.dim, cfg.ffn_dim, cfg.n_layers
-  E = D // cfg.n_heads
+  E = config_lib.head_dim(cfg)
   attn = D * cfg.n_heads * E * 2 + D * cfg.n_kv_heads * E * 2 + (2 * E if cfg.qk_norm else 0)
   layer = attn + 3 * D * F + 2 * D
   return embedding_param_count(cfg) + L * layer + D
@@ -335,7 +351,7 @@ def init_cache(cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> dict:
   """An empty KV cache for len(valid_BxS) rows of S slots; valid_BxS marks the slots that may
   be attended to (False for left padding of shorter prompts)."""
   B, S = valid_BxS.shape
-  shape = (cfg.n_layers, B, S, cfg.n_kv_heads, cfg.dim // cfg.n_heads)
+  shape = (cfg.n_layers, B, S, cfg.n_kv_heads, config_lib.head_dim(cfg))
   zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
   return {"k": zeros, "v": zeros, "slot": jnp.zeros((), jnp.int32), "valid_BxS": valid_BxS}
 

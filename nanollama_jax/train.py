@@ -496,6 +496,22 @@ _MULTIHOST = flags.DEFINE_bool(
   "Join a multi-process run whose layout JAX reads from the environment (every worker of a "
   "TPU pod slice, a SLURM or Open MPI job). Implied by --coordinator_address.")
 
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run", False,
+  "Validate the config, its files and the flags, print what the run would train, and exit "
+  "without touching the workdir, the network or the devices.")
+
+
+def dry_run(cfg: ml_collections.ConfigDict) -> str:
+  """What `cfg` would train, in one line; raises ConfigError like a real run would."""
+  config_lib.validate(cfg)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  data = (f"the Hub dataset {cfg.data.hf_path}" if cfg.data.source == "hf" and not cfg.data.mixture
+          else "a mixture" if cfg.data.mixture else f"files {cfg.data.train_files}")
+  return (f"dry run: the config is valid: {model.param_count_formula(cfg.model):,} parameters, "
+          f"{tokens_per_step:,} tokens per step x {cfg.train.steps:,} steps = "
+          f"{tokens_per_step * cfg.train.steps:,} tokens from {data}; nothing was trained")
+
 
 class _QuietLibraries(std_logging.Filter):
   """Drops the INFO chatter of orbax (dozens of lines per save) and JAX's start-up notes (such as
@@ -585,6 +601,12 @@ def main(argv: list[str]) -> None:
     _fail("usage error", f"unexpected arguments: {' '.join(argv[1:])} (see --help)")
   if _CONFIG.value is None or _WORKDIR.value is None:
     _fail("usage error", "both --config and --workdir are required (see --help)")
+  if _DRY_RUN.value:
+    try:
+      print(dry_run(_CONFIG.value))
+    except config_lib.ConfigError as e:
+      _fail("config error", str(e))
+    return
   if _CONFIG.value.train.keep_host_memory:
     hostmem.keep_freed_memory()  # before JAX starts its CPU backend's threads
   try:

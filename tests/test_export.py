@@ -1,48 +1,18 @@
 """Export to Hugging Face Llama, proven with transformers: logits, tokenizer, training, decoding."""
 
 import json
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from helpers import LLAMA31, model_cfg, our_logits, random_params, run_script
 from nanollama_jax import config, export, model, sharding
 from nanollama_jax.data.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
-
-
-def model_cfg(**overrides):
-  m = config.get_default_config().model
-  m.update(dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
-                max_seq_len=64))
-  m.update(overrides)
-  return m
-
-
-def random_params(cfg, seed=0):
-  """Initialised parameters with the norm scales randomised too, so nothing is trivially 1."""
-  params = jax.device_get(model.init_params(cfg, seed))
-  rng = np.random.default_rng(seed)
-
-  def jitter(path, x):
-    if "norm" in jax.tree_util.keystr(path):
-      return (1.0 + 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
-    return np.asarray(x)
-
-  return jax.tree_util.tree_map_with_path(jitter, params)
-
-
-def our_logits(cfg, params, tokens):
-  return np.asarray(jax.jit(lambda p, t: model.apply(model.graph(cfg), p, t))(params, tokens))
-
-
-LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 16}
 
 
 @pytest.mark.parametrize("overrides", [
@@ -119,58 +89,6 @@ def test_exported_tokenizer_matches_sentencepiece(tokenizer_path, sample_dir, tm
                                                                  tok.pad_id)
 
 
-def test_kv_cache_decoding_equals_recomputing_the_sequence():
-  from nanollama_jax import generate
-  cfg = model_cfg(n_kv_heads=2, rope_scaling=LLAMA31)
-  params = random_params(cfg, seed=3)
-  prompts = [[1, 17, 42, 5, 99], [1, 7], [1, 64, 3, 3, 12, 8, 101, 2, 40]]  # ragged: left padding
-  new, logits = generate.generate(cfg, params, prompts, max_new_tokens=12, eos_id=None,
-                                  return_logits=True)
-  worst = 0.0
-  for i, (prompt, row) in enumerate(zip(prompts, new)):
-    assert len(row) == 12
-    full = our_logits(cfg, params, np.array([prompt + row], np.int32))[0]
-    # The logits that chose new token j are the full model's at position len(prompt) - 1 + j.
-    expected = full[len(prompt) - 1:len(prompt) - 1 + 12]
-    worst = max(worst, float(np.abs(logits[i] - expected).max()))
-    assert row == [int(t) for t in expected.argmax(-1)]  # greedy: each token is the argmax
-    alone = generate.generate(cfg, params, [prompt], max_new_tokens=12, eos_id=None)
-    assert alone == [row]  # the same with and without batch padding
-  print(f"max |cached - recomputed logit| {worst:.2e}")
-  assert worst < 1e-5
-
-
-def test_greedy_generation_matches_transformers(tmp_path):
-  from nanollama_jax import generate
-  cfg = model_cfg(n_kv_heads=1)
-  params = random_params(cfg, seed=5)
-  params["lm_head_DxV"] = params["lm_head_DxV"] * 30  # peaked logits: no near-ties to break
-  export.save_hf(str(tmp_path), params, cfg)
-  hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-  prompt = [1, 30, 31, 32]
-  ours = generate.generate(cfg, params, [prompt], max_new_tokens=20, eos_id=None)[0]
-  with torch.no_grad():
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20,
-                         do_sample=False, eos_token_id=None, pad_token_id=3)
-  assert theirs[0, len(prompt):].tolist() == ours
-  assert len(set(ours)) > 2  # a real continuation, not one token repeated
-
-
-def test_sampling_respects_top_k_top_p_and_the_seed():
-  from nanollama_jax import generate
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
-  keys = jax.random.split(jax.random.key(0), 1)[0]
-  top2 = np.asarray(generate.sample_logits(logits, keys, 1.0, 2, 1.0))
-  assert set(top2.tolist()) == {0, 1}
-  assert abs((top2 == 0).mean() - 0.5 / 0.8) < 0.05
-  nucleus = np.asarray(generate.sample_logits(logits, keys, 1.0, 0, 0.7))  # 0.5 + 0.3 >= 0.7
-  assert set(nucleus.tolist()) == {0, 1}
-  everything = np.asarray(generate.sample_logits(logits, keys, 1.0, 0, 1.0))
-  assert set(everything.tolist()) == {0, 1, 2, 3}
-  again = np.asarray(generate.sample_logits(logits, keys, 1.0, 0, 1.0))
-  np.testing.assert_array_equal(everything, again)
-
-
 def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path):
   """Our train step (model, loss, AdamW, schedule, clipping) against transformers + torch.optim."""
   from nanollama_jax import optim, train
@@ -227,75 +145,10 @@ def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path)
   assert ours[-1] < ours[0] - 0.05  # the steps really trained
 
 
-# --- The scripts, on a small trained run --------------------------------------------------------
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def trained_run(sample_dir, tokenizer_path, tmp_path_factory):
-  from nanollama_jax import train
-  cfg = config.get_default_config()
-  cfg.model.update(model_cfg(vocab_size=512, dim=64, n_heads=4, n_kv_heads=2,
-                             max_seq_len=128).to_dict())
-  cfg.data.update(dict(source="files", train_files=str(sample_dir / "train.jsonl"),
-                       eval_files=str(sample_dir / "validation.jsonl"),
-                       tokenizer=str(tokenizer_path), seq_len=64, batch_size=16))
-  cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=5))
-  cfg.train.update(dict(steps=40, log_every=20, eval_every=40, eval_steps=4, ckpt_every=20))
-  workdir = tmp_path_factory.mktemp("run")
-  train.train(cfg, str(workdir))
-  return workdir
-
-
-def run_script(name, *args):
-  import subprocess
-  import sys
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
-                        capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
-def test_perplexity_is_exp_of_the_token_weighted_loss_by_hand(trained_run, tmp_path):
-  from nanollama_jax import checkpoint, evaluate
-  cfg, params, step = checkpoint.load_run(str(trained_run))
-  assert step == 40
-  tok = Tokenizer(str(trained_run / "tokenizer.model"))
-  texts = ["Once upon a time, there was a cat.", "The dog ran to the park.", "Tom was happy."]
-  path = tmp_path / "small.jsonl"
-  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-  result = evaluate.perplexity(cfg, params, tok, str(path))
-
-  # By hand: each document alone through the model, log-softmax, summed over its targets.
-  total, count = 0.0, 0
-  for text in texts:
-    ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
-    logits = our_logits(cfg.model, params, np.array([ids[:-1]], np.int32))[0].astype(np.float64)
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    total += float(sum(logz[t] - logits[t, ids[t + 1]] for t in range(len(ids) - 1)))
-    count += len(ids) - 1
-  assert result["tokens"] == count
-  assert result["loss"] == pytest.approx(total / count, rel=1e-5)
-  assert result["perplexity"] == pytest.approx(np.exp(total / count), rel=1e-5)
-
-  cli = run_script("eval_perplexity.py", "--workdir", str(trained_run), "--files", str(path),
-                   "--json")
-  assert cli.returncode == 0, cli.stderr[-2000:]
-  out = json.loads(cli.stdout)
-  assert out["step"] == 40 and out["tokens"] == count
-  assert out["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
-  # Over the validation split the numbers are the run's final evaluation's, on more tokens.
-  whole = run_script("eval_perplexity.py", "--workdir", str(trained_run), "--json",
-                     "--step", "20")
-  assert whole.returncode == 0 and json.loads(whole.stdout)["step"] == 20
-  assert json.loads(whole.stdout)["tokens"] > 30000
-  missing = run_script("eval_perplexity.py", "--workdir", str(trained_run), "--step", "7")
-  assert missing.returncode != 0 and "no checkpoint for step 7" in missing.stderr
-
-
 def test_export_script_and_generate_script_agree_with_transformers(trained_run, tmp_path):
   out = tmp_path / "hf"
-  cli = run_script("export_to_pytorch.py", "--workdir", str(trained_run), "--out", str(out),
-                   "--json")
+  cli = run_script("export_to_pytorch.py", "--workdir", trained_run.name, "--out", str(out),
+                   "--json", cwd=trained_run.parent)
   assert cli.returncode == 0, cli.stderr[-2000:]
   files = json.loads(cli.stdout)["files"]
   for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
@@ -305,9 +158,9 @@ def test_export_script_and_generate_script_agree_with_transformers(trained_run, 
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
 
   prompt = "Once upon a time"
-  ours = run_script("generate.py", "--workdir", str(trained_run), "--prompt", prompt,
+  ours = run_script("generate.py", "--workdir", trained_run.name, "--prompt", prompt,
                     "--prompt", "The little dog", "--temperature", "0",
-                    "--max-new-tokens", "24", "--json")
+                    "--max-new-tokens", "24", "--json", cwd=trained_run.parent)
   assert ours.returncode == 0, ours.stderr[-2000:]
   completion = json.loads(ours.stdout)["completions"][0]
   with torch.no_grad():
@@ -320,8 +173,8 @@ def test_export_script_and_generate_script_agree_with_transformers(trained_run, 
 def test_init_from_an_exported_directory_starts_from_its_weights(trained_run, tmp_path):
   from nanollama_jax import checkpoint, train
   out = tmp_path / "hf"
-  assert run_script("export_to_pytorch.py", "--workdir", str(trained_run), "--out",
-                    str(out)).returncode == 0
+  assert run_script("export_to_pytorch.py", "--workdir", trained_run.name, "--out",
+                    str(out), cwd=trained_run.parent).returncode == 0
   cfg, trained, _ = checkpoint.load_run(str(trained_run))
   abstract = sharding.abstract(model.abstract_params(cfg.model),
                                       jax.sharding.SingleDeviceSharding(jax.devices()[0]))

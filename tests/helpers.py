@@ -1,0 +1,62 @@
+"""Helpers shared by the test modules: small model configs, parameters, logits, scripts."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from nanollama_jax import config, model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def model_cfg(**overrides):
+  m = config.get_default_config().model
+  m.update(dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                max_seq_len=64))
+  m.update(overrides)
+  return m
+
+
+def random_params(cfg, seed=0):
+  """Initialised parameters with the norm scales randomised too, so nothing is trivially 1."""
+  params = jax.device_get(model.init_params(cfg, seed))
+  rng = np.random.default_rng(seed)
+
+  def jitter(path, x):
+    if "norm" in jax.tree_util.keystr(path):
+      return (1.0 + 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+    return np.asarray(x)
+
+  return jax.tree_util.tree_map_with_path(jitter, params)
+
+
+def our_logits(cfg, params, tokens):
+  return np.asarray(jax.jit(lambda p, t: model.apply(model.graph(cfg), p, t))(params, tokens))
+
+
+LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 16}
+
+
+
+
+def run_script(name, *args, cwd=REPO):
+  """Runs scripts/<name> with the test's Python; relative paths resolve against `cwd`."""
+  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
+                        capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def tiny_config(sample_dir, tokenizer_path, **train_overrides):
+  """A 2-layer model trained on the sample with the session tokenizer (80 steps by default)."""
+  cfg = config.get_default_config()
+  cfg.model.update(dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        ffn_dim=160, max_seq_len=64))
+  cfg.data.update(dict(train_files=str(sample_dir / "train.jsonl"),
+                       eval_files=str(sample_dir / "validation.jsonl"),
+                       tokenizer=str(tokenizer_path), seq_len=64, batch_size=16))
+  cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=10))
+  cfg.train.update(dict(steps=80, log_every=20, eval_every=40, eval_steps=8))
+  cfg.train.update(train_overrides)
+  return cfg
