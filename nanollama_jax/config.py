@@ -36,98 +36,122 @@ class ConfigError(ValueError):
 def get_default_config() -> ml_collections.ConfigDict:
   """Returns the single source of defaults: a small LLaMA on local files, float32."""
   cfg = ml_collections.ConfigDict()
+  cfg.model = _model_defaults()
+  cfg.data = _data_defaults()
+  cfg.optim = _optim_defaults()
+  cfg.train = _train_defaults()
+  cfg.mesh = _mesh_defaults()
+  return cfg
 
-  cfg.model = ml_collections.ConfigDict()
-  cfg.model.vocab_size = 32000  # rows of the embedding; >= the tokenizer's vocabulary
-  cfg.model.dim = 512  # D, the residual width
-  cfg.model.n_layers = 8  # L
-  cfg.model.n_heads = 8  # H query heads; head dim = dim // n_heads
-  cfg.model.n_kv_heads = 8  # K key/value heads (GQA when K < H); must divide n_heads
-  cfg.model.ffn_dim = 1408  # F, the SwiGLU hidden width
-  cfg.model.norm_eps = 1e-5
-  cfg.model.rope_theta = 10000.0
+
+def _model_defaults() -> ml_collections.ConfigDict:
+  """The model's shape, numerics and attention implementation."""
+  model = ml_collections.ConfigDict()
+  model.vocab_size = 32000  # rows of the embedding; >= the tokenizer's vocabulary
+  model.dim = 512  # D, the residual width
+  model.n_layers = 8  # L
+  model.n_heads = 8  # H query heads; head dim = dim // n_heads
+  model.n_kv_heads = 8  # K key/value heads (GQA when K < H); must divide n_heads
+  model.ffn_dim = 1408  # F, the SwiGLU hidden width
+  model.norm_eps = 1e-5
+  model.rope_theta = 10000.0
   # None, or the Llama 3.1 frequency scaling: {"factor": 8.0, "low_freq_factor": 1.0,
   # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}.
-  cfg.model.rope_scaling = None
-  cfg.model.qk_norm = False  # RMSNorm over each head of q and k before RoPE
-  cfg.model.tie_embeddings = False  # the output projection reuses the token embedding
-  cfg.model.max_seq_len = 2048  # the longest sequence the model is meant for
-  cfg.model.attention = "xla"  # one of ATTENTION_IMPLS: xla, pallas (CUDA GPUs), cudnn, auto
-  cfg.model.scan_layers = True  # run the layer stack with a scan: compile time flat in depth
-  cfg.model.remat = "none"  # one of REMAT_POLICIES, applied to each decoder layer
-  cfg.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)
-  cfg.model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
-  cfg.model.init_std = 0.02  # normal init; residual output projections get / sqrt(2 L)
+  model.rope_scaling = None
+  model.qk_norm = False  # RMSNorm over each head of q and k before RoPE
+  model.tie_embeddings = False  # the output projection reuses the token embedding
+  model.max_seq_len = 2048  # the longest sequence the model is meant for
+  model.attention = "xla"  # one of ATTENTION_IMPLS: xla, pallas (CUDA GPUs), cudnn, auto
+  model.scan_layers = True  # run the layer stack with a scan: compile time flat in depth
+  model.remat = "none"  # one of REMAT_POLICIES, applied to each decoder layer
+  model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)
+  model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
+  model.init_std = 0.02  # normal init; residual output projections get / sqrt(2 L)
+  return model
 
-  cfg.data = ml_collections.ConfigDict()
-  cfg.data.source = "files"  # "files": local globs below; "hf": a Hugging Face Hub dataset
-  cfg.data.hf_path = "roneneldan/TinyStories"
-  cfg.data.hf_name = ""  # the dataset's config name, if it has several
-  cfg.data.hf_train_split = "train"
-  cfg.data.hf_eval_split = "validation"
-  cfg.data.hf_data_files = ""  # data_files for loaders such as hf_path="json" (comma-separated)
-  cfg.data.hf_streaming = True  # stream records (windowed shuffle); False: download, memory-map
-  cfg.data.text_key = "text"  # the field (JSONL, Parquet, Hub column) that holds the document
+
+def _data_defaults() -> ml_collections.ConfigDict:
+  """Where the documents come from, the tokenizer, and how they are packed and batched."""
+  data = ml_collections.ConfigDict()
+  data.source = "files"  # "files": local globs below; "hf": a Hugging Face Hub dataset
+  data.hf_path = "roneneldan/TinyStories"
+  data.hf_name = ""  # the dataset's config name, if it has several
+  data.hf_train_split = "train"
+  data.hf_eval_split = "validation"
+  data.hf_data_files = ""  # data_files for loaders such as hf_path="json" (comma-separated)
+  data.hf_streaming = True  # stream records (windowed shuffle); False: download, memory-map
+  data.text_key = "text"  # the field (JSONL, Parquet, Hub column) that holds the document
   # Comma-separated globs of .jsonl/.json (JSON lines), .txt and .parquet files, or of dataset
   # directories written by scripts/prepare_dataset.py (pretokenized shards).
-  cfg.data.train_files = ""
-  cfg.data.eval_files = ""  # same; empty with source="files" turns evaluation off
-  cfg.data.text_separator = ""  # .txt files: "" = one document per line, else the separator
+  data.train_files = ""
+  data.eval_files = ""  # same; empty with source="files" turns evaluation off
+  data.text_separator = ""  # .txt files: "" = one document per line, else the separator
   # A weighted mixture of training sources instead of train_files: "GLOBS=WEIGHT;GLOBS=WEIGHT",
   # e.g. "web/*.parquet=0.7;code/*.jsonl=0.2;shards/instruct=0.1" (weights are shares of
   # training windows; each GLOBS is like train_files). Evaluation still reads eval_files.
-  cfg.data.mixture = ""
-  cfg.data.tokenizer = ""  # a sentencepiece .model; empty: the shards' own, else train one
-  cfg.data.tokenizer_train_docs = 200_000  # documents read to train that tokenizer
-  cfg.data.seq_len = 256  # T, tokens per training sequence
-  cfg.data.batch_size = 32  # B, global batch in sequences (split evenly over processes)
-  cfg.data.packing = "concat"  # one of PACKINGS: concat-and-split, or first_fit (no splits)
-  cfg.data.pack_bins = 64  # first_fit: windows filled at once (more: less padding)
-  cfg.data.num_workers = 0  # grain worker processes for tokenisation (0: in-process)
-  cfg.data.shuffle_seed = 0
-  cfg.data.shuffle_window = 10_000  # documents shuffled together when streaming from the Hub
+  data.mixture = ""
+  data.tokenizer = ""  # a sentencepiece .model; empty: the shards' own, else train one
+  data.tokenizer_train_docs = 200_000  # documents read to train that tokenizer
+  data.seq_len = 256  # T, tokens per training sequence
+  data.batch_size = 32  # B, global batch in sequences (split evenly over processes)
+  data.packing = "concat"  # one of PACKINGS: concat-and-split, or first_fit (no splits)
+  data.pack_bins = 64  # first_fit: windows filled at once (more: less padding)
+  data.num_workers = 0  # grain worker processes for tokenisation (0: in-process)
+  data.shuffle_seed = 0
+  data.shuffle_window = 10_000  # documents shuffled together when streaming from the Hub
+  return data
 
-  cfg.optim = ml_collections.ConfigDict()
-  cfg.optim.lr = 3e-4  # peak learning rate, reached at the end of warmup
-  cfg.optim.min_lr = 3e-5  # the cosine decays to this at the last step
-  cfg.optim.warmup_steps = 100
-  cfg.optim.weight_decay = 0.1  # AdamW decay, not applied to norms
-  cfg.optim.b1 = 0.9
-  cfg.optim.b2 = 0.95
-  cfg.optim.eps = 1e-8
-  cfg.optim.grad_clip = 1.0  # global-norm clipping; 0 turns it off
-  cfg.optim.grad_accum = 1  # micro-batches per step; batch_size must divide by it
 
-  cfg.train = ml_collections.ConfigDict()
-  cfg.train.steps = 1000
-  cfg.train.seed = 0  # parameter initialisation
-  cfg.train.log_every = 10
-  cfg.train.eval_every = 200
-  cfg.train.eval_steps = 20  # batches per evaluation (fewer if the split is smaller)
+def _optim_defaults() -> ml_collections.ConfigDict:
+  """AdamW, its schedule, clipping and gradient accumulation."""
+  optim = ml_collections.ConfigDict()
+  optim.lr = 3e-4  # peak learning rate, reached at the end of warmup
+  optim.min_lr = 3e-5  # the cosine decays to this at the last step
+  optim.warmup_steps = 100
+  optim.weight_decay = 0.1  # AdamW decay, not applied to norms
+  optim.b1 = 0.9
+  optim.b2 = 0.95
+  optim.eps = 1e-8
+  optim.grad_clip = 1.0  # global-norm clipping; 0 turns it off
+  optim.grad_accum = 1  # micro-batches per step; batch_size must divide by it
+  return optim
+
+
+def _train_defaults() -> ml_collections.ConfigDict:
+  """The run: steps, logging, evaluation, checkpoints, samples."""
+  train = ml_collections.ConfigDict()
+  train.steps = 1000
+  train.seed = 0  # parameter initialisation
+  train.log_every = 10
+  train.eval_every = 200
+  train.eval_steps = 20  # batches per evaluation (fewer if the split is smaller)
   # Checkpoints go to WORKDIR/checkpoints/<step>; rerunning the command on the workdir resumes.
-  cfg.train.ckpt_every = 500  # steps between saves; 0 saves only at the end (and on SIGTERM)
-  cfg.train.keep_ckpts = 3  # the newest N are kept; older ones go once a newer save is complete
-  cfg.train.async_checkpoint = True  # write in the background while training goes on
-  cfg.train.max_bad_steps = 20  # consecutive non-finite steps (each skipped) before stopping
+  train.ckpt_every = 500  # steps between saves; 0 saves only at the end (and on SIGTERM)
+  train.keep_ckpts = 3  # the newest N are kept; older ones go once a newer save is complete
+  train.async_checkpoint = True  # write in the background while training goes on
+  train.max_bad_steps = 20  # consecutive non-finite steps (each skipped) before stopping
   # Linux/glibc: malloc keeps freed host memory for reuse (hostmem.py), so XLA:CPU's per-step
   # scratch space is not page-faulted in again every step; on a CPU run, steps ~20% faster.
-  cfg.train.keep_host_memory = True
+  train.keep_host_memory = True
   # Parameters to start from (optimizer and step fresh): a workdir, its checkpoints/ folder,
   # one checkpoints/<step> folder, or a Hugging Face Llama directory (config.json +
   # safetensors). Ignored when the workdir has a checkpoint to resume.
-  cfg.train.init_from = ""
+  train.init_from = ""
   # At each evaluation, greedy continuations of these prompts ("|"-separated) go to the log and
   # to TensorBoard's text tab; sample_tokens=0 turns them off.
-  cfg.train.sample_prompts = "Once upon a time|One day, a little"
-  cfg.train.sample_tokens = 0
+  train.sample_prompts = "Once upon a time|One day, a little"
+  train.sample_tokens = 0
+  return train
 
-  # The device mesh (see sharding.py): the product of the sizes must be the number of devices;
-  # one axis may be -1, taking the devices left. The batch is split over data x fsdp.
-  cfg.mesh = ml_collections.ConfigDict()
-  cfg.mesh.data = 1  # replicas
-  cfg.mesh.fsdp = -1  # parameters and optimizer state sharded (ZeRO-3 style)
-  cfg.mesh.tensor = 1  # heads, MLP and vocabulary split (tensor parallelism)
-  return cfg
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+  """The device mesh (see sharding.py): the product of the sizes must be the number of devices;
+  one axis may be -1, taking the devices left. The batch is split over data x fsdp."""
+  mesh = ml_collections.ConfigDict()
+  mesh.data = 1  # replicas
+  mesh.fsdp = -1  # parameters and optimizer state sharded (ZeRO-3 style)
+  mesh.tensor = 1  # heads, MLP and vocabulary split (tensor parallelism)
+  return mesh
 
 
 def head_dim(model: ml_collections.ConfigDict) -> int:
