@@ -12,6 +12,10 @@ same split (a held-out slice comes with the streaming data work) -- or point dat
 at your own shards. One step = 64 x 2048 = 131,072 tokens in 8 micro-batches of 8, each
 layer rematerialised; on several GPUs or a TPU slice raise mesh.fsdp / mesh.data (the batch is
 split over data x fsdp) and lower optim.grad_accum.
+
+A realistic mixture for this recipe (three open Hub datasets, streamed; weights are shares of
+training windows):
+  --config.data.mixture='hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.7;hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2=0.2;hf:open-web-math/open-web-math=0.1'
 """
 
 from nanollama_jax.config import get_default_config

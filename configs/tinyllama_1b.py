@@ -5,6 +5,10 @@ output projection, RoPE theta 10000, context 2048: 1,100,048,384 parameters, the
 published TinyLlama-1.1B checkpoints. TinyLlama was trained on SlimPajama and StarCoder data
 with batch 1024 x 2048 tokens and lr 4e-4; this recipe keeps the shape and the lr and uses
 FineWeb-Edu with a one-GPU batch (64 x 2048 in 8 micro-batches, layers rematerialised).
+
+A realistic mixture for this recipe (three open Hub datasets, streamed; weights are shares of
+training windows):
+  --config.data.mixture='hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.7;hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2=0.2;hf:open-web-math/open-web-math=0.1'
 """
 
 from nanollama_jax.config import get_default_config

@@ -7,6 +7,7 @@ is compiled, with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import glob
 import json
@@ -21,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn", "save_dots_attn")
 DATA_SOURCES = ("files", "hf")
 PACKINGS = ("concat", "first_fit")
+CHUNKED_LOSS = ("auto", "on", "off")
 ROPE_SCALING_KEYS = (
   "factor",
   "low_freq_factor",
@@ -67,6 +69,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)
   model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
   model.init_std = 0.02  # normal init; residual output projections get / sqrt(2 L)
+  # The output layer and loss in chunks of positions (a custom VJP), so the float32 logits and
+  # their gradient never exist whole: "on", "off", or "auto" (on for vocabularies >= 16,384).
+  model.chunked_loss = "auto"
+  model.loss_chunk_len = 256  # positions per chunk when chunked
   return model
 
 
@@ -86,9 +92,11 @@ def _data_defaults() -> ml_collections.ConfigDict:
   data.train_files = ""
   data.eval_files = ""  # same; empty with source="files" turns evaluation off
   data.text_separator = ""  # .txt files: "" = one document per line, else the separator
-  # A weighted mixture of training sources instead of train_files: "GLOBS=WEIGHT;GLOBS=WEIGHT",
-  # e.g. "web/*.parquet=0.7;code/*.jsonl=0.2;shards/instruct=0.1" (weights are shares of
-  # training windows; each GLOBS is like train_files). Evaluation still reads eval_files.
+  # A weighted mixture of training sources instead of train_files: "SOURCE=WEIGHT;...", each
+  # SOURCE file globs or pretokenized datasets (like train_files) or a Hub dataset streamed as
+  # "hf:PATH[:NAME][@SPLIT][#TEXT_KEY]" (split train and data.text_key by default), e.g.
+  # "hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.7;code/*.jsonl=0.2;shards/instruct=0.1".
+  # Weights are shares of training windows. Evaluation still reads eval_files or the Hub.
   data.mixture = ""
   data.tokenizer = ""  # a sentencepiece .model; empty: the shards' own, else train one
   data.tokenizer_train_docs = 200_000  # documents read to train that tokenizer
@@ -141,6 +149,11 @@ def _train_defaults() -> ml_collections.ConfigDict:
   # to TensorBoard's text tab; sample_tokens=0 turns them off.
   train.sample_prompts = "Once upon a time|One day, a little"
   train.sample_tokens = 0
+  # A Hub model repository ("user/name") that receives the Hugging Face export of the run every
+  # push_every checkpoints and at the end, uploaded by a background process (nanollama_jax/hub.py)
+  # with the token huggingface_hub finds (HF_TOKEN or `hf auth login`); "" uploads nothing.
+  train.push_to_hub = ""
+  train.push_every = 1
   return train
 
 
@@ -228,8 +241,37 @@ def expand_globs(patterns: str, key: str) -> list[str]:
   return files
 
 
+HUB_PREFIX = "hf:"  # a data.mixture entry read from the Hugging Face Hub
+
+
+@dataclasses.dataclass(frozen=True)
+class HubSource:
+  """A Hub dataset in a mixture: "hf:PATH[:NAME][@SPLIT][#TEXT_KEY]"."""
+  path: str
+  name: str | None = None
+  split: str = "train"
+  text_key: str | None = None  # None: data.text_key
+
+
+def parse_hub_source(entry: str) -> HubSource:
+  """Parses a mixture entry "hf:PATH[:NAME][@SPLIT][#TEXT_KEY]", e.g.
+  "hf:HuggingFaceFW/fineweb-edu:sample-10BT@train#text"."""
+  body, has_key, text_key = entry.removeprefix(HUB_PREFIX).partition("#")
+  body, has_split, split = body.partition("@")
+  path, has_name, name = body.partition(":")
+  if not path or any(marker and not value for marker, value in
+                     ((has_name, name), (has_split, split), (has_key, text_key))):
+    raise ConfigError(f"data.mixture entry {entry!r} is not hf:PATH[:NAME][@SPLIT][#TEXT_KEY], "
+                      "e.g. 'hf:HuggingFaceFW/fineweb-edu:sample-10BT@train#text'")
+  return HubSource(path, name or None, split or "train", text_key or None)
+
+
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
-  """Parses data.mixture, "GLOBS=WEIGHT;GLOBS=WEIGHT", into (globs, weight) pairs."""
+  """Parses data.mixture, "SOURCE=WEIGHT;SOURCE=WEIGHT", into (source, weight) pairs.
+
+  A source is comma-separated file globs or pretokenized dataset directories (like
+  data.train_files), or a Hub dataset "hf:PATH[:NAME][@SPLIT][#TEXT_KEY]" (see HubSource).
+  """
   parts = []
   for entry in (e.strip() for e in spec.split(";")):
     if not entry:
@@ -241,8 +283,10 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
       value = -1.0
     if not sep or not globs.strip() or not value > 0:
       raise ConfigError(
-        f"data.mixture={spec!r}: entry {entry!r} is not GLOBS=WEIGHT with a weight > 0, "
-        "e.g. 'web/*.jsonl=0.7;code/*.jsonl=0.3'")
+        f"data.mixture={spec!r}: entry {entry!r} is not SOURCE=WEIGHT with a weight > 0, "
+        "e.g. 'web/*.jsonl=0.7;hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.3'")
+    if globs.strip().startswith(HUB_PREFIX):
+      parse_hub_source(globs.strip())
     parts.append((globs.strip(), value))
   if not parts:
     raise ConfigError(f"data.mixture={spec!r}: no entries")
@@ -284,7 +328,8 @@ def _check_rope_scaling(scaling: Any) -> None:
 
 def _check_model(m: ml_collections.ConfigDict) -> None:
   _check_ints({f"model.{k}": m[k] for k in ("vocab_size", "dim", "n_layers", "n_heads",
-                                              "n_kv_heads", "ffn_dim", "max_seq_len")}, 1)
+                                              "n_kv_heads", "ffn_dim", "max_seq_len",
+                                              "loss_chunk_len")}, 1)
   _check_positive({f"model.{k}": m[k] for k in ("norm_eps", "rope_theta", "init_std")})
   if m.dim % m.n_heads:
     _fail("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
@@ -295,6 +340,7 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
     _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
   _check_choice("model.attention", m.attention, ATTENTION_IMPLS)
   _check_choice("model.remat", m.remat, REMAT_POLICIES)
+  _check_choice("model.chunked_loss", m.chunked_loss, CHUNKED_LOSS)
   _check_choice("model.dtype", m.dtype, DTYPES)
   _check_choice("model.param_dtype", m.param_dtype, DTYPES)
   _check_rope_scaling(m.rope_scaling)
@@ -337,7 +383,9 @@ def _check_optim(o: ml_collections.ConfigDict, steps: int) -> None:
 
 def _check_train(t: ml_collections.ConfigDict) -> None:
   _check_ints({f"train.{k}": t[k] for k in ("steps", "log_every", "eval_every", "eval_steps",
-                                              "keep_ckpts", "max_bad_steps")}, 1)
+                                              "keep_ckpts", "max_bad_steps", "push_every")}, 1)
+  if t.push_to_hub and len(t.push_to_hub.split("/")) != 2:
+    _fail("train.push_to_hub", t.push_to_hub, "must be a Hub repository id, user/name")
   _check_ints({f"train.{k}": t[k] for k in ("seed", "ckpt_every", "sample_tokens")}, 0)
 
 
@@ -353,8 +401,9 @@ def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
 def _check_files(d: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> None:
   """The files and directories the config names exist."""
   if d.mixture:
-    for globs, _ in parse_mixture(d.mixture):
-      expand_globs(globs, "data.mixture")
+    for source, _ in parse_mixture(d.mixture):
+      if not source.startswith(HUB_PREFIX):
+        expand_globs(source, "data.mixture")
   elif d.source == "files":
     expand_globs(d.train_files, "data.train_files")
     if d.eval_files:

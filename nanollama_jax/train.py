@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
-from nanollama_jax import evaluate, generate, hostmem, model, optim, sharding
+from nanollama_jax import evaluate, generate, hostmem, hub, model, optim, sharding
 from nanollama_jax.data import DataError, HubUnreachable, pipeline
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -305,6 +305,10 @@ class _Steps:
     self.pending = None  # (step, device metrics) of the last dispatched step, read one step late
     self.mark_time, self.mark_step = time.time(), self.start_step + 1
     self.bar = metrics_lib.progress(self.start_step, cfg.train.steps)
+    self.pusher = (hub.Pusher(workdir, cfg.train.push_to_hub)
+                   if cfg.train.push_to_hub and jax.process_index() == 0 else None)
+    self.saves = 0
+    self.closed = False
 
   def restart_clock(self) -> None:
     """Time from now on counts as training (not compilation, evaluation or saving)."""
@@ -316,6 +320,8 @@ class _Steps:
     self.pending = (done, step_metrics)
     if self.bar is not None:
       self.bar.step()
+    if self.pusher is not None:
+      self.pusher.poll()
 
   def retire(self) -> None:
     """Reads the pending step's metrics: stops on a run of bad steps, logs on log steps."""
@@ -389,12 +395,22 @@ class _Steps:
                       self.config_json):
       logging.info("checkpoint %d: training blocked %.3fs for it", done,
                    self.ckpt.last_blocking_s)
+      self.saves += 1
+      if self.pusher is not None and (self.saves % self.cfg.train.push_every == 0
+                                      or done == self.cfg.train.steps):
+        self.pusher.request(done)
     self.restart_clock()
 
-  def close(self) -> None:
+  def close(self, finished: bool = False) -> None:
+    """Closes the log; a finished run also waits for its last push to the Hub. Idempotent."""
+    if self.closed:
+      return
+    self.closed = True
     if self.bar is not None:
       self.bar.close()
     self.writer.close()
+    if self.pusher is not None:
+      self.pusher.close(wait=finished)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str, float]]:
@@ -469,6 +485,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
         raise Preempted(stop.signum, done, workdir)
     record.retire()
     ckpt.wait()
+    record.close(finished=True)
   if start_step < steps:
     logging.info("done: %d steps, %s tokens in %.1fs", steps - start_step,
                  f"{(steps - start_step) * record.tokens_per_step:,}", time.time() - start)

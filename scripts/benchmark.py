@@ -167,19 +167,31 @@ def recipes() -> dict:
   n = len(jax.devices())
   for name in RECIPES:
     cfg = runpy.run_path(os.path.join(_ROOT, "configs", f"{name}.py"))["get_config"]()
-    row = {"parameters": model.param_count_formula(cfg.model)}
+    row = {"parameters": model.param_count_formula(cfg.model),
+           "chunked_loss": model.chunked_loss(cfg.model)}
+    # A recipe with the chunked loss is compiled a second time with the plain one, to show
+    # what the chunks save.
+    variants = {"": cfg}
+    if row["chunked_loss"]:
+      plain = cfg.copy_and_resolve_references()
+      plain.model.chunked_loss = "off"
+      variants["plain_loss_"] = plain
     meshes = {"1_device": _one_device_mesh()}
     if n >= 8:
       meshes["fsdp_8"] = sharding.make_mesh(ml_collections.ConfigDict(
         dict(data=1, fsdp=8, tensor=1)), jax.devices()[:8])
     for label, mesh in meshes.items():
-      start = time.perf_counter()
-      memory = train.lower_train_step(cfg, mesh).compile().memory_analysis()
-      row[label] = {"peak_gib": round(_peak(memory) / 2**30, 2),
-                    "arguments_gib": round(memory.argument_size_in_bytes / 2**30, 2),
-                    "temp_gib": round(memory.temp_size_in_bytes / 2**30, 2),
-                    "compile_s": round(time.perf_counter() - start, 2)}
-      _progress(f"{name} on {label}: peak {row[label]['peak_gib']} GiB per device")
+      row[label] = {}
+      for prefix, variant in variants.items():
+        start = time.perf_counter()
+        memory = train.lower_train_step(variant, mesh).compile().memory_analysis()
+        row[label].update({f"{prefix}peak_gib": round(_peak(memory) / 2**30, 2),
+                           f"{prefix}temp_gib": round(memory.temp_size_in_bytes / 2**30, 2),
+                           f"{prefix}compile_s": round(time.perf_counter() - start, 2)})
+      row[label]["arguments_gib"] = round(memory.argument_size_in_bytes / 2**30, 2)
+      _progress(f"{name} on {label}: peak {row[label]['peak_gib']} GiB per device"
+                + (f" ({row[label]['plain_loss_peak_gib']} with the plain loss)"
+                   if "plain_loss_peak_gib" in row[label] else ""))
     out[name] = row
   return out
 
@@ -453,8 +465,9 @@ def main() -> None:
   if "recipes" in results:
     print("\nrecipes, per-device memory estimates (compiled ahead of time):")
     for name, row in results["recipes"].items():
-      cells = [f"{label} peak {v['peak_gib']} GiB" for label, v in row.items()
-               if isinstance(v, dict)]
+      cells = [f"{label} peak {v['peak_gib']} GiB" + (
+                 f" (plain loss {v['plain_loss_peak_gib']} GiB)" if "plain_loss_peak_gib" in v
+                 else "") for label, v in row.items() if isinstance(v, dict)]
       print(f"  {name:14s} {row['parameters']:>14,} params  " + "; ".join(cells))
   if "data" in results:
     r = results["data"]

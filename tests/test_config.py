@@ -1,5 +1,6 @@
 """Config validation: each mistake is caught before compiling, with a message that names it."""
 
+import re
 import runpy
 
 import pytest
@@ -26,6 +27,16 @@ def test_defaults_and_recipes_are_valid(cfg, sample_dir):
   cpu.data.train_files = cfg.data.train_files
   cpu.data.eval_files = cfg.data.eval_files
   config.validate(cpu)
+
+
+@pytest.mark.parametrize("recipe", ["configs/tinyllama_1b.py", "configs/llama3_2_1b.py"])
+def test_the_mixture_in_a_recipe_docstring_is_valid(recipe):
+  docstring = runpy.run_path(recipe)["__doc__"]
+  override = re.search(r"--config\.data\.mixture='([^']+)'", docstring).group(1)
+  cfg = load(recipe)
+  cfg.data.mixture = override
+  config.validate(cfg)  # every entry is a Hub source: nothing to find on disk
+  assert [w for _, w in config.parse_mixture(override)] == [0.7, 0.2, 0.1]
 
 
 @pytest.mark.parametrize("mutate, message", [

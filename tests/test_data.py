@@ -340,13 +340,26 @@ def test_glob_without_match_and_mixed_kinds_are_config_errors(sample_dir, tok, t
 
 
 @pytest.mark.parametrize("spec, error", [
-  ("a.jsonl", "is not GLOBS=WEIGHT"), ("a.jsonl=0", "weight > 0"), ("a=x;b=1", "'a=x'"),
+  ("a.jsonl", "is not SOURCE=WEIGHT"), ("a.jsonl=0", "weight > 0"), ("a=x;b=1", "'a=x'"),
   (" ; ", "no entries")])
 def test_mixture_spec_errors(spec, error):
   with pytest.raises(config.ConfigError, match=error):
     config.parse_mixture(spec)
   assert config.parse_mixture("web/*.jsonl,b.txt=0.7; code=0.3") == [("web/*.jsonl,b.txt", 0.7),
                                                                       ("code", 0.3)]
+
+
+def test_hub_mixture_entries_name_path_config_split_and_key():
+  spec = "hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.7;hf:org/code@validation#content=0.2;d=0.1"
+  assert config.parse_mixture(spec) == [("hf:HuggingFaceFW/fineweb-edu:sample-10BT", 0.7),
+                                        ("hf:org/code@validation#content", 0.2), ("d", 0.1)]
+  assert config.parse_hub_source("hf:HuggingFaceFW/fineweb-edu:sample-10BT") == config.HubSource(
+    "HuggingFaceFW/fineweb-edu", "sample-10BT", "train", None)
+  assert config.parse_hub_source("hf:org/code@validation#content") == config.HubSource(
+    "org/code", None, "validation", "content")
+  for bad in ("hf:", "hf:org/x:", "hf:org/x@", "hf:org/x#"):
+    with pytest.raises(config.ConfigError, match="is not hf:PATH"):
+      config.parse_mixture(f"{bad}=1")
 
 
 # Pretokenized datasets.
@@ -554,6 +567,44 @@ def _restores(cfg, tok, skip, n=10):
   _assert_same(expected, [next(restored) for _ in range(n)])
   assert restored.epochs == epochs
   restored.close()
+
+
+def _hub_mixture_cfg(sample_dir, tmp_path, monkeypatch):
+  """70% the sample's train.jsonl, 30% a folder of JSONL files read as a Hub dataset (the
+  `datasets` loader a Hub path goes through, without the network)."""
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+  hub = tmp_path / "hub_dataset"
+  hub.mkdir()
+  lines = (sample_dir / "validation.jsonl").read_text().splitlines(keepends=True)
+  for i in range(2):  # two files: two processes can take one each
+    (hub / f"part-{i}.jsonl").write_text("".join(lines[i::2]))
+  mixture = f"{sample_dir / 'train.jsonl'}=0.7;hf:{hub}=0.3"
+  return _data_cfg(sample_dir, batch_size=8, seq_len=64, mixture=mixture, shuffle_window=40)
+
+
+def test_a_hub_source_in_a_mixture_streams_shares_and_restores(sample_dir, tok, tmp_path,
+                                                               monkeypatch):
+  cfg = _hub_mixture_cfg(sample_dir, tmp_path, monkeypatch)
+  it = pipeline.train_batches(cfg, tok)
+  for _ in range(400):  # 3,200 windows
+    next(it)
+  assert it.names == [str(sample_dir / "train.jsonl"), f"hf:{tmp_path / 'hub_dataset'}"]
+  np.testing.assert_allclose(it.windows / it.windows.sum(), [0.7, 0.3], atol=0.01)
+  # 960 windows of the ~900-window stream: it started over, counting its own epochs.
+  assert it.epochs == [0, 1]
+  it.close()
+  _restores(cfg, tok, 60)  # a resumed mixture continues exactly, Hub stream included
+  # Each process streams its own share of the Hub source: whole files, disjoint.
+  shares = []
+  for index in range(2):
+    found = sources.open_split(cfg, "train", process_index=index, process_count=2,
+                               globs=f"hf:{tmp_path / 'hub_dataset'}")
+    shares.append({text for text, epoch in itertools.takewhile(
+      lambda pair: pair[1] == 0, iter(found.stream))})
+  texts = set(sources.documents(_data_cfg(sample_dir), "eval"))
+  assert shares[0] | shares[1] == texts and not shares[0] & shares[1]
 
 
 def test_restore_continues_pretokenized_first_fit_and_mixture(sample_dir, tok, tmp_path):

@@ -291,3 +291,53 @@ def test_rope_scaling_reaches_the_model():
   diff = jnp.abs(logits(plain, params, tokens) - logits(scaled, params, tokens))
   assert float(diff[0, 0].max()) < 1e-6  # position 0 is not rotated by any frequency
   assert float(diff[0, 1:].max()) > 1e-4
+
+
+def _loss_and_grads(cfg, params, batch):
+  graphdef = model.graph(cfg)
+
+  def mean_loss(p):
+    total, count = model.loss_sums(graphdef, p, batch)
+    return total / count
+  return jax.jit(jax.value_and_grad(mean_loss))(params)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_the_plain_one(tied):
+  cfg = tiny_cfg(vocab_size=300, max_seq_len=64, tie_embeddings=tied)
+  params = model.init_params(cfg, 0)
+  rng = np.random.default_rng(0)
+  B, T = 3, 50
+  batch = {"inputs": rng.integers(0, 300, (B, T)).astype(np.int32),
+           "targets": rng.integers(0, 300, (B, T)).astype(np.int32),
+           "segment_ids": np.repeat([[1] * 20 + [2] * 30], B, 0).astype(np.int32),
+           "positions": np.tile(np.r_[np.arange(20), np.arange(30)], (B, 1)).astype(np.int32),
+           "loss_mask": (rng.random((B, T)) > 0.2).astype(np.float32)}
+  plain_loss, plain_grads = _loss_and_grads(
+    tiny_cfg(**{**cfg.to_dict(), "chunked_loss": "off"}), params, batch)
+  for chunk_len in (7, 16, 50, 64):  # 64 > T: one chunk; 7 and 16 leave a padded last chunk
+    cfg.update(dict(chunked_loss="on", loss_chunk_len=chunk_len))
+    loss, grads = _loss_and_grads(cfg, params, batch)
+    assert abs(float(loss) - float(plain_loss)) < 1e-6 * float(plain_loss), chunk_len
+    worst = max(float(jnp.abs(a - b).max())
+                for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)))
+    assert worst < 1e-6, (chunk_len, worst)
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+  """XLA's own buffer accounting: the step's temporaries shrink by more than the float32
+  logits, and `auto` turns the chunks on for large vocabularies only."""
+  B, T, V = 4, 256, 8192
+  batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32)
+           for k in ("inputs", "targets", "segment_ids", "positions")}
+  batch["loss_mask"] = jax.ShapeDtypeStruct((B, T), jnp.float32)
+  temps = {}
+  for mode in ("off", "on"):
+    cfg = tiny_cfg(vocab_size=V, max_seq_len=T, chunked_loss=mode, loss_chunk_len=32)
+    step = jax.jit(jax.grad(lambda p, b, g=model.graph(cfg): model.loss_sums(g, p, b)[0]))
+    compiled = step.lower(model.abstract_params(cfg), batch).compile()
+    temps[mode] = compiled.memory_analysis().temp_size_in_bytes
+  logits_bytes = B * T * V * 4
+  assert temps["on"] < temps["off"] - logits_bytes, (temps, logits_bytes)
+  assert not model.chunked_loss(tiny_cfg(vocab_size=10000))  # auto: TinyStories stays plain
+  assert model.chunked_loss(tiny_cfg(vocab_size=32000))

@@ -5,6 +5,7 @@ import math
 import os
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -230,3 +231,25 @@ def test_epochs_samples_and_progress_are_reported(sample_dir, tokenizer_path, tm
   assert samples[0].startswith("step 16 sample: 'Once upon a time") and "sample: 'Tom" in samples[1]
   events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tb").iterdir())
   assert b"Once upon a time" in events and b"samples" in events
+
+
+def test_a_mixture_with_a_hub_source_trains_and_resumes_exactly(sample_dir, tokenizer_path,
+                                                                 tmp_path, monkeypatch):
+  import datasets  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+  hub = tmp_path / "hub_dataset"  # read through `datasets`, as a Hub dataset is
+  hub.mkdir()
+  (hub / "part-0.jsonl").write_text((sample_dir / "validation.jsonl").read_text())
+  cfg = tiny_config(sample_dir, tokenizer_path, steps=8, log_every=1, ckpt_every=4,
+                    eval_every=8, eval_steps=2)
+  cfg.data.mixture = f"{sample_dir / 'train.jsonl'}=0.6;hf:{hub}=0.4"
+  cfg.optim.warmup_steps = 2
+  workdir = tmp_path / "run"
+  train.train(cfg, str(workdir))
+  first = (workdir / "metrics.jsonl").read_text().splitlines()
+  shutil.rmtree(workdir / "checkpoints" / "8")  # as if the run had died after step 4's save
+  train.train(cfg, str(workdir))  # resumes from step 4, both sources at their saved positions
+  again = (workdir / "metrics.jsonl").read_text().splitlines()
+  losses = [[json.loads(r)["loss"] for r in rows if "loss" in json.loads(r)]
+            for rows in (first, again)]
+  assert len(losses[0]) == 8 and losses[1] == losses[0]  # bitwise the same steps 5 to 8

@@ -278,7 +278,8 @@ def _train_sources(data_cfg: ml_collections.ConfigDict, process_index: int,
     return [sources.open_split(data_cfg, "train", process_index=process_index,
                                process_count=process_count)], [1.0]
   parts = config.parse_mixture(data_cfg.mixture)
-  found = [sources.open_split(data_cfg, "train", globs=globs) for globs, _ in parts]
+  found = [sources.open_split(data_cfg, "train", process_index=process_index,
+                              process_count=process_count, globs=globs) for globs, _ in parts]
   return found, [weight for _, weight in parts]
 
 

@@ -335,14 +335,20 @@ def _open_globs(globs: str, key: str, text_key: str, separator: str) -> Document
 
 def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index: int = 0,
                process_count: int = 1, globs: str | None = None) -> Documents:
-  """Opens the documents of `split` ('train' or 'eval'), or of the file globs `globs`.
+  """Opens the documents of `split` ('train' or 'eval'), or of a mixture's source `globs` (file
+  globs or a Hub dataset "hf:...").
 
   Only a Hub stream uses the process index and count (it splits itself); the pipeline splits
   random-access documents.
   """
   if split not in SPLITS:
     raise ValueError(f"split={split!r}: allowed: {', '.join(SPLITS)}")
-  if globs is not None:
+  if globs is not None and globs.startswith(config.HUB_PREFIX):
+    hub = config.parse_hub_source(globs)
+    found = Documents(globs, stream=HubStream(
+      hub.path, hub.name, hub.split, hub.text_key or data_cfg.text_key, repeat=split == "train",
+      process_index=process_index, process_count=process_count))
+  elif globs is not None:
     found = _open_globs(globs, "data.mixture", data_cfg.text_key, data_cfg.text_separator)
   elif data_cfg.source == "files":
     key = "train_files" if split == "train" else "eval_files"
@@ -382,7 +388,9 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[str]:
 def _local_train_paths(data_cfg: ml_collections.ConfigDict) -> list[str] | None:
   """The paths of the (first) local training source; None for a Hub dataset."""
   if data_cfg.mixture:
-    return config.expand_globs(config.parse_mixture(data_cfg.mixture)[0][0], "data.mixture")
+    first = config.parse_mixture(data_cfg.mixture)[0][0]
+    return None if first.startswith(config.HUB_PREFIX) else config.expand_globs(
+      first, "data.mixture")
   if data_cfg.source == "files":
     return config.expand_globs(data_cfg.train_files, "data.train_files")
   return None
@@ -399,8 +407,9 @@ def pretokenized_tokenizer(data_cfg: ml_collections.ConfigDict) -> str | None:
 def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[str]:
   """Returns the first `n` training texts (fewer if the split is smaller), in order."""
   paths = _local_train_paths(data_cfg)
-  if paths is None:
-    found = open_split(data_cfg, "train")
+  if paths is None:  # the Hub: data.source, or the mixture's first source
+    first = config.parse_mixture(data_cfg.mixture)[0][0] if data_cfg.mixture else None
+    found = open_split(data_cfg, "train", globs=first)
     if found.stream is not None:
       it = iter(found.stream)
       return [text for text, _ in itertools.islice(it, n)]
