@@ -1,5 +1,5 @@
-"""The XLA attention against a plain softmax, and the Pallas flash-attention kernel (interpret
-mode on the CPU) against the XLA attention."""
+"""The XLA attention against a plain softmax; the Pallas flash-attention kernel and JAX's splash
+kernel (both in Pallas interpret mode on the CPU) against the XLA attention."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nanollama_jax import attention as attention_lib
-from nanollama_jax.attention import pallas
+from nanollama_jax.attention import pallas, splash
 from nanollama_jax.attention import xla as xla_lib
 from nanollama_jax.attention.xla import xla_attention
 
@@ -193,6 +193,59 @@ def test_block_table_fits_shared_memory_and_cpu_runs_are_refused(monkeypatch):
   assert attention_lib.resolve("auto") == "xla"
   with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
     attention_lib.attention(q, k, v, impl="cudnn")
+
+
+def splash_kernel(q, k, v, segments, causal):
+  return splash.splash_attention(q, k, v, segments, causal, interpret=True)
+
+
+SPLASH_CASES = [
+  # T, H, K, D, causal, segments
+  (256, 8, 2, 64, True, True),     # 2 x 2 blocks of 128 (one skipped), GQA 8 on 2, documents
+  (200, 4, 1, 32, False, True),    # padded to 256 with segment ids that match nothing, MQA
+  (130, 4, 4, 128, False, False),  # padded: segment ids made for the padding alone
+  (130, 2, 1, 64, True, False),    # padded, causal: no segment ids at all
+]
+
+
+@pytest.mark.parametrize("T, H, K, D, causal, segmented", SPLASH_CASES)
+def test_splash_matches_the_reference_in_float32(T, H, K, D, causal, segmented):
+  q, k, v, do = inputs(T, H, K, D, jnp.float32)
+  seg = packed_segments(T) if segmented else None
+  out, grads = jitted_value_and_grads(splash_kernel, q, k, v, do, seg, causal)
+  ref, ref_grads = jitted_value_and_grads(xla_attention, q, k, v, do, seg, causal)
+  errors = [float(jnp.abs(a - b).max()) for a, b in zip((out, *grads), (ref, *ref_grads))]
+  print(f"splash T={T} H={H} K={K} D={D} causal={causal} segments={segmented}: max error "
+        f"out {errors[0]:.1e} dq {errors[1]:.1e} dk {errors[2]:.1e} dv {errors[3]:.1e}")
+  assert max(errors) <= 1e-5, errors
+
+
+def test_splash_in_bfloat16_stays_near_float32():
+  q, k, v, do = inputs(256, 8, 2, 64, jnp.bfloat16)
+  seg = packed_segments(256)
+  out, grads = jitted_value_and_grads(splash_kernel, q, k, v, do, seg, True)
+  ref, ref_grads = jitted_value_and_grads(
+    xla_attention, *(x.astype(jnp.float32) for x in (q, k, v, do)), seg, True)
+  for a, b in zip((out, *grads), (ref, *ref_grads)):
+    assert a.dtype == jnp.bfloat16
+    scale = float(jnp.abs(b).max())
+    assert float(jnp.abs(a.astype(jnp.float32) - b).max()) <= 2e-2 * max(scale, 1.0)
+
+
+def test_splash_blocks_per_generation_and_length():
+  def blocks(length, generation):
+    b = splash.choose_blocks(length, generation)
+    return (b.block_q, b.block_kv, b.block_kv_compute, b.block_q_dkv, b.block_kv_dkv,
+            b.block_kv_dkv_compute, b.block_q_dq, b.block_kv_dq)
+
+  for generation in ("v4", "v5e", "v5p", "7x"):
+    assert blocks(2048, generation) == (512,) * 8
+  # v6e: the reused dimension (queries in the forward and dq, keys in dk/dv) twice as long.
+  assert blocks(2048, "v6e") == (1024, 512, 512, 512, 1024, 512, 1024, 512)
+  assert blocks(1536, "v6e") == (512,) * 8  # 1024 does not divide 1536
+  assert blocks(128, "v6e") == (128,) * 8  # never longer than the sequence
+  assert blocks(640, "v5e") == (128,) * 8  # 5 x 128
+  assert blocks(8192, None) == (128,) * 8  # interpret mode
 
 
 def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_path, monkeypatch):
