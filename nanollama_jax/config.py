@@ -16,7 +16,8 @@ from typing import Any
 
 import ml_collections
 
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+# model.attention: the implementations behind attention.attention() (attention/__init__.py).
+ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn", "save_dots_attn")
 DATA_SOURCES = ("files", "hf")
@@ -52,7 +53,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.model.qk_norm = False  # RMSNorm over each head of q and k before RoPE
   cfg.model.tie_embeddings = False  # the output projection reuses the token embedding
   cfg.model.max_seq_len = 2048  # the longest sequence the model is meant for
-  cfg.model.attention = "xla"  # one of ATTENTION_IMPLS: xla, pallas (CUDA GPUs), cudnn, auto
+  # one of ATTENTION_IMPLS: xla, pallas (CUDA GPUs), splash (TPUs), cudnn, auto
+  cfg.model.attention = "xla"
   cfg.model.scan_layers = True  # run the layer stack with a scan: compile time flat in depth
   cfg.model.remat = "none"  # one of REMAT_POLICIES, applied to each decoder layer
   cfg.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)

@@ -1,5 +1,5 @@
 """The XLA attention against a plain softmax; the Pallas flash-attention kernel and JAX's splash
-kernel (both in Pallas interpret mode on the CPU) against the XLA attention."""
+kernel (both in Pallas interpret mode on the CPU) against the XLA attention; attention targets."""
 
 import functools
 
@@ -179,20 +179,52 @@ def test_documents_do_not_see_each_other():
   assert float(jnp.abs(out[0, first:] - out2[0, first:]).max()) > 0.1
 
 
-def test_block_table_fits_shared_memory_and_cpu_runs_are_refused(monkeypatch):
+def test_block_table_fits_shared_memory():
   limits = {"sm_80": 163, "sm_86": 99, "sm_89": 99, "sm_90": 227}  # KB of shared memory
   for (gen, dim), b in pallas._TABLE.items():
     q_kb = b.block_q * dim * 2 / 1024  # the bf16 q tile, loaded once
     kv_kb = 2 * b.block_k * dim * 2 / 1024  # a k and a v tile, one pair per pipeline stage
     assert q_kb + b.num_stages * kv_kb <= limits[gen], (gen, dim, b)
+
+
+def test_auto_picks_per_target_and_kernels_are_refused_off_their_platform(monkeypatch):
+  Target = attention_lib.Target
+  assert Target.running() == Target("cpu")
+  picks = {Target("cuda", "sm_86"): "pallas", Target("tpu", "v5e"): "splash",
+           Target("cpu"): "xla", Target("rocm"): "xla"}
+  assert {t: attention_lib.resolve("auto", t) for t in picks} == picks
   monkeypatch.delenv(pallas.INTERPRET_ENV, raising=False)
   q, k, v, _ = inputs(64, 2, 1, 32, jnp.float32)
-  with pytest.raises(ValueError, match="CUDA GPU kernel and this run is on cpu: use "
-                                       "model.attention='xla'"):
-    attention_lib.attention(q, k, v, impl="pallas")
-  assert attention_lib.resolve("auto") == "xla"
-  with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-    attention_lib.attention(q, k, v, impl="cudnn")
+  for impl, kind in [("pallas", "a CUDA GPU kernel"), ("splash", "a TPU kernel"),
+                     ("cudnn", "an NVIDIA GPU kernel")]:
+    with pytest.raises(ValueError, match=f"model.attention='{impl}' is {kind} and the target is "
+                                         "cpu: use model.attention='xla'"):
+      attention_lib.attention(q, k, v, impl=impl)  # this host's target: the CPU
+  with pytest.raises(ValueError, match="is a CUDA GPU kernel and the target is tpu: use "
+                                       "model.attention='xla' \\(or 'auto', which picks 'splash'"):
+    attention_lib.resolve("pallas", Target("tpu", "v6e"))
+  with pytest.raises(ValueError, match="is a TPU kernel and the target is cuda"):
+    attention_lib.resolve("splash", Target("cuda", "sm_90"))
+  with pytest.raises(ValueError, match="model.attention='flash': allowed: xla, pallas, splash"):
+    attention_lib.resolve("flash", Target("cpu"))
+  # Interpret mode is for the Pallas kernels on a CPU only.
+  monkeypatch.setenv(pallas.INTERPRET_ENV, "1")
+  assert [attention_lib.resolve(i, Target("cpu")) for i in ("pallas", "splash")] == [
+    "pallas", "splash"]
+  with pytest.raises(ValueError, match="'cudnn' is an NVIDIA GPU kernel"):
+    attention_lib.resolve("cudnn", Target("cpu"))
+
+
+@pytest.mark.parametrize("args, message", [
+  (("gpu",), "target platform 'gpu': allowed: cpu, cuda, rocm, tpu"),
+  (("cuda",), "target generation None for cuda: give the GPU's compute capability as 'sm_XY'"),
+  (("cuda", "9.0"), "target generation '9.0' for cuda"),
+  (("tpu",), "target generation None for tpu: name one, e.g. 'v4', 'v5e'"),
+  (("cpu", "v5e"), "target generation 'v5e' for cpu: must be None"),
+])
+def test_targets_are_checked(args, message):
+  with pytest.raises(ValueError, match=message):
+    attention_lib.Target(*args)
 
 
 def splash_kernel(q, k, v, segments, causal):
@@ -262,7 +294,7 @@ def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_pa
   batches = pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path)))
   batches = [next(batches) for _ in range(3)]
   losses = {}
-  for impl in ("xla", "pallas"):
+  for impl in ("xla", "pallas", "splash"):
     cfg.model.attention = impl
     tx = optim.make_optimizer(cfg.optim, 3)
     step = train.make_train_step(cfg, model.graph(cfg.model), tx, optim.lr_schedule(cfg.optim, 3))
@@ -274,3 +306,4 @@ def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_pa
       losses[impl].append(float(metrics["loss"]))
   print(losses)
   np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+  np.testing.assert_allclose(losses["splash"], losses["xla"], rtol=1e-5)
