@@ -53,8 +53,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.model.qk_norm = False  # RMSNorm over each head of q and k before RoPE
   cfg.model.tie_embeddings = False  # the output projection reuses the token embedding
   cfg.model.max_seq_len = 2048  # the longest sequence the model is meant for
-  # one of ATTENTION_IMPLS: xla, pallas (CUDA GPUs), splash (TPUs), cudnn, auto
-  cfg.model.attention = "xla"
+  # One of ATTENTION_IMPLS: xla (any backend), pallas (CUDA GPUs), splash (TPUs), cudnn (NVIDIA
+  # GPUs), or auto: pallas on a CUDA GPU, splash on a TPU, xla elsewhere (so xla on a CPU).
+  cfg.model.attention = "auto"
   cfg.model.scan_layers = True  # run the layer stack with a scan: compile time flat in depth
   cfg.model.remat = "none"  # one of REMAT_POLICIES, applied to each decoder layer
   cfg.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)

@@ -1,7 +1,9 @@
 """Meshes and logical-axis rules: sharded steps equal one device, multi-process equals one process."""
 
+import collections
 import json
 import os
+import re
 import runpy
 import socket
 import subprocess
@@ -266,3 +268,33 @@ def test_published_recipes_compile_sharded_over_8_devices(name):
         f"{memory.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
         f"{memory.temp_size_in_bytes / 2**30:.2f} GiB")
 
+
+# Kernel custom calls in a lowered train step: forward, dq and dk/dv, plus the forward again where
+# remat recomputes each layer in the backward pass. The scanned layers appear once.
+@pytest.mark.parametrize("name, gpu, calls", [("tinystories", "sm_86", 3),
+                                              ("dense_180m", "sm_90", 4),
+                                              ("tinyllama_1b", "sm_90", 4),
+                                              ("llama3_2_1b", "sm_90", 4)])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_recipes_lower_with_their_attention_kernels(name, gpu, calls, platform):
+  """With `auto`, each accelerator recipe's train step lowers for a GPU with our Pallas (Triton)
+  kernel and for a TPU with splash, on an 8-way FSDP mesh at the recipe's shapes (no array is
+  allocated, nothing is compiled): every device runs the kernels on its own rows."""
+  cfg = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
+  assert cfg.model.attention == "auto"
+  target, custom_call = {"cuda": (Target("cuda", gpu), "__gpu$xla.gpu.triton"),
+                         "tpu": (Target("tpu", "v5e"), "tpu_custom_call")}[platform]
+  try:
+    text = train.lower_train_step(cfg, sharding.make_mesh(cfg.mesh), target).as_text()
+  except RuntimeError as e:
+    if "Triton compilation handler" not in str(e):
+      raise
+    pytest.skip(f"this jaxlib lowers Triton kernels only with the CUDA plugin installed: {e}")
+  kernels = re.findall(r"stablehlo\.custom_call @([\w$.]+)\(.*\) .*: \((.*)\) ->", text)
+  assert collections.Counter(name for name, _ in kernels) == {custom_call: calls}
+  # The largest operand is q (or dout): a micro-batch's rows on one device, all their heads.
+  rows = cfg.data.batch_size // cfg.optim.grad_accum // 8
+  for _, operands in kernels:
+    sizes = [np.prod([int(n) for n in dims.split("x")])
+             for dims in re.findall(r"tensor<([\dx]+)xbf16>", operands)]
+    assert max(sizes) == rows * cfg.data.seq_len * cfg.model.dim
