@@ -72,8 +72,8 @@ class Target:
     if device.platform == "gpu":
       if "rocm" in device.client.platform_version:
         return cls("rocm")
-      from nanollama_jax.attention.pallas import device_generation  # pylint: disable=import-outside-toplevel
-      return cls("cuda", device_generation(device))
+      from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
+      return cls("cuda", pallas.device_generation(device))
     return cls(device.platform)
 
   @classmethod
@@ -83,8 +83,8 @@ class Target:
 
 
 def _interpret_requested() -> bool:
-  from nanollama_jax.attention.pallas import INTERPRET_ENV  # pylint: disable=import-outside-toplevel
-  return os.environ.get(INTERPRET_ENV) == "1"
+  from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
+  return os.environ.get(pallas.INTERPRET_ENV) == "1"
 
 
 def resolve(impl: str, target: Target) -> str:
@@ -117,12 +117,12 @@ def _kernel(impl: str, target: Target, causal: bool):
   interpret = target.platform == "cpu"  # resolve() allowed it: Pallas interpret mode
   generation = None if interpret else target.generation
   if impl == "pallas":
-    from nanollama_jax.attention.pallas import pallas_attention  # pylint: disable=import-outside-toplevel
-    return functools.partial(pallas_attention, causal=causal, interpret=interpret,
+    from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
+    return functools.partial(pallas.pallas_attention, causal=causal, interpret=interpret,
                              generation=generation)
   if impl == "splash":
-    from nanollama_jax.attention.splash import splash_attention  # pylint: disable=import-outside-toplevel
-    return functools.partial(splash_attention, causal=causal, interpret=interpret,
+    from nanollama_jax.attention import splash  # pylint: disable=import-outside-toplevel
+    return functools.partial(splash.splash_attention, causal=causal, interpret=interpret,
                              generation=generation)
   return functools.partial(_cudnn_attention, causal=causal)
 
