@@ -12,6 +12,18 @@ Stages (each records an "error" instead of stopping the others when it fails):
   timings       forward + backward of pallas, cudnn and xla for T = 512 to 8192 at a fixed
                 number of tokens, with packed documents
 
+The JSON:
+  device        kind, count, platform, generation ("sm_90"); also jax, dry_run, ok
+  training      config, steps, model_overrides, batch_tokens, attention (as resolved), losses
+                (per logged step); loop and step_only, each {tokens_per_s, mfu,
+                hours_for_published_run}; peak_memory_bytes; mfu_peak (where the peak comes from)
+  kernel_check  cases [{T, H, K, E, causal, documents, errors {out, dq, dk, dv}, ok}]: each error
+                is max |pallas - xla| / max(1, max |xla|), xla in float32 on the same bfloat16
+                inputs; ok against tolerance (2e-2)
+  timings       H, K, E, dtype, documents_per_row; rows [{T, batch, pallas, cudnn, xla}], each
+                {ms, tflops} or {error}; tflops count the causal pairs only, forward + backward =
+                3.5 x forward
+
 Exit status 0 when training ran and the kernel matched, 1 otherwise. On a host without a CUDA
 GPU it stops at once with one line (status 2). `--dry-run` runs the same stages on the CPU at
 toy sizes, the kernels in Pallas interpret mode, to check the script itself: its numbers say
