@@ -272,8 +272,8 @@ def test_splash_blocks_per_generation_and_length():
 
   for generation in ("v4", "v5e", "v5p", "7x"):
     assert blocks(2048, generation) == (512,) * 8
-  # v6e: the reused dimension (queries in the forward and dq, keys in dk/dv) twice as long.
-  assert blocks(2048, "v6e") == (1024, 512, 512, 512, 1024, 512, 1024, 512)
+  # v6e: the query blocks of the forward and dq kernels twice as long.
+  assert blocks(2048, "v6e") == (1024, 512, 512, 512, 512, 512, 1024, 512)
   assert blocks(1536, "v6e") == (512,) * 8  # 1024 does not divide 1536
   assert blocks(128, "v6e") == (128,) * 8  # never longer than the sequence
   assert blocks(640, "v5e") == (128,) * 8  # 5 x 128

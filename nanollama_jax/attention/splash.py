@@ -7,27 +7,31 @@
   are segment ids (splash's SegmentIds), compared inside the blocks it does compute.
 - Splash does not scale the scores: q is multiplied by 1/sqrt(E) in its own dtype first, the
   same rounding as the xla path.
-- Sequences are padded to a multiple of the block size; padded queries and keys get segment
-  ids that match nothing (-2 and -1; real ids are >= 0) and the outputs are cut back. Padded
-  queries get zero gradients, so they add nothing to dk and dv.
+- Sequences are padded to a multiple of 128 (blocks are chosen to divide the padded length);
+  padded queries and keys get segment ids that match nothing (-2 and -1; real ids are >= 0)
+  and the outputs are cut back. Padded queries get zero gradients, so they add nothing to dk
+  and dv.
 - The kernels take one sequence ([H, T, E], K/V [K, T, E]): a vmap runs them over the batch.
 - Forward and backward are three kernels: the forward saves the log-sum-exp per query; one
   kernel computes dq, another dk and dv (splash's separate, not fused, backward).
 
-Block sizes. The forward of a block of bq queries reads every K/V block it meets from HBM
-(2 x bkv x E values) and does 4 x bq x bkv x E FLOPs on it: bq FLOPs per byte of bfloat16 K/V
-traffic (the dq kernel likewise; the dk/dv kernel reads q and dout for each block of bkv_dkv
-keys: bkv_dkv FLOPs per byte). The kernel is compute-bound while that exceeds the chip's peak
-FLOPs per byte of HBM bandwidth: about 224 on v4 (275 TFLOP/s, 1.23 TB/s), 240 on v5e (197,
-0.82), 187 on v5p (459, 2.46) and 561 on v6e (918, 1.64), by the per-chip numbers JAX lists in
-pallas/mosaic/tpu_info.py. Hence the reused dimension (bq, bq_dq, bkv_dkv) is 512 on v4, v5e
-and v5p and 1024 on v6e; the streamed one (bkv, bq_dkv) is 512, a multiple of every MXU's width
-(128; 256 on v6e). The largest working set, v6e's forward at E = 128 (double-buffered q, out,
-K and V blocks, float32 accumulators, the 1024 x 512 float32 scores and their exponentials), is
-about 8 MiB: within the 16 MiB of VMEM per core of v4, the smallest of the four (64 MiB on v5p,
-128 MiB on v5e and v6e), so no VMEM limit is raised. Other generations get 512 throughout, the
-default of MaxText's configs. Blocks never exceed the (padded) sequence; a sequence of 2048
-then runs as 4 x 4 forward blocks (causal: 10 of the 16 computed) on v4-v5p.
+Block sizes. A kernel stays compute-bound while its FLOPs per byte of HBM traffic exceed the
+chip's peak FLOPs per byte of bandwidth: about 224 on v4 (275 TFLOP/s, 1.23 TB/s), 240 on v5e
+(197, 0.82), 187 on v5p (459, 2.46) and 561 on v6e (918, 1.64), by the per-chip numbers JAX
+lists in pallas/mosaic/tpu_info.py. In bfloat16, per block of bq queries and bkv keys:
+  forward  reads K and V (4 x bkv x E bytes), does 4 x bq x bkv x E FLOPs: bq per byte
+  dq       reads K and V, does 6 x bq x bkv x E FLOPs (scores, dp, dq): 1.5 x bq per byte
+  dk/dv    reads q and dout (4 x bq x E bytes), does 8 x bq x bkv x E FLOPs: 2 x bkv per byte
+We ask each for at least 1.8 times the chip's ratio, with blocks that are multiples of the MXU's
+width (128; 256 on v6e): 512 throughout on v4, v5e and v5p (512, 768 and 1024 FLOPs per byte);
+on v6e the query blocks of the forward and dq grow to 1024 (1024 and 1536; dk/dv's 512 keys give
+1024 already). The other dimension of each block is 512. Our count of the largest working set,
+v6e's dq at E = 128 (double-buffered blocks, float32 accumulators, the 1024 x 512 float32 scores
+and the arrays derived from them), is about 10 MiB, under the 16 MiB of VMEM per core of v4,
+the smallest of the four (64 MiB on v5p, 128 MiB on v5e and v6e); no VMEM limit is raised, and
+a compiler that refused a block would say so when the step is compiled. Other generations get
+512 throughout, the default of MaxText's configs. Blocks never exceed the (padded) sequence; a
+sequence of 2048 runs as 4 x 4 forward blocks (causal: 10 of the 16 computed) on v4 to v5p.
 """
 
 from __future__ import annotations
@@ -40,9 +44,8 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 LANES = 128  # block sizes are multiples of the TPU's 128 lanes
 _PAD_Q, _PAD_KV = -2, -1  # segment ids of padding: padded queries match no key, keys no query
-# Generation -> (reused block, streamed block); see the module docstring.
-_BLOCKS = {"v4": (512, 512), "v5e": (512, 512), "v5p": (512, 512), "v6e": (1024, 512)}
-_OTHER_BLOCKS = (512, 512)
+BLOCK = 512  # every block dimension but the ones below; see the module docstring
+_QUERY_BLOCKS = {"v6e": 1024}  # generation -> query blocks of the forward and dq kernels
 
 
 def _fit(block: int, length: int) -> int:
@@ -53,15 +56,15 @@ def _fit(block: int, length: int) -> int:
 
 
 def choose_blocks(length: int, generation: str | None) -> splash.BlockSizes:
-  """Splash block sizes for a sequence padded to `length` on TPU `generation` (None: the
-  interpret mode's smallest blocks)."""
-  reused, streamed = (LANES, LANES) if generation is None else _BLOCKS.get(generation,
-                                                                           _OTHER_BLOCKS)
-  reused, streamed = _fit(min(reused, length), length), _fit(min(streamed, length), length)
+  """Splash block sizes for a sequence padded to `length` on TPU `generation` (None: 128
+  throughout, for interpret mode)."""
+  block = LANES if generation is None else BLOCK
+  queries = LANES if generation is None else _QUERY_BLOCKS.get(generation, BLOCK)
+  block, queries = _fit(min(block, length), length), _fit(min(queries, length), length)
   return splash.BlockSizes(
-    block_q=reused, block_kv=streamed, block_kv_compute=streamed,
-    block_q_dkv=streamed, block_kv_dkv=reused, block_kv_dkv_compute=streamed,
-    block_q_dq=reused, block_kv_dq=streamed)
+    block_q=queries, block_kv=block, block_kv_compute=block,
+    block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+    block_q_dq=queries, block_kv_dq=block)
 
 
 @functools.lru_cache(maxsize=64)
