@@ -25,6 +25,7 @@ def get_config():
   cfg.model.rope_theta = 10000.0
   cfg.model.max_seq_len = 2048
   cfg.model.dtype = "bfloat16"
+  cfg.model.attention = "auto"  # our Pallas kernel on a CUDA GPU, splash on a TPU
   cfg.model.remat = "save_attn"
 
   cfg.data.source = "hf"

@@ -28,6 +28,7 @@ def get_config():
   cfg.model.tie_embeddings = False
   cfg.model.max_seq_len = 2048
   cfg.model.dtype = "bfloat16"
+  cfg.model.attention = "auto"  # our Pallas kernel on a CUDA GPU, splash on a TPU
   cfg.model.remat = "full"
 
   cfg.data.source = "hf"

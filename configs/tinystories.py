@@ -33,6 +33,7 @@ def get_config():
   cfg.model.rope_scaling = None
   cfg.model.max_seq_len = 128
   cfg.model.dtype = "bfloat16"
+  cfg.model.attention = "auto"  # our Pallas kernel on a CUDA GPU, splash on a TPU
 
   cfg.data.source = "hf"
   cfg.data.hf_path = "roneneldan/TinyStories"

@@ -17,7 +17,8 @@ from typing import Any
 
 import ml_collections
 
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+# model.attention: the implementations behind attention.attention() (attention/__init__.py).
+ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn", "save_dots_attn")
 DATA_SOURCES = ("files", "hf")
@@ -63,7 +64,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   model.qk_norm = False  # RMSNorm over each head of q and k before RoPE
   model.tie_embeddings = False  # the output projection reuses the token embedding
   model.max_seq_len = 2048  # the longest sequence the model is meant for
-  model.attention = "xla"  # one of ATTENTION_IMPLS: xla, pallas (CUDA GPUs), cudnn, auto
+  # One of ATTENTION_IMPLS: xla (any backend), pallas (CUDA GPUs), splash (TPUs), cudnn (NVIDIA
+  # GPUs), or auto: pallas on a CUDA GPU, splash on a TPU, xla elsewhere (so xla on a CPU).
+  model.attention = "auto"
   model.scan_layers = True  # run the layer stack with a scan: compile time flat in depth
   model.remat = "none"  # one of REMAT_POLICIES, applied to each decoder layer
   model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)

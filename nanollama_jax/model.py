@@ -30,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nanollama_jax import config as config_lib
 from nanollama_jax import sharding
-from nanollama_jax.attention import attention
+from nanollama_jax.attention import Target, attention
 from nanollama_jax.attention.xla import masked_attention
 
 # What each model.remat policy (config.REMAT_POLICIES names them) keeps for the backward pass;
@@ -108,10 +108,10 @@ def apply_rope(x_BxTxNxE: jax.Array, sin_BxTxE2: jax.Array, cos_BxTxE2: jax.Arra
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
     D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_kv_heads, config_lib.head_dim(cfg)
     std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
-    self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.attention
+    self.dtype, self.impl, self.target = jnp.dtype(cfg.dtype), cfg.attention, target
     self.wq_DxHxE = _param(rngs, std, (D, H, E), ("embed", "heads", "head_dim"), pd)
     self.wk_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
     self.wv_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
@@ -136,7 +136,8 @@ class Attention(nnx.Module):
     q_BxTxHxE = apply_rope(q_BxTxHxE, sin_BxTxE2, cos_BxTxE2)
     k_BxTxKxE = apply_rope(k_BxTxKxE, sin_BxTxE2, cos_BxTxE2)
     if cache is None:
-      out_BxTxHxE = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, impl=self.impl)
+      out_BxTxHxE = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, impl=self.impl,
+                              target=self.target)
     else:
       k_BxSxKxE, v_BxSxKxE, slot, mask_BxTxS = cache
       k_BxSxKxE = jax.lax.dynamic_update_slice_in_dim(
@@ -173,10 +174,10 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
     pd = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, target)
     self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
     self.mlp = MLP(cfg, rngs)
 
@@ -196,9 +197,14 @@ CHUNKED_LOSS_MIN_VOCAB = 16384
 
 
 class Llama(nnx.Module):
-  """Token embedding, L decoder layers (stacked parameters), final norm, output projection."""
+  """Token embedding, L decoder layers (stacked parameters), final norm, output projection.
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  `target` is the platform the attention is built for (see attention.Target); None: the running
+  devices, looked up when the model is traced.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+               target: Target | None = None):
     self.cfg = ml_collections.FrozenConfigDict(cfg)  # later edits of `cfg` cannot leak in
     pd = jnp.dtype(cfg.param_dtype)
     self.embed_VxD = _param(rngs, cfg.init_std, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
@@ -206,7 +212,7 @@ class Llama(nnx.Module):
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-      return DecoderLayer(cfg, rngs)
+      return DecoderLayer(cfg, rngs, target)
 
     self.layers = make_layers(rngs)
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
@@ -335,13 +341,14 @@ def embedding_param_count(cfg: ml_collections.ConfigDict) -> int:
   return cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
 
 
-def _abstract(cfg: ml_collections.ConfigDict) -> Llama:
-  return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(params=0)))
+def _abstract(cfg: ml_collections.ConfigDict, target: Target | None = None) -> Llama:
+  return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(params=0), target))
 
 
-def graph(cfg: ml_collections.ConfigDict) -> nnx.GraphDef:
-  """The static structure of the model, to pass to `apply`; builds no arrays."""
-  return nnx.graphdef(_abstract(cfg))
+def graph(cfg: ml_collections.ConfigDict, target: Target | None = None) -> nnx.GraphDef:
+  """The static structure of the model for `target` (default: the running devices), to pass to
+  `apply`; builds no arrays."""
+  return nnx.graphdef(_abstract(cfg, target))
 
 
 def logical_axes(cfg: ml_collections.ConfigDict) -> dict:

@@ -198,6 +198,32 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh))
 
 
+def per_shard(fn: Callable, logical_in: Sequence[Sequence[str | None]],
+              logical_out: Sequence[str | None]) -> Callable:
+  """`fn` run by each device on its block of the arguments (shard_map) when tracing under a
+  mesh; else `fn` itself. For custom calls (attention kernels) that XLA cannot partition.
+
+  Dimensions are split by their logical axes; a logical axis is split only as far as the mesh
+  divides it in every argument, so dimensions with the same name are split alike.
+  """
+
+  def wrapped(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or set(mesh.axis_names) != set(MESH_AXES):
+      return fn(*args)
+    sizes: dict[str, int] = {}
+    for names, x in zip(logical_in, args):
+      for name, size in zip(names, x.shape):
+        sizes[name] = math.gcd(sizes.get(name, 0), size)
+
+    def spec(names):
+      return logical_to_spec(names, [sizes[n] for n in names], mesh)
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(n) for n in logical_in),
+                         out_specs=spec(logical_out), check_vma=False)(*args)
+  return wrapped
+
+
 def describe(mesh: Mesh, shardings: Any, abstract_tree: Any) -> str:
   """A one-line summary: the mesh and the bytes of the tree held per device."""
   per_device = 0

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
-from nanollama_jax import evaluate, generate, hostmem, hub, model, optim, sharding
+from nanollama_jax import attention, evaluate, generate, hostmem, hub, model, optim, sharding
 from nanollama_jax.data import DataError, HubUnreachable, pipeline
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -177,22 +177,27 @@ def state_sharding(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformat
   return abstract, TrainState(replicated, params, opt, replicated, replicated, replicated)
 
 
-def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     target: attention.Target | None = None):
   """The train step of `cfg` on `mesh`, lowered on abstract inputs: no array is allocated.
 
-  `.compile()` on the result gives XLA's per-device memory estimate (`memory_analysis()`),
-  which is how a recipe is checked on a CPU before it meets its accelerator.
+  `target` (default: the running devices) is the platform the program is built for, so a CPU
+  host can lower the exact GPU or TPU step (`Target("tpu", "v5e")`), with `mesh`'s shape.
+  `.compile()` on a step lowered for the running devices gives XLA's per-device memory
+  estimate (`memory_analysis()`), which is how a recipe is checked on a CPU before it meets its
+  accelerator.
   """
+  target = target or attention.Target.running()
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   abstract, shardings = state_sharding(cfg, tx, mesh)
-  step = make_train_step(cfg, model.graph(cfg.model), tx,
+  step = make_train_step(cfg, model.graph(cfg.model, target), tx,
                          optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
   state = sharding.abstract(abstract, shardings)
   rows = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                               sharding=sharding.batch_sharding(mesh))
   batch = {k: rows for k in ("inputs", "targets", "segment_ids", "positions")}
   batch["loss_mask"] = jax.ShapeDtypeStruct(rows.shape, jnp.float32, sharding=rows.sharding)
-  return step.lower(state, batch)
+  return step.trace(state, batch).lower(lowering_platforms=(target.platform,))
 
 
 def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,

@@ -1,5 +1,5 @@
-"""The XLA attention against a plain softmax, and the Pallas flash-attention kernel (interpret
-mode on the CPU) against the XLA attention."""
+"""The XLA attention against a plain softmax; the Pallas flash-attention kernel and JAX's splash
+kernel (both in Pallas interpret mode on the CPU) against the XLA attention; attention targets."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nanollama_jax import attention as attention_lib
-from nanollama_jax.attention import pallas
+from nanollama_jax.attention import pallas, splash
 from nanollama_jax.attention import xla as xla_lib
 from nanollama_jax.attention.xla import xla_attention
 
@@ -179,20 +179,105 @@ def test_documents_do_not_see_each_other():
   assert float(jnp.abs(out[0, first:] - out2[0, first:]).max()) > 0.1
 
 
-def test_block_table_fits_shared_memory_and_cpu_runs_are_refused(monkeypatch):
+def test_block_table_fits_shared_memory():
   limits = {"sm_80": 163, "sm_86": 99, "sm_89": 99, "sm_90": 227}  # KB of shared memory
   for (gen, dim), b in pallas._TABLE.items():
     q_kb = b.block_q * dim * 2 / 1024  # the bf16 q tile, loaded once
     kv_kb = 2 * b.block_k * dim * 2 / 1024  # a k and a v tile, one pair per pipeline stage
     assert q_kb + b.num_stages * kv_kb <= limits[gen], (gen, dim, b)
+
+
+def test_auto_picks_per_target_and_kernels_are_refused_off_their_platform(monkeypatch):
+  Target = attention_lib.Target
+  assert Target.running() == Target("cpu")
+  picks = {Target("cuda", "sm_86"): "pallas", Target("tpu", "v5e"): "splash",
+           Target("cpu"): "xla", Target("rocm"): "xla"}
+  assert {t: attention_lib.resolve("auto", t) for t in picks} == picks
   monkeypatch.delenv(pallas.INTERPRET_ENV, raising=False)
   q, k, v, _ = inputs(64, 2, 1, 32, jnp.float32)
-  with pytest.raises(ValueError, match="CUDA GPU kernel and this run is on cpu: use "
-                                       "model.attention='xla'"):
-    attention_lib.attention(q, k, v, impl="pallas")
-  assert attention_lib.resolve("auto") == "xla"
-  with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-    attention_lib.attention(q, k, v, impl="cudnn")
+  for impl, kind in [("pallas", "a CUDA GPU kernel"), ("splash", "a TPU kernel"),
+                     ("cudnn", "an NVIDIA GPU kernel")]:
+    with pytest.raises(ValueError, match=f"model.attention='{impl}' is {kind} and the target is "
+                                         "cpu: use model.attention='xla'"):
+      attention_lib.attention(q, k, v, impl=impl)  # this host's target: the CPU
+  with pytest.raises(ValueError, match="is a CUDA GPU kernel and the target is tpu: use "
+                                       "model.attention='xla' \\(or 'auto', which picks 'splash'"):
+    attention_lib.resolve("pallas", Target("tpu", "v6e"))
+  with pytest.raises(ValueError, match="is a TPU kernel and the target is cuda"):
+    attention_lib.resolve("splash", Target("cuda", "sm_90"))
+  with pytest.raises(ValueError, match="model.attention='flash': allowed: xla, pallas, splash"):
+    attention_lib.resolve("flash", Target("cpu"))
+  # Interpret mode is for the Pallas kernels on a CPU only.
+  monkeypatch.setenv(pallas.INTERPRET_ENV, "1")
+  assert [attention_lib.resolve(i, Target("cpu")) for i in ("pallas", "splash")] == [
+    "pallas", "splash"]
+  with pytest.raises(ValueError, match="'cudnn' is an NVIDIA GPU kernel"):
+    attention_lib.resolve("cudnn", Target("cpu"))
+
+
+@pytest.mark.parametrize("args, message", [
+  (("gpu",), "target platform 'gpu': allowed: cpu, cuda, rocm, tpu"),
+  (("cuda",), "target generation None for cuda: give the GPU's compute capability as 'sm_XY'"),
+  (("cuda", "9.0"), "target generation '9.0' for cuda"),
+  (("tpu",), "target generation None for tpu: name one, e.g. 'v4', 'v5e'"),
+  (("cpu", "v5e"), "target generation 'v5e' for cpu: must be None"),
+])
+def test_targets_are_checked(args, message):
+  with pytest.raises(ValueError, match=message):
+    attention_lib.Target(*args)
+
+
+def splash_kernel(q, k, v, segments, causal):
+  return splash.splash_attention(q, k, v, segments, causal, interpret=True)
+
+
+SPLASH_CASES = [
+  # T, H, K, D, causal, segments
+  (256, 8, 2, 64, True, True),     # 2 x 2 blocks of 128 (one skipped), GQA 8 on 2, documents
+  (200, 4, 1, 32, False, True),    # padded to 256 with segment ids that match nothing, MQA
+  (130, 4, 4, 128, False, False),  # padded: segment ids made for the padding alone
+  (130, 2, 1, 64, True, False),    # padded, causal: no segment ids at all
+]
+
+
+@pytest.mark.parametrize("T, H, K, D, causal, segmented", SPLASH_CASES)
+def test_splash_matches_the_reference_in_float32(T, H, K, D, causal, segmented):
+  q, k, v, do = inputs(T, H, K, D, jnp.float32)
+  seg = packed_segments(T) if segmented else None
+  out, grads = jitted_value_and_grads(splash_kernel, q, k, v, do, seg, causal)
+  ref, ref_grads = jitted_value_and_grads(xla_attention, q, k, v, do, seg, causal)
+  errors = [float(jnp.abs(a - b).max()) for a, b in zip((out, *grads), (ref, *ref_grads))]
+  print(f"splash T={T} H={H} K={K} D={D} causal={causal} segments={segmented}: max error "
+        f"out {errors[0]:.1e} dq {errors[1]:.1e} dk {errors[2]:.1e} dv {errors[3]:.1e}")
+  assert max(errors) <= 1e-5, errors
+
+
+def test_splash_in_bfloat16_stays_near_float32():
+  q, k, v, do = inputs(256, 8, 2, 64, jnp.bfloat16)
+  seg = packed_segments(256)
+  out, grads = jitted_value_and_grads(splash_kernel, q, k, v, do, seg, True)
+  ref, ref_grads = jitted_value_and_grads(
+    xla_attention, *(x.astype(jnp.float32) for x in (q, k, v, do)), seg, True)
+  for a, b in zip((out, *grads), (ref, *ref_grads)):
+    assert a.dtype == jnp.bfloat16
+    scale = float(jnp.abs(b).max())
+    assert float(jnp.abs(a.astype(jnp.float32) - b).max()) <= 2e-2 * max(scale, 1.0)
+
+
+def test_splash_blocks_per_generation_and_length():
+  def blocks(length, generation):
+    b = splash.choose_blocks(length, generation)
+    return (b.block_q, b.block_kv, b.block_kv_compute, b.block_q_dkv, b.block_kv_dkv,
+            b.block_kv_dkv_compute, b.block_q_dq, b.block_kv_dq)
+
+  for generation in ("v4", "v5e", "v5p", "7x"):
+    assert blocks(2048, generation) == (512,) * 8
+  # v6e: the query blocks of the forward and dq kernels twice as long.
+  assert blocks(2048, "v6e") == (1024, 512, 512, 512, 512, 512, 1024, 512)
+  assert blocks(1536, "v6e") == (512,) * 8  # 1024 does not divide 1536
+  assert blocks(128, "v6e") == (128,) * 8  # never longer than the sequence
+  assert blocks(640, "v5e") == (128,) * 8  # 5 x 128
+  assert blocks(8192, None) == (128,) * 8  # interpret mode
 
 
 def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_path, monkeypatch):
@@ -209,7 +294,7 @@ def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_pa
   batches = pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path)))
   batches = [next(batches) for _ in range(3)]
   losses = {}
-  for impl in ("xla", "pallas"):
+  for impl in ("xla", "pallas", "splash"):
     cfg.model.attention = impl
     tx = optim.make_optimizer(cfg.optim, 3)
     step = train.make_train_step(cfg, model.graph(cfg.model), tx, optim.lr_schedule(cfg.optim, 3))
@@ -221,3 +306,4 @@ def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_pa
       losses[impl].append(float(metrics["loss"]))
   print(losses)
   np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+  np.testing.assert_allclose(losses["splash"], losses["xla"], rtol=1e-5)

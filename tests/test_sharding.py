@@ -1,19 +1,24 @@
 """Meshes and logical-axis rules: sharded steps equal one device, multi-process equals one process."""
 
+import collections
 import json
 import os
+import re
 import runpy
 import socket
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from nanollama_jax import config, model, optim, sharding, train
+from nanollama_jax.attention import Target
+from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -48,6 +53,37 @@ def test_rules_map_logical_axes_and_leave_indivisible_dimensions_whole():
   assert spec(("batch", "length", "embed"), (8, 32, 64), mesh) == P(("data", "fsdp"), None, None)
   assert spec(("embed", "kv_heads"), (64, 1), mesh) == P("fsdp", None)  # 1 head: replicated
   assert spec(("batch",), (6,), mesh) == P("data")  # 6 rows split 2 ways, not 4
+
+
+@pytest.mark.parametrize("K, heads_split", [(2, True), (1, False)])
+def test_a_kernel_runs_on_each_devices_rows_and_heads(K, heads_split):
+  """per_shard hands each device its rows and heads; K/V heads are split with the query heads,
+  or neither is (1 K/V head cannot be split 2 ways), and the result is the unsharded one."""
+  mesh = sharding.make_mesh(mesh_cfg(2, 2, 2))
+  ks = jax.random.split(jax.random.key(0), 4)
+  q, do = (jax.random.normal(key, (8, 16, 4, 8)) for key in ks[:2])
+  k, v = (jax.random.normal(key, (8, 16, K, 8)) for key in ks[2:])
+  seg = jnp.asarray(np.arange(8)[:, None] % 3 + (np.arange(16)[None] >= 9))  # two documents
+  shapes = []
+
+  def kernel(q, k, v, seg):
+    shapes.append((q.shape, k.shape, seg.shape))
+    return xla_attention(q, k, v, seg, True)
+
+  heads = ("batch", "length", "heads", "head_dim")
+  sharded = sharding.per_shard(kernel, (heads,) * 3 + (("batch", "length"),), heads)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v, seg) * do)
+
+  on_mesh = jax.device_put((q, k, v), sharding.replicated(mesh))
+  got = jax.jit(sharding.under_mesh(jax.value_and_grad(
+    lambda *a: loss(sharded, *a), argnums=(0, 1, 2)), mesh))(*on_mesh)
+  want = jax.value_and_grad(lambda *a: loss(kernel, *a), argnums=(0, 1, 2))(q, k, v)
+  H_local, K_local = (2, K // 2) if heads_split else (4, K)
+  assert shapes[0] == ((2, 16, H_local, 8), (2, 16, K_local, 8), (2, 16))  # 8 rows / (2 x 2)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def small_model_cfg(sample_dir, tokenizer_path):
@@ -231,3 +267,34 @@ def test_published_recipes_compile_sharded_over_8_devices(name):
   print(f"{name}: {n:,} parameters; per device: arguments "
         f"{memory.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
         f"{memory.temp_size_in_bytes / 2**30:.2f} GiB")
+
+
+# Kernel custom calls in a lowered train step: forward, dq and dk/dv, plus the forward again where
+# remat recomputes each layer in the backward pass. The scanned layers appear once.
+@pytest.mark.parametrize("name, gpu, calls", [("tinystories", "sm_86", 3),
+                                              ("dense_180m", "sm_90", 4),
+                                              ("tinyllama_1b", "sm_90", 4),
+                                              ("llama3_2_1b", "sm_90", 4)])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_recipes_lower_with_their_attention_kernels(name, gpu, calls, platform):
+  """With `auto`, each accelerator recipe's train step lowers for a GPU with our Pallas (Triton)
+  kernel and for a TPU with splash, on an 8-way FSDP mesh at the recipe's shapes (no array is
+  allocated, nothing is compiled): every device runs the kernels on its own rows."""
+  cfg = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
+  assert cfg.model.attention == "auto"
+  target, custom_call = {"cuda": (Target("cuda", gpu), "__gpu$xla.gpu.triton"),
+                         "tpu": (Target("tpu", "v5e"), "tpu_custom_call")}[platform]
+  try:
+    text = train.lower_train_step(cfg, sharding.make_mesh(cfg.mesh), target).as_text()
+  except RuntimeError as e:
+    if "Triton compilation handler" not in str(e):
+      raise
+    pytest.skip(f"this jaxlib lowers Triton kernels only with the CUDA plugin installed: {e}")
+  kernels = re.findall(r"stablehlo\.custom_call @([\w$.]+)\(.*\) .*: \((.*)\) ->", text)
+  assert collections.Counter(name for name, _ in kernels) == {custom_call: calls}
+  # The largest operand is q (or dout): a micro-batch's rows on one device, all their heads.
+  rows = cfg.data.batch_size // cfg.optim.grad_accum // 8
+  for _, operands in kernels:
+    sizes = [np.prod([int(n) for n in dims.split("x")])
+             for dims in re.findall(r"tensor<([\dx]+)xbf16>", operands)]
+    assert max(sizes) == rows * cfg.data.seq_len * cfg.model.dim

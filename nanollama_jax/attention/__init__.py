@@ -1,10 +1,20 @@
-"""Attention behind one function; `impl` picks the implementation (model.attention).
+"""Attention behind one function; `impl` picks the implementation (model.attention), `target`
+the platform it is built for.
 
-  xla     plain jax.numpy (attention/xla.py): any backend, the reference
-  pallas  our flash-attention kernel for CUDA GPUs (attention/pallas.py); interpret mode on
-          CPUs for tests only
+  xla     plain jax.numpy (attention/xla.py): any platform, the reference
+  pallas  our flash-attention kernel for CUDA GPUs (attention/pallas.py)
+  splash  JAX's splash-attention kernel for TPUs (attention/splash.py)
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): NVIDIA GPUs
-  auto    pallas on a GPU, xla elsewhere
+  auto    pallas on a CUDA GPU, splash on a TPU, xla elsewhere
+
+The target defaults to the running devices. An explicit one (`Target("tpu", "v5e")`) builds that
+platform's program on any host, for ahead-of-time lowering: a CPU host can lower the exact GPU
+or TPU train step. A kernel is refused for a target it cannot run on, with one exception for
+tests: with NANOLLAMA_PALLAS_INTERPRET=1, pallas and splash run in Pallas interpret mode on a
+CPU.
+
+Kernels are custom calls that XLA's partitioner cannot split, so under a mesh each device runs
+them on its own block of the batch and heads (sharding.per_shard).
 
 Shapes: B batch, T query length, S key length, H query heads, K key/value heads (K divides H,
 G = H // K query heads share one K/V head), E head dim.
@@ -12,17 +22,88 @@ G = H // K query heads share one K/V head), E head dim.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+import re
+
 import jax
 
+from nanollama_jax import sharding
 from nanollama_jax.attention.xla import xla_attention
+from nanollama_jax.config import ATTENTION_IMPLS
 
-IMPLS = ("xla", "pallas", "cudnn", "auto")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# The platform each kernel is built for (xla: any).
+_KERNEL_PLATFORM = {"pallas": "cuda", "cudnn": "cuda", "splash": "tpu"}
+_KERNEL_NAME = {"pallas": "a CUDA GPU kernel", "cudnn": "an NVIDIA GPU kernel",
+                "splash": "a TPU kernel"}
+# TPU device kinds (jax.Device.device_kind) and the generation names they stand for.
+_TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+              "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """The platform a program is built for: 'cpu', 'rocm', 'cuda' with a GPU generation ('sm_90'),
+  or 'tpu' with a TPU generation ('v4', 'v5e', 'v5p', 'v6e', ...)."""
+
+  platform: str
+  generation: str | None = None
+
+  def __post_init__(self):
+    if self.platform not in PLATFORMS:
+      raise ValueError(f"target platform {self.platform!r}: allowed: {', '.join(PLATFORMS)}")
+    if self.platform == "cuda" and not re.fullmatch(r"sm_\d+", str(self.generation)):
+      raise ValueError(f"target generation {self.generation!r} for cuda: give the GPU's compute "
+                       "capability as 'sm_XY', e.g. 'sm_80' (A100), 'sm_86' (RTX 3090), "
+                       "'sm_90' (H100)")
+    if self.platform == "tpu" and not self.generation:
+      raise ValueError("target generation None for tpu: name one, e.g. 'v4', 'v5e', 'v5p', 'v6e'")
+    if self.platform in ("cpu", "rocm") and self.generation is not None:
+      raise ValueError(f"target generation {self.generation!r} for {self.platform}: must be None")
+
+  @classmethod
+  def of(cls, device: jax.Device) -> Target:
+    """The target that `device` is."""
+    if device.platform == "tpu":
+      return cls("tpu", _TPU_KINDS.get(device.device_kind,
+                                       device.device_kind.lower().removeprefix("tpu ")))
+    if device.platform == "gpu":
+      if "rocm" in device.client.platform_version:
+        return cls("rocm")
+      from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
+      return cls("cuda", pallas.device_generation(device))
+    return cls(device.platform)
+
+  @classmethod
+  def running(cls) -> Target:
+    """The target of this process's devices."""
+    return cls.of(jax.devices()[0])
+
+
+def _interpret_requested() -> bool:
+  from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
+  return os.environ.get(pallas.INTERPRET_ENV) == "1"
+
+
+def resolve(impl: str, target: Target) -> str:
+  """The implementation `impl` stands for on `target` ('auto' resolved); raises if `target`
+  cannot run it."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention={impl!r}: allowed: {', '.join(ATTENTION_IMPLS)}")
+  if impl == "auto":
+    return {"cuda": "pallas", "tpu": "splash"}.get(target.platform, "xla")
+  needs = _KERNEL_PLATFORM.get(impl, target.platform)
+  interpreted = target.platform == "cpu" and impl != "cudnn" and _interpret_requested()
+  if needs != target.platform and not interpreted:
+    raise ValueError(f"model.attention={impl!r} is {_KERNEL_NAME[impl]} and the target is "
+                     f"{target.platform}: use model.attention='xla' (or 'auto', which picks "
+                     f"{resolve('auto', target)!r} there)")
+  return impl
 
 
 def _cudnn_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal):
-  if jax.default_backend() != "gpu":
-    raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU; this run is on "
-                     f"{jax.default_backend()}: use 'xla' or 'auto'")
   mask = None
   if segment_ids_BxT is not None:
     mask = (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
@@ -31,13 +112,19 @@ def _cudnn_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal):
   return out.astype(q_BxTxHxE.dtype)
 
 
-def resolve(impl: str) -> str:
-  """The implementation `impl` stands for on this backend ('auto' resolved)."""
-  if impl not in IMPLS:
-    raise ValueError(f"attention impl {impl!r} is not available; allowed: {', '.join(IMPLS)}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-  return impl
+def _kernel(impl: str, target: Target, causal: bool):
+  """The kernel function (q, k, v, segment ids) -> out of `impl` built for `target`."""
+  interpret = target.platform == "cpu"  # resolve() allowed it: Pallas interpret mode
+  generation = None if interpret else target.generation
+  if impl == "pallas":
+    from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
+    return functools.partial(pallas.pallas_attention, causal=causal, interpret=interpret,
+                             generation=generation)
+  if impl == "splash":
+    from nanollama_jax.attention import splash  # pylint: disable=import-outside-toplevel
+    return functools.partial(splash.splash_attention, causal=causal, interpret=interpret,
+                             generation=generation)
+  return functools.partial(_cudnn_attention, causal=causal)
 
 
 def attention(
@@ -47,12 +134,19 @@ def attention(
   segment_ids_BxT: jax.Array | None = None,
   causal: bool = True,
   impl: str = "xla",
+  target: Target | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention with GQA, causal masking and packed-document isolation."""
-  impl = resolve(impl)
-  if impl == "pallas":
-    from nanollama_jax.attention.pallas import pallas_attention  # pylint: disable=import-outside-toplevel
-    return pallas_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal)
-  if impl == "cudnn":
-    return _cudnn_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal)
-  return xla_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal)
+  target = target or Target.running()
+  impl = resolve(impl, target)
+  if impl == "xla":
+    return xla_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal)
+  kernel = _kernel(impl, target, causal)
+  # K/V heads are split with the query heads (both named `heads`): query head h of a device's
+  # block must find K/V head h // G in the same block.
+  heads = ("batch", "length", "heads", "head_dim")
+  if segment_ids_BxT is None:
+    return sharding.per_shard(lambda q, k, v: kernel(q, k, v, None), (heads,) * 3, heads)(
+      q_BxTxHxE, k_BxSxKxE, v_BxSxKxE)
+  return sharding.per_shard(kernel, (heads,) * 3 + (("batch", "length"),), heads)(
+    q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
