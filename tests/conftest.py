@@ -46,3 +46,21 @@ def tokenizer_path(sample_dir, tmp_path_factory) -> pathlib.Path:
   docs = list(sources.read_files([str(sample_dir / "train.jsonl")], "text"))
   tokenizer.train_tokenizer(docs, 512, str(path))
   return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_dir, tokenizer_path, tmp_path_factory) -> pathlib.Path:
+  """A workdir with a tiny model (dim 64, 2 layers, vocab 512, context 128) trained for 40 steps
+  on the sample, checkpoints at steps 20 and 40. Tests read it and must not change it."""
+  from nanollama_jax import config, train  # pylint: disable=g-import-not-at-top
+  cfg = config.get_default_config()
+  cfg.model.update(dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                        max_seq_len=128))
+  cfg.data.update(dict(source="files", train_files=str(sample_dir / "train.jsonl"),
+                       eval_files=str(sample_dir / "validation.jsonl"),
+                       tokenizer=str(tokenizer_path), seq_len=64, batch_size=16))
+  cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=5))
+  cfg.train.update(dict(steps=40, log_every=20, eval_every=40, eval_steps=4, ckpt_every=20))
+  workdir = tmp_path_factory.mktemp("run")
+  train.train(cfg, str(workdir))
+  return workdir

@@ -232,22 +232,6 @@ def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def trained_run(sample_dir, tokenizer_path, tmp_path_factory):
-  from nanollama_jax import train
-  cfg = config.get_default_config()
-  cfg.model.update(model_cfg(vocab_size=512, dim=64, n_heads=4, n_kv_heads=2,
-                             max_seq_len=128).to_dict())
-  cfg.data.update(dict(source="files", train_files=str(sample_dir / "train.jsonl"),
-                       eval_files=str(sample_dir / "validation.jsonl"),
-                       tokenizer=str(tokenizer_path), seq_len=64, batch_size=16))
-  cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=5))
-  cfg.train.update(dict(steps=40, log_every=20, eval_every=40, eval_steps=4, ckpt_every=20))
-  workdir = tmp_path_factory.mktemp("run")
-  train.train(cfg, str(workdir))
-  return workdir
-
-
 def run_script(name, *args):
   import subprocess
   import sys
