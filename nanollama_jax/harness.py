@@ -195,31 +195,39 @@ class NanoLlamaLM(TemplateLM):
     out = [""] * len(requests)
     bar = _progress(len(requests), "generate_until", disable_tqdm)
     for members in groups.values():
-      settings = normalize_gen_kwargs(requests[members[0]].args[1], default_max_gen_toks=256)
-      ignored = sorted(set(settings) - _GEN_KEYS)
-      if ignored:
-        log.warning("generation settings %s are not supported and are ignored", ignored)
-      max_new = int(settings["max_gen_toks"])
-      room = self.max_length - max_new
-      if room < 1:
-        raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in the model's "
-                         f"max_seq_len={self.max_length}")
-      prompts = {i: self.tok_encode(requests[i].args[0])[-room:] for i in members}
-      order = sorted(members, key=lambda i: -len(prompts[i]))
-      for batch in _batches(order, self.batch_size):
-        rows = [prompts[i] for i in batch]
-        rows += [[self.tok.bos_id]] * (self.batch_size - len(rows))
-        sampled = bool(settings.get("do_sample"))
-        new = generate.generate(
-          self.cfg.model, self.params, rows, max_new,
-          temperature=float(settings.get("temperature", 0.0)) if sampled else 0.0,
-          top_k=int(settings.get("top_k") or 0), top_p=float(settings.get("top_p") or 1.0),
-          eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, pad_to=bucket(len(rows[0]), room))
-        for i, ids in zip(batch, new):
-          out[i] = postprocess_generated_text(self.tok.decode(ids), settings["until"], None)
-          self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
-        bar.update(len(batch))
+      contexts = [requests[i].args[0] for i in members]
+      for i, text in zip(members, self._generate(contexts, requests[members[0]].args[1], bar)):
+        out[i] = text
+        self.cache_hook.add_partial("generate_until", requests[i].args, text)
     bar.close()
+    return out
+
+  def _generate(self, contexts: Sequence[str], gen_kwargs: dict[str, Any], bar: tqdm.tqdm
+                ) -> list[str]:
+    """The continuations of `contexts` under one set of generation settings."""
+    settings = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
+    ignored = sorted(set(settings) - _GEN_KEYS)
+    if ignored:
+      log.warning("generation settings %s are not supported and are ignored", ignored)
+    max_new = int(settings["max_gen_toks"])
+    room = self.max_length - max_new
+    if room < 1:
+      raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in the model's "
+                       f"max_seq_len={self.max_length}")
+    sampling = {"temperature": float(settings.get("temperature") or 0.0),
+                "top_k": int(settings.get("top_k") or 0),
+                "top_p": float(settings.get("top_p") or 1.0)} if settings.get("do_sample") else {}
+    prompts = [self.tok_encode(c)[-room:] for c in contexts]
+    out = [""] * len(contexts)
+    for batch in _batches(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])),
+                          self.batch_size):
+      rows = [prompts[i] for i in batch] + [[self.tok.bos_id]] * (self.batch_size - len(batch))
+      new = generate.generate(self.cfg.model, self.params, rows, max_new, **sampling,
+                              eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                              pad_to=bucket(len(rows[0]), room))
+      for i, ids in zip(batch, new):
+        out[i] = postprocess_generated_text(self.tok.decode(ids), settings["until"], None)
+      bar.update(len(batch))
     return out
 
 
