@@ -374,13 +374,17 @@ def plot(records: Sequence[dict[str, Any]], report: dict[str, Any], out: str) ->
   for size, colour in zip(sizes, colours):
     mine = sorted((r for r in records if r["params_non_embedding"] == size),
                   key=lambda r: r["tokens"])
-    label = f"d{mine[0]['dim']} x {mine[0]['n_layers']} layers, N = {size:,}"
+    layers = mine[0]["n_layers"]
+    label = f"d{mine[0]['dim']}, {layers} layer{'s' if layers > 1 else ''}, N = {size:,}"
     ax.plot([r["compute_6ND"] for r in mine], [r["eval_loss"] for r in mine], "o",
             color=colour, label=label)
     ax.plot(span, law.loss(size, span / (6 * size)), "--", color=colour, alpha=0.6, lw=1)
   n_opt, d_opt = law.optimal(span)
   ax.plot(span, law.loss(n_opt, d_opt), "-", color="black", lw=1.5,
           label="fitted compute-optimal frontier")
+  observed = [r["eval_loss"] for r in records]
+  ax.set_ylim(0.9 * min(min(observed), float(law.loss(n_opt[-1], d_opt[-1]))),
+              max(observed) + 0.3 * (max(observed) - min(observed)))
   ax.set_xscale("log")
   ax.set_xlabel("compute C = 6 N D (FLOPs, N without embeddings)")
   ax.set_ylabel("final validation loss (nats/token)")

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
   except (ValueError, checkpoint.CheckpointError, train.TrainingError) as e:  # config, data too
     sys.exit(f"error: {e}")
   except train.Preempted as e:
-    print(f"{e}; the sweep stopped there: rerun it to go on", file=sys.stderr)
+    print(e, file=sys.stderr)
     sys.exit(128 + e.signum)
   if args.json:
     print(json.dumps(doc))
