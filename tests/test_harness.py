@@ -5,7 +5,6 @@ import os
 import re
 import runpy
 import shutil
-import sys
 
 import jax
 import lm_eval
@@ -94,8 +93,8 @@ def tasks(trained_run, sample_dir, tmp_path_factory):
 def hf_dir(trained_run, tmp_path_factory):
   """Our PyTorch export of the run, written by scripts/export_to_pytorch.py."""
   out = tmp_path_factory.mktemp("hf") / "model"
-  sys.argv = ["export_to_pytorch.py", "--workdir", str(trained_run), "--out", str(out)]
-  runpy.run_path(os.path.join(REPO, "scripts", "export_to_pytorch.py"), run_name="__main__")
+  script = runpy.run_path(os.path.join(REPO, "scripts", "export_to_pytorch.py"))
+  script["main"](["--workdir", str(trained_run), "--out", str(out)])
   return out
 
 
@@ -201,14 +200,13 @@ def test_rolling_log_likelihood_matches_the_hf_backend_without_a_second_bos(trai
 
 def test_script_writes_the_results_into_the_workdir(trained_run, tasks, tmp_path, monkeypatch,
                                                     capsys):
+  """A relative --workdir, as a user types it; the results land in its downstream/ folder."""
   task_dir, docs = tasks
   shutil.copytree(trained_run, tmp_path / "run")
   monkeypatch.chdir(tmp_path)
-  script = os.path.join(REPO, "scripts", "eval_downstream.py")
-  monkeypatch.setattr(sys, "argv", [
-    "eval_downstream.py", "--workdir", "run", "--tasks", f"{MC_TASK},{GEN_TASK}",
-    "--include-path", str(task_dir), "--limit", "5", "--batch-size", "4", "--json"])
-  runpy.run_path(script, run_name="__main__")
+  main = runpy.run_path(os.path.join(REPO, "scripts", "eval_downstream.py"))["main"]
+  main(["--workdir", "run", "--tasks", f"{MC_TASK},{GEN_TASK}", "--include-path", str(task_dir),
+        "--limit", "5", "--batch-size", "4", "--json"])
   out = json.loads(capsys.readouterr().out)
   assert out["step"] == 40 and out["file"] == os.path.join("run", "downstream", "step_40.json")
   saved = json.loads((tmp_path / out["file"]).read_text())
@@ -217,8 +215,6 @@ def test_script_writes_the_results_into_the_workdir(trained_run, tasks, tmp_path
   assert out["results"][GEN_TASK]["exact_match"] >= 0.6  # docs 0, 2, 4 are the model's own
   assert saved["config"]["step"] == 40 and "samples" not in saved
 
-  monkeypatch.setattr(sys, "argv", ["eval_downstream.py", "--workdir", "run", "--tasks", "nope",
-                                    "--include-path", str(task_dir)])
   with pytest.raises(SystemExit) as exit_info:
-    runpy.run_path(script, run_name="__main__")
+    main(["--workdir", "run", "--tasks", "nope", "--include-path", str(task_dir)])
   assert str(exit_info.value).startswith("error: unknown task(s) nope")

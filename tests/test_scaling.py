@@ -4,7 +4,6 @@ import json
 import os
 import runpy
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -106,12 +105,11 @@ def test_a_tiny_sweep_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys)
   monkeypatch.setattr(train, "train", lambda cfg, workdir: calls.append(workdir) or
                       real_train(cfg, workdir))
   monkeypatch.chdir(tmp_path)
-  argv = ["scaling_sweep.py", "--base", str(recipe), "--sizes", "64,32", "--tokens", "2k,4k",
-          "--batch-size", "8", "--out", "sweep", "--bootstrap", "5", "--json"]
+  main = runpy.run_path(os.path.join(REPO, "scripts", "scaling_sweep.py"))["main"]
 
   def sweep() -> dict:
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(os.path.join(REPO, "scripts", "scaling_sweep.py"), run_name="__main__")
+    main(["--base", str(recipe), "--sizes", "64,32", "--tokens", "2k,4k", "--batch-size", "8",
+          "--out", "sweep", "--bootstrap", "5", "--json"])
     return json.loads(capsys.readouterr().out)
 
   first = sweep()
