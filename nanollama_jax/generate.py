@@ -90,12 +90,13 @@ def _decode(params, tokens_BxP, lengths_B, seed, eos_id, *, cfg_json, max_new_to
 def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | None = 2, pad_id: int = 3,
-             return_logits: bool = False):
+             return_logits: bool = False, pad_to: int = 0):
   """Continues each prompt (token ids, BOS included if wanted) by up to `max_new_tokens`.
 
   Returns one list of new token ids per prompt, ending before EOS; with `return_logits`, also
   the float32 logits each new token was chosen from, [B, max_new_tokens, V] (zeros after a row
-  stopped, or once every row has).
+  stopped, or once every row has). The prompts are left-padded to the longest of them, or to
+  `pad_to` tokens if that is more: batches padded to a few lengths share compiled programs.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (e.g. BOS)")
@@ -104,10 +105,10 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
                      f"top_k={top_k} >= 0")
-  P = max(len(p) for p in prompts)
+  P = max(pad_to, *(len(p) for p in prompts))
   if P + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(f"prompt ({P} tokens) + max_new_tokens={max_new_tokens} exceeds the "
-                     f"model's max_seq_len={cfg.max_seq_len}")
+    raise ValueError(f"prompt ({P} tokens with padding) + max_new_tokens={max_new_tokens} "
+                     f"exceeds the model's max_seq_len={cfg.max_seq_len}")
   tokens = np.full((len(prompts), P), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, P - len(p):] = p

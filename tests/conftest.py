@@ -49,13 +49,13 @@ def tokenizer_path(sample_dir, tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(sample_dir, tokenizer_path, tmp_path_factory):
-  """A tiny model trained 40 steps on the sample (checkpoints at 20 and 40), for the scripts."""
-  from helpers import model_cfg  # pylint: disable=g-import-not-at-top
+def trained_run(sample_dir, tokenizer_path, tmp_path_factory) -> pathlib.Path:
+  """A workdir with a tiny model (dim 64, 2 layers, vocab 512, context 128) trained for 40 steps
+  on the sample, checkpoints at steps 20 and 40. Tests read it and must not change it."""
   from nanollama_jax import config, train  # pylint: disable=g-import-not-at-top
   cfg = config.get_default_config()
-  cfg.model.update(model_cfg(vocab_size=512, dim=64, n_heads=4, n_kv_heads=2,
-                             max_seq_len=128).to_dict())
+  cfg.model.update(dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                        max_seq_len=128))
   cfg.data.update(dict(source="files", train_files=str(sample_dir / "train.jsonl"),
                        eval_files=str(sample_dir / "validation.jsonl"),
                        tokenizer=str(tokenizer_path), seq_len=64, batch_size=16))

@@ -1,10 +1,12 @@
 """Every command the README and docs/ show is run here, so the docs cannot drift from the code.
 
 Each ```bash block carries a comment right above it that says how CI treats it:
-  <!-- ci: run -->              each command runs exactly as written
-  <!-- ci: run with ARGS -->    training commands get ARGS appended (fewer steps), the rest as is
-  <!-- ci: dry-run -->          training commands run with --dry_run (they need the Hub, a GPU
-                                cluster or hours); environment set-up in the same line is skipped
+  <!-- ci: run -->              the block runs exactly as written, as one bash script
+  <!-- ci: run with ARGS -->    as written, with ARGS appended to its training commands (fewer
+                                steps)
+  <!-- ci: dry-run -->          its commands run with --dry_run (training) or --dry-run (scripts):
+                                they need the Hub, a GPU cluster or hours; environment set-up in
+                                the same line is skipped
   <!-- ci: skip: REASON -->     not run, for the reason given
 Blocks run in order (README first) in one scratch directory that links configs/, scripts/ and the
 package, so a later page can use the run an earlier one trained.
@@ -14,6 +16,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import textwrap
 import subprocess
 import sys
 
@@ -34,7 +37,7 @@ class Block:
   where: str
   mode: str
   arg: str
-  commands: list[str]
+  body: str
 
 
 def _commands(body: str) -> list[str]:
@@ -53,11 +56,11 @@ def blocks(page: str) -> list[Block]:
     where = f"{page}:{text[:m.start()].count(chr(10)) + 1}"
     before = text[:m.start()].rstrip("\n").splitlines()
     note = _NOTE.search(before[-1]) if before else None
+    body = textwrap.dedent(m.group("body"))
     if note is None:
-      found.append(Block(where, "", "", []))
+      found.append(Block(where, "", "", body))
       continue
-    found.append(Block(where, note.group("mode"), (note.group("arg") or "").strip(),
-                       _commands(m.group("body"))))
+    found.append(Block(where, note.group("mode"), (note.group("arg") or "").strip(), body))
   return found
 
 
@@ -73,20 +76,27 @@ def test_every_shell_block_says_how_ci_runs_it():
   assert [b.mode for b in blocks("README.md")][:4] == ["dry-run", "skip", "run with", "run"]
 
 
-def _to_run(block: Block) -> list[str]:
-  """The shell commands CI runs for `block`."""
-  runs = []
-  for command in block.commands:
-    if block.mode == "dry-run":
-      parts = [p.strip() for p in command.split("&&")]
-      extra = [p for p in parts if not p.startswith(SET_UP) and not p.startswith(TRAIN)]
-      assert not extra, f"{block.where}: a dry-run block runs only training commands: {extra}"
-      runs += [f"{p} --dry_run" for p in parts if p.startswith(TRAIN)]
-    elif block.mode == "run with" and command.startswith(TRAIN):
-      runs.append(f"{command} {block.arg}")
-    else:
-      runs.append(command)
-  return runs
+SCRIPT = "python scripts/"
+
+
+def _script(block: Block, body: str) -> str:
+  """The bash script CI runs for `block` (its text with continuation lines joined)."""
+  lines = re.sub(r"\\\n\s*", " ", body).splitlines()
+  if block.mode == "run with":
+    return "\n".join(f"{line} {block.arg}" if line.strip().startswith(TRAIN) else line
+                     for line in lines)
+  if block.mode == "run":
+    return "\n".join(lines)
+  runs = []  # dry-run
+  for command in _commands(body):
+    for part in (p.strip() for p in command.split("&&")):
+      if part.startswith(TRAIN):
+        runs.append(f"{part} --dry_run")
+      elif part.startswith(SCRIPT):
+        runs.append(f"{part} --dry-run")
+      else:
+        assert part.startswith(SET_UP), f"{block.where}: `{part}` cannot be dry-run"
+  return "\n".join(runs)
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +118,15 @@ def test_documented_commands_work_as_shown(scratch):
   for block in ALL:
     if block.mode == "skip":
       continue
-    for command in _to_run(block):
-      proc = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=600)
-      assert proc.returncode == 0, (f"{block.where}: `{command}` failed:\n"
-                                    f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
-      if "--dry_run" in command:
-        assert "dry run: the config is valid" in proc.stdout, (block.where, proc.stdout)
-      ran += 1
-  assert ran >= 12
+    script = _script(block, block.body)
+    proc = subprocess.run(["bash", "-e", "-c", script], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (f"{block.where}: failed:\n{script}\n---\n"
+                                  f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+    if block.mode == "dry-run":
+      assert proc.stdout.count("dry run: ") == script.count("\n") + 1, (block.where, proc.stdout)
+    ran += 1
+  assert ran >= 10
   # What the README's commands left behind: a run, a plot and a Hugging Face export.
   assert (root / "runs/ts_sample/checkpoints/4").is_dir()
   assert (root / "loss.png").read_bytes()[:4] == b"\x89PNG"
