@@ -85,12 +85,16 @@ def _tiles(fwd, dq, dkv):
 # Tiles per (generation, input dtype, head dim): forward, dq, dk/dv, each (block_q, block_k,
 # warps, stages). Every entry was compiled to cubin by pip Triton 3.9.0 (gpu_check; the numbers
 # are in the README, "Attention kernels") and needs at most 90% of its generation's shared
-# memory; where several tiles fitted, these had no register spills. The rules behind the rows:
-#   forward  128 queries x 64 keys (64 x 32 at head dim 256): the q tile stays, K/V stream
+# memory; where several tiles fitted, these spilled the fewest registers (none, but for two
+# float32 kernels on sm_120 by 4 and 8 bytes). The rules behind the rows:
+#   forward  128 queries x 64 keys (64 x 32 at head dim 256; 64 x 64 on sm_120 at 128, where
+#            128 x 64 spilled): the q tile stays, K/V stream
 #   dq       128 queries x 32 keys: q and do stay, k and v stream (fewer at head dim 256)
-#   dk/dv    keys x queries: k and v stay, q and do stream; 32 x 128 at head dim <= 64, 64 x 64 at
-#            128 (dk and dv accumulate block_k x D floats each, the most registers of any kernel)
-#   warps    8 (4 for the smallest float32 tiles); stages 3 where they fit, else 2
+#   dk/dv    128 keys x 32 queries at head dim <= 64, 64 x 64 at 128, 32 x 32 at 256: k and v
+#            stay, q and do stream (dk and dv accumulate block_k x D floats each, the most
+#            registers of any kernel)
+#   warps    8 (4 for the smallest float32 tiles); stages 3 where they fit (and did not spill:
+#            the sm_90 forward at head dim 256 has 2), else 2
 # float32 tiles hold float32 (twice the bytes of bfloat16) and multiply in TF32: smaller tiles,
 # especially on the 99 KB GPUs (sm_86, sm_89, sm_120).
 _TABLE: dict[tuple[str, str, int], Tiles] = {
