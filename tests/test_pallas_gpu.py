@@ -6,16 +6,14 @@ import json
 import os
 import re
 import runpy
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import pytest
+from helpers import REPO, run_script
 
 from nanollama_jax.attention import gpu_check, pallas
 from nanollama_jax.attention.pallas import Blocks, Tiles
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = [f"flash_attention_{kernel}" for kernel in gpu_check.KERNELS]
 _captured = {}
 
@@ -127,33 +125,26 @@ def test_the_check_catches_the_old_h100_tiles():
   assert shared[1] > pallas.SHARED_MEMORY_LIMITS["sm_90"]
 
 
-SCRIPT = os.path.join(REPO, "scripts", "check_gpu_kernels.py")
-
-
-def run_script(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=REPO)
-
-
 def test_script_prints_the_table_as_json_with_progress():
   needs_triton()
-  done = run_script("--json", "--generations", "sm_86", "--head-dims", "32",
-                    "--dtypes", "bfloat16")
+  done = run_script("check_gpu_kernels.py", "--json", "--generations", "sm_86", "--head-dims",
+                    "32", "--dtypes", "bfloat16")
   assert done.returncode == 0, done.stderr
   result = json.loads(done.stdout)
   assert result["failed"] == 0 and result["headroom"] == gpu_check.HEADROOM
   assert [(e["kernel"], e["generation"], e["fits"]) for e in result["entries"]] == [
     ("fwd", "sm_86", True), ("dq", "sm_86", True), ("dkv", "sm_86", True)]
   assert "[3/3] dkv bfloat16 head dim 32 sm_86" in done.stderr
-  refused = run_script("--generations", "sm_75")
+  refused = run_script("check_gpu_kernels.py", "--generations", "sm_75")
   assert refused.returncode == 2 and "sm_75: allowed sm_80, sm_86" in refused.stderr
 
 
 def test_script_exits_non_zero_when_a_kernel_does_not_fit(monkeypatch, capsys):
   needs_triton()
   monkeypatch.setattr(gpu_check, "HEADROOM", 0.999)  # no kernel leaves 99.9% of the GPU spare
+  main = runpy.run_path(os.path.join(REPO, "scripts", "check_gpu_kernels.py"))["main"]
   with pytest.raises(SystemExit) as exit_:
-    runpy.run_path(SCRIPT)["main"](["--generations", "sm_86", "--head-dims", "32",
-                                    "--dtypes", "bfloat16"])
+    main(["--generations", "sm_86", "--head-dims", "32", "--dtypes", "bfloat16"])
   assert exit_.value.code == 1
   out = capsys.readouterr().out
   assert "0 of 3 kernels fit with 100% of shared memory to spare" in out and out.count(" NO") == 3
