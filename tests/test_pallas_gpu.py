@@ -77,6 +77,9 @@ def test_generations_map_to_table_rows_and_unknown_ones_get_the_smallest_tiles()
   with pytest.raises(ValueError, match=r"needs an sm_80\+ GPU; this one is sm_75: use "
                                        "model.attention='xla'"):
     pallas.choose_tiles(128, jnp.bfloat16, False, "sm_75")
+  with pytest.raises(ValueError, match="GPU generation 'hopper': expected sm_ and the compute "
+                                       "capability's digits, like 'sm_90'"):
+    pallas.table_row("hopper")
   for generation in ("sm_110", "sm_130"):
     with pytest.warns(UserWarning, match=f"no pallas attention tiles for GPU generation "
                                          f"{generation} .*: using the smallest safe tiles"):

@@ -166,7 +166,10 @@ def device_generation(device: jax.Device) -> str:
 
 def table_row(generation: str) -> str | None:
   """The table row serving GPU `generation` ("sm_86"), or None for an unknown newer GPU."""
-  if int(generation.removeprefix("sm_")) < 80:
+  if not (generation.startswith("sm_") and generation[3:].isdigit()):
+    raise ValueError(f"GPU generation {generation!r}: expected sm_ and the compute capability's "
+                     "digits, like 'sm_90' for 9.0")
+  if int(generation[3:]) < 80:
     raise ValueError(f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
                      ": use model.attention='xla'")
   generation = _ALIASES.get(generation, generation)
