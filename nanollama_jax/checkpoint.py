@@ -34,7 +34,7 @@ from absl import logging
 from etils import epath
 
 from nanollama_jax import config as config_lib
-from nanollama_jax import model, sharding
+from nanollama_jax import model, paths, sharding
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -184,7 +184,7 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
   quiet = _DropReadOnlyNotice()
   logging.get_absl_logger().addFilter(quiet)
   try:
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=_ITEMS)
+    return ocp.CheckpointManager(paths.resolve(directory), options=options, item_names=_ITEMS)
   finally:
     logging.get_absl_logger().removeFilter(quiet)
 
@@ -222,15 +222,16 @@ def state_bytes(tree: Any) -> int:
 
 
 def check_workdir(workdir: str, checkpoint_bytes: int, keep: int) -> None:
-  """Fails early on an unwritable workdir or a disk too small for one checkpoint."""
-  probe = os.path.join(workdir, f".write-probe-{jax.process_index()}-{os.getpid()}")
+  """Fails early on an unwritable workdir or a disk too small for one checkpoint (an object
+  store's space is not checked)."""
+  probe = paths.join(workdir, f".write-probe-{jax.process_index()}-{os.getpid()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
+    paths.write(probe, "ok")
+    paths.remove(probe)
   except OSError as e:
     raise CheckpointError(f"the workdir {workdir} is not writable: {e}") from e
+  if paths.is_remote(workdir):
+    return
   free = shutil.disk_usage(workdir).free
   gib = 1 << 30
   if free < checkpoint_bytes:
@@ -244,23 +245,20 @@ def check_workdir(workdir: str, checkpoint_bytes: int, keep: int) -> None:
 
 
 def _step_dirs(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  return sorted(int(n) for n in paths.listdir(directory) if n.isdigit())
 
 
 class Checkpointer:
   """Saves and restores the training state under `workdir`/checkpoints."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)  # orbax's array writers refuse relative paths
-    workdir = self.workdir
-    self.directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if os.path.isdir(self.directory) and jax.process_index() == 0:
-      for name in sorted(os.listdir(self.directory)):
+    self.workdir = paths.resolve(workdir)  # orbax's array writers refuse relative paths
+    self.directory = paths.join(self.workdir, CHECKPOINT_DIR)
+    if jax.process_index() == 0:
+      for name in paths.listdir(self.directory):
         if _TMP_SUFFIX in name:
           logging.warning("removing %s: a save that did not finish (the run was killed while "
-                          "writing it)", os.path.join(self.directory, name))
+                          "writing it)", paths.join(self.directory, name))
     self._manager = self._new_manager(keep, async_save)
     self.last_blocking_s = 0.0
 
@@ -348,7 +346,7 @@ class Checkpointer:
         damaged.append(self._set_aside(step, e))
         continue
       _refuse_other_shape(saved.get("model", {}), model_cfg,
-                          os.path.join(self.directory, str(step)),
+                          paths.join(self.directory, str(step)),
                           ": use a new workdir, or set these back to resume")
       try:
         restored = self._restore_step(step, abstract_params, abstract_opt_state)
@@ -364,13 +362,12 @@ class Checkpointer:
       f"{', '.join(damaged)}. Rerun to start from step 0, or move one back to retry it")
 
   def _set_aside(self, step: int, error: Exception) -> str:
-    src = os.path.join(self.directory, str(step))
-    dest = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
+    src = paths.join(self.directory, str(step))
+    dest = paths.join(self.workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
     logging.error("checkpoint %s is damaged and will not be used (%s: %s); moving it to %s",
                   src, type(error).__name__, str(error).splitlines()[0][:500], dest)
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.move(src, dest)
+      paths.move(src, dest)
     # Every process must see the move before the manager rescans its steps.
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -381,21 +378,21 @@ class Checkpointer:
 
 def resolve_init_from(path: str) -> tuple[str, int]:
   """Maps a workdir, a checkpoints/ folder or a checkpoints/<step> folder to (dir, step)."""
-  path = os.path.abspath(path)
-  base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-    return os.path.dirname(path), int(base)
-  for directory in (os.path.join(path, CHECKPOINT_DIR), path):
+  path = paths.resolve(path).rstrip("/")
+  parent, _, base = path.rpartition("/")
+  if base.isdigit() and paths.isdir(paths.join(path, "params")):
+    return parent, int(base)
+  for directory in (paths.join(path, CHECKPOINT_DIR), path):
     steps = _step_dirs(directory)
     if steps:
       return directory, steps[-1]
   raise CheckpointError(f"train.init_from={path!r}: no checkpoint found there (looked for "
-                        f"{os.path.join(path, CHECKPOINT_DIR, '<step>')} and {path}/<step>)")
+                        f"{paths.join(path, CHECKPOINT_DIR, '<step>')} and {path}/<step>)")
 
 
 def is_hf_directory(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
-    n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(path))
+  return paths.exists(paths.join(path, "config.json")) and any(
+    n.endswith((".safetensors", ".safetensors.index.json")) for n in paths.listdir(path))
 
 
 def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, int]:
@@ -420,7 +417,7 @@ def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, i
 
 def steps_on_disk(workdir: str) -> Sequence[int]:
   """Complete checkpoint steps under `workdir`, oldest first."""
-  return _step_dirs(os.path.join(workdir, CHECKPOINT_DIR))
+  return _step_dirs(paths.join(workdir, CHECKPOINT_DIR))
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
@@ -432,12 +429,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
   steps = steps_on_disk(workdir)
   if not steps:
     raise CheckpointError(f"{workdir} has no checkpoint (looked in "
-                          f"{os.path.join(workdir, CHECKPOINT_DIR)})")
+                          f"{paths.join(workdir, CHECKPOINT_DIR)})")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise CheckpointError(f"{workdir} has no checkpoint for step {step}; it has {steps}")
-  manager = _read_only_manager(os.path.join(workdir, CHECKPOINT_DIR))
+  manager = _read_only_manager(paths.join(workdir, CHECKPOINT_DIR))
   try:
     cfg = config_lib.from_json(json.dumps(_read_config(manager, step)))
     abstract = sharding.abstract(model.abstract_params(cfg.model),

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from nanollama_jax import paths
+
 # model.attention: the implementations behind attention.attention() (attention/__init__.py).
 ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -411,9 +413,9 @@ def _check_files(d: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> 
     expand_globs(d.train_files, "data.train_files")
     if d.eval_files:
       expand_globs(d.eval_files, "data.eval_files")
-  if d.tokenizer and not os.path.isfile(d.tokenizer):
+  if d.tokenizer and not paths.exists(d.tokenizer):
     _fail("data.tokenizer", d.tokenizer, "no such file (leave empty to train one)")
-  if t.init_from and not os.path.isdir(t.init_from):
+  if t.init_from and not paths.isdir(t.init_from):
     _fail("train.init_from", t.init_from,
           "no such directory (a workdir, its checkpoints/, a checkpoints/<step> folder or a "
           "Hugging Face Llama directory)")

@@ -22,7 +22,7 @@ import time
 
 from absl import logging
 
-from nanollama_jax import checkpoint, export
+from nanollama_jax import checkpoint, export, paths
 from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 CHECKPOINT_WAIT_S = 600.0  # how long a push waits for an asynchronous save to finish
@@ -41,14 +41,12 @@ def _wait_for_step(workdir: str, step: int, timeout_s: float) -> None:
 def _latest_losses(workdir: str, step: int) -> dict[str, float]:
   """The newest train and validation numbers at or before `step`, from metrics.jsonl."""
   latest: dict[str, float] = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        row = json.loads(line)
-        if row.get("step", step + 1) <= step:
-          latest.update({k: row[k] for k in ("loss", "eval_loss", "eval_perplexity",
-                                              "tokens_seen") if k in row})
+  path = paths.join(workdir, "metrics.jsonl")
+  for line in paths.read_text(path).splitlines() if paths.exists(path) else []:
+    row = json.loads(line)
+    if row.get("step", step + 1) <= step:
+      latest.update({k: row[k] for k in ("loss", "eval_loss", "eval_perplexity", "tokens_seen")
+                     if k in row})
   return latest
 
 
@@ -109,7 +107,7 @@ class Pusher:
   """
 
   def __init__(self, workdir: str, repo_id: str):
-    self.workdir, self.repo_id = os.path.abspath(workdir), repo_id
+    self.workdir, self.repo_id = paths.resolve(workdir), repo_id
     self._running: tuple[int, subprocess.Popen] | None = None
     self._pending: int | None = None
     self.pushed: list[int] = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -15,6 +15,7 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 from nanollama_jax import config as config_lib
+from nanollama_jax import paths
 
 
 # Peak dense matmul throughput per device, FLOP/s, for the precision named. MFU compares the
@@ -102,8 +103,11 @@ class MetricsWriter:
 
   Rows after `start_step` left by an earlier run of the same workdir are dropped, so the file
   describes the run that continues from `start_step` (0: a fresh run). Only process 0 writes;
-  on the others every call is a no-op.
+  on the others every call is a no-op. In an object store (a gs:// workdir), which cannot append,
+  the rows are kept and the file is rewritten whole at most every REMOTE_FLUSH_S and at close.
   """
+
+  REMOTE_FLUSH_S = 30.0
 
   def __init__(self, workdir: str, start_step: int = 0, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
@@ -111,27 +115,32 @@ class MetricsWriter:
     self._tb = None
     if not self.enabled:
       return
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if (step := _row_step(line)) is not None and
-                step <= start_step]
-      # Replaced in one rename, so a crash here cannot lose the earlier rows.
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
-    self._jsonl = open(path, "a", encoding="utf-8")
+    self._path = paths.join(workdir, "metrics.jsonl")
+    old = paths.read_text(self._path).splitlines(keepends=True) if paths.exists(self._path) else []
+    # Rewritten whole (a rename on a disk), so a crash here cannot lose the earlier rows.
+    self._rows = [line for line in old if (step := _row_step(line)) is not None and
+                  step <= start_step]
+    paths.write(self._path, "".join(self._rows))
+    self._flushed = time.monotonic()
+    if not paths.is_remote(self._path):
+      self._jsonl = open(self._path, "a", encoding="utf-8")
     if tensorboard:
       # purge_step makes TensorBoard drop the events an interrupted run logged after start_step.
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+      self._tb = SummaryWriter(paths.join(workdir, "tb"),
                                purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, row: dict[str, Any]) -> None:
     """Records the numbers of `row` (plain Python scalars) at `step`."""
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **row}) + "\n"
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._rows.append(line)
+      if time.monotonic() - self._flushed > self.REMOTE_FLUSH_S:
+        self._rewrite()
     if self._tb is not None:
       for key, value in row.items():
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -143,9 +152,15 @@ class MetricsWriter:
       self._tb.add_text(tag, "\n\n".join(f"{i}. {t}" for i, t in enumerate(texts, 1)), step)
       self._tb.flush()
 
+  def _rewrite(self) -> None:
+    paths.write(self._path, "".join(self._rows))
+    self._flushed = time.monotonic()
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
+    elif self.enabled:
+      self._rewrite()
     if self._tb is not None:
       self._tb.close()
 

@@ -10,7 +10,6 @@ import functools
 import logging as std_logging
 import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -28,7 +27,8 @@ from ml_collections import config_flags
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
-from nanollama_jax import attention, evaluate, generate, hostmem, hub, model, optim, sharding
+from nanollama_jax import attention, evaluate, generate, hostmem, hub, model, optim, paths
+from nanollama_jax import sharding
 from nanollama_jax.data import DataError, HubUnreachable, pipeline
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -121,7 +121,7 @@ class Preempted(Exception):
     self.step = step
     super().__init__(
       f"{signal.Signals(signum).name} received: stopped after step {step} with a checkpoint in "
-      f"{os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step))}; rerun the same command "
+      f"{paths.join(workdir, checkpoint.CHECKPOINT_DIR, str(step))}; rerun the same command "
       "to resume")
 
 
@@ -243,8 +243,8 @@ class _FailedStart:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.existed = os.path.isdir(workdir)
-    self.before = set(os.listdir(workdir)) if self.existed else set()
+    self.existed = paths.isdir(workdir)
+    self.before = set(paths.listdir(workdir))
     self.started = False
 
   def __enter__(self) -> "_FailedStart":
@@ -254,11 +254,10 @@ class _FailedStart:
     if kind is None or self.started or jax.process_index() != 0:
       return
     if not self.existed:
-      shutil.rmtree(self.workdir, ignore_errors=True)
+      paths.remove(self.workdir)
       return
-    for name in set(os.listdir(self.workdir)) - self.before:
-      path = os.path.join(self.workdir, name)
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for name in set(paths.listdir(self.workdir)) - self.before:
+      paths.remove(paths.join(self.workdir, name))
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
@@ -436,8 +435,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), cfg.train.keep_ckpts)
     config_json = config_lib.to_json(cfg)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config_json)
+      paths.write(paths.join(workdir, "config.json"), config_json)
     tokenizer = _tokenizer(cfg, workdir)
     ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_ckpts, cfg.train.async_checkpoint)
     cleanup.callback(ckpt.close)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -12,6 +11,7 @@ import ml_collections
 import sentencepiece as spm
 from absl import logging
 
+from nanollama_jax import paths
 from nanollama_jax.data import DataError, sources
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -22,8 +22,7 @@ class Tokenizer:
   """A sentencepiece model: text to token ids and back. Picklable for grain workers."""
 
   def __init__(self, model_path: str):
-    with open(model_path, "rb") as f:
-      self._proto = f.read()
+    self._proto = paths.read_bytes(model_path)
     self.model_path = model_path
     self._load()
 
@@ -81,18 +80,10 @@ class Tokenizer:
 
 def workdir_tokenizer(workdir: str) -> Tokenizer:
   """The tokenizer a training run in `workdir` used (and keeps there)."""
-  path = os.path.join(workdir, WORKDIR_NAME)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, WORKDIR_NAME)
+  if not paths.exists(path):
     raise FileNotFoundError(f"{workdir} has no {WORKDIR_NAME}: not a training run's workdir")
   return Tokenizer(path)
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tokenizer:
@@ -127,7 +118,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tok
       f"cannot train a tokenizer with vocab_size={vocab_size} on {len(lines)} lines of text: "
       f"{reason}"
     ) from None
-  _write_atomically(out_path, model.getvalue())
+  paths.write(out_path, model.getvalue())
   return Tokenizer(out_path)
 
 
@@ -135,11 +126,11 @@ def load_or_train_tokenizer(
   data_cfg: ml_collections.ConfigDict, vocab_size: int, workdir: str
 ) -> Tokenizer:
   """Returns the run's tokenizer, kept as workdir/tokenizer.model: given, reused, or trained."""
-  dest = os.path.join(workdir, WORKDIR_NAME)
+  dest = paths.join(workdir, WORKDIR_NAME)
   if data_cfg.tokenizer:
     given = Tokenizer(data_cfg.tokenizer)
-    if not os.path.exists(dest):
-      _write_atomically(dest, given.proto)
+    if not paths.exists(dest):
+      paths.write(dest, given.proto)
       logging.info("Copied tokenizer %s to %s", data_cfg.tokenizer, dest)
     elif Tokenizer(dest).proto != given.proto:
       raise DataError(
@@ -147,13 +138,13 @@ def load_or_train_tokenizer(
         f"was started with: use a new workdir, or set data.tokenizer={dest!r} or empty"
       )
     return Tokenizer(dest)
-  if os.path.exists(dest):
+  if paths.exists(dest):
     tokenizer = Tokenizer(dest)
     logging.info("Reusing tokenizer %s (vocab %d)", dest, tokenizer.vocab_size)
     return tokenizer
   prepared = sources.pretokenized_tokenizer(data_cfg)
   if prepared:
-    _write_atomically(dest, Tokenizer(prepared).proto)
+    paths.write(dest, Tokenizer(prepared).proto)
     logging.info("Using %s, the tokenizer the training data was prepared with", prepared)
     return Tokenizer(dest)
   start = time.perf_counter()
