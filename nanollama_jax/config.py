@@ -26,6 +26,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_attn", "save_dots_attn")
 DATA_SOURCES = ("files", "hf")
 PACKINGS = ("concat", "first_fit")
 CHUNKED_LOSS = ("auto", "on", "off")
+FORMATS = ("text", "chat")
 ROPE_SCALING_KEYS = (
   "factor",
   "low_freq_factor",
@@ -92,6 +93,10 @@ def _data_defaults() -> ml_collections.ConfigDict:
   data.hf_data_files = ""  # data_files for loaders such as hf_path="json" (comma-separated)
   data.hf_streaming = True  # stream records (windowed shuffle); False: download, memory-map
   data.text_key = "text"  # the field (JSONL, Parquet, Hub column) that holds the document
+  # One of FORMATS. "text": each record's text_key is a document. "chat": each record's
+  # "messages" is a conversation ([{"role", "content"}], roles system/user/assistant, optional
+  # "reasoning_content" in assistant turns), trained on what the assistant writes (docs/chat.md).
+  data.format = "text"
   # Comma-separated globs of .jsonl/.json (JSON lines), .txt and .parquet files, or of dataset
   # directories written by scripts/prepare_dataset.py (pretokenized shards).
   data.train_files = ""
@@ -360,6 +365,7 @@ def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
     _fail("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
   _check_choice("data.source", d.source, DATA_SOURCES)
   _check_choice("data.packing", d.packing, PACKINGS)
+  _check_choice("data.format", d.format, FORMATS)
   if d.mixture:
     parse_mixture(d.mixture)
   if d.source == "hf" and not d.hf_path:

@@ -49,8 +49,9 @@ def perplexity(cfg: ml_collections.ConfigDict, params: dict, tokenizer: Tokenize
                files: str | None = None, progress: bool = True,
                max_batches: int = 10**9) -> dict[str, float]:
   """The mean next-token loss and its perplexity over the eval split of `cfg.data` (or over
-  `files`, comma-separated globs), with the run's packing: documents as [BOS] + tokens + [EOS],
-  each token of each document a target exactly once.
+  `files`, comma-separated globs), with the run's packing and format: documents as [BOS] +
+  tokens + [EOS], each token of each document a target exactly once (in a chat run, each token
+  the assistant writes).
   """
   data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
   if files:

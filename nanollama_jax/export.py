@@ -20,7 +20,9 @@ Models with QK-norm have no Hugging Face Llama equivalent and are refused.
 The tokenizer is exported as a `tokenizers` BPE model built from the sentencepiece model's
 pieces (tokenizer.json, loaded by transformers as PreTrainedTokenizerFast), which reproduces
 our sentencepiece options exactly: no dummy prefix, spaces as "▁" starting a new piece, digits
-split, byte fallback. tokenizer.model is copied beside it for sentencepiece users.
+split, byte fallback. tokenizer.model is copied beside it for sentencepiece users. A tokenizer
+with the chat tokens exports them as special tokens, with the chat format as the Jinja chat
+template (data/chat.py), so `apply_chat_template` gives the ids our formatter gives.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import ml_collections
 import numpy as np
 
 from nanollama_jax import config as config_lib
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data import chat
+from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
 
 SAFETENSORS = "model.safetensors"
 _DTYPES = ("float32", "bfloat16")
@@ -185,6 +188,7 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str, max_length: int) -> None
   """Writes tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model."""
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
   from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors  # pylint: disable=import-outside-toplevel
   from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
@@ -219,10 +223,17 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str, max_length: int) -> None
   # on [BOS] + document + [EOS]).
   hf.post_processor = processors.TemplateProcessing(
     single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)])
+  chat_format = {}
+  if tokenizer.has_chat_tokens:
+    # Special: matched whole in text (as the chat template renders them), never split or
+    # normalised, and skipped by decode(skip_special_tokens=True).
+    chat_format = {"chat_template": chat.TEMPLATE, "additional_special_tokens": [
+      AddedToken(piece, special=True, normalized=False) for piece in CHAT_TOKENS]}
   fast = PreTrainedTokenizerFast(
     tokenizer_object=hf, bos_token=bos, eos_token=eos, unk_token=pieces[tokenizer.unk_id],
-    pad_token=pieces[tokenizer.pad_id], model_max_length=max_length, clean_up_tokenization_spaces=False)
-  fast.save_pretrained(out_dir)
+    pad_token=pieces[tokenizer.pad_id], model_max_length=max_length,
+    clean_up_tokenization_spaces=False, **chat_format)
+  fast.save_pretrained(out_dir, save_jinja_files=False)  # the template in tokenizer_config.json
   shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, "tokenizer.model"))
 
 

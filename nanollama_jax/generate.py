@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nanollama_jax import model, sharding
+from nanollama_jax.data import chat
 
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
@@ -42,7 +43,7 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top
 
 @functools.partial(jax.jit, static_argnames=("cfg_json", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "return_logits"))
-def _decode(params, tokens_BxP, lengths_B, seed, eos_id, *, cfg_json, max_new_tokens,
+def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, cfg_json, max_new_tokens,
             temperature, top_k, top_p, return_logits):
   cfg = ml_collections.ConfigDict(json.loads(cfg_json))
   rng = jax.random.key(seed)
@@ -64,7 +65,7 @@ def _decode(params, tokens_BxP, lengths_B, seed, eos_id, *, cfg_json, max_new_to
   seen_BxNxV = jnp.zeros((B, max_new_tokens if return_logits else 0, V), jnp.float32)
   if return_logits:
     seen_BxNxV = seen_BxNxV.at[:, 0].set(logits_BxPxV[:, -1])
-  done_B = first_B == eos_id
+  done_B = jnp.isin(first_B, stop_S)
 
   def cond(carry):
     step, _, _, _, done_B, _ = carry
@@ -76,11 +77,11 @@ def _decode(params, tokens_BxP, lengths_B, seed, eos_id, *, cfg_json, max_new_to
     logits_Bx1xV, cache = model.apply_with_cache(graphdef, params, last_B[:, None],
                                                  positions_Bx1, cache)
     next_B = pick(logits_Bx1xV[:, 0], step)
-    next_B = jnp.where(done_B, eos_id, next_B)
+    next_B = jnp.where(done_B, stop_S[0], next_B)
     out_BxN = out_BxN.at[:, step].set(next_B)
     if return_logits:
       seen_BxNxV = seen_BxNxV.at[:, step].set(logits_Bx1xV[:, 0])
-    return step + 1, cache, next_B, out_BxN, done_B | (next_B == eos_id), seen_BxNxV
+    return step + 1, cache, next_B, out_BxN, done_B | jnp.isin(next_B, stop_S), seen_BxNxV
 
   _, _, _, out_BxN, _, seen_BxNxV = jax.lax.while_loop(
     cond, body, (jnp.int32(1), cache, first_B, out_BxN, done_B, seen_BxNxV))
@@ -89,14 +90,15 @@ def _decode(params, tokens_BxP, lengths_B, seed, eos_id, *, cfg_json, max_new_to
 
 def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, eos_id: int | None = 2, pad_id: int = 3,
+             seed: int = 0, eos_id: int | Sequence[int] | None = 2, pad_id: int = 3,
              return_logits: bool = False, pad_to: int = 0):
   """Continues each prompt (token ids, BOS included if wanted) by up to `max_new_tokens`.
 
-  Returns one list of new token ids per prompt, ending before EOS; with `return_logits`, also
-  the float32 logits each new token was chosen from, [B, max_new_tokens, V] (zeros after a row
-  stopped, or once every row has). The prompts are left-padded to the longest of them, or to
-  `pad_to` tokens if that is more: batches padded to a few lengths share compiled programs.
+  A row stops at `eos_id`, or at any of several ids (the chat format's end of turn and EOS).
+  Returns one list of new token ids per prompt, ending before its stop; with `return_logits`,
+  also the float32 logits each new token was chosen from, [B, max_new_tokens, V] (zeros after a
+  row stopped, or once every row has). The prompts are left-padded to the longest of them, or
+  to `pad_to` tokens if that is more: batches padded to a few lengths share compiled programs.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (e.g. BOS)")
@@ -113,6 +115,7 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
   for i, p in enumerate(prompts):
     tokens[i, P - len(p):] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
+  stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
   put = jnp.asarray
   if jax.process_count() > 1:
     # Every process holds the same prompts: replicate them over the devices of the (global)
@@ -120,7 +123,7 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
     replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
     put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))
   out, logits = _decode(params, put(tokens), put(lengths), put(np.uint32(seed)),
-                        put(np.int32(-1 if eos_id is None else eos_id)),
+                        put(np.array(stops or [-1], np.int32)),
                         cfg_json=json.dumps(cfg.to_dict(), sort_keys=True),
                         max_new_tokens=max_new_tokens, temperature=float(temperature),
                         top_k=int(top_k), top_p=float(top_p), return_logits=return_logits)
@@ -130,18 +133,23 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
   results = []
   for row in out:
     row = row.tolist()
-    if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id)]
-    results.append(row)
+    end = next((i for i, token in enumerate(row) if token in stops), len(row))
+    results.append(row[:end])
   return (results, np.asarray(logits)) if return_logits else results
 
 
 class Samples:
-  """Greedy continuations of a run's sample prompts (`train.sample_prompts`), for its log."""
+  """Greedy continuations of a run's sample prompts (`train.sample_prompts`), for its log; in a
+  chat run (data.format='chat'), the assistant's replies to them as user turns, without the
+  reasoning."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, tokenizer):
     self.prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
-    self._ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in self.prompts]
+    self._chat = cfg.data.format == "chat"
+    if self._chat:
+      self._ids = [chat.prompt(tokenizer, p) for p in self.prompts]
+    else:
+      self._ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in self.prompts]
     longest = max(map(len, self._ids), default=0)
     self._new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - longest)
     self._model_cfg, self._tokenizer = cfg.model, tokenizer
@@ -151,6 +159,9 @@ class Samples:
     if not (self.prompts and self._new_tokens > 0):
       return []
     tok = self._tokenizer
-    outs = generate(self._model_cfg, params, self._ids, self._new_tokens, eos_id=tok.eos_id,
+    stops = chat.STOP_IDS if self._chat else tok.eos_id
+    outs = generate(self._model_cfg, params, self._ids, self._new_tokens, eos_id=stops,
                     pad_id=tok.pad_id)
+    if self._chat:
+      return [f"{p} -> {chat.split_reply(tok, o)[1]}" for p, o in zip(self.prompts, outs)]
     return [p + tok.decode(o) for p, o in zip(self.prompts, outs)]

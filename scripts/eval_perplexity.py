@@ -3,7 +3,9 @@
   python scripts/eval_perplexity.py --workdir runs/ts [--files 'data/val*.jsonl'] [--step N] [--json]
 
 Every token of every document is a target exactly once (documents as [BOS] + text + [EOS],
-packed like in training); the result is the token-weighted mean loss and exp of it.
+packed like in training); the result is the token-weighted mean loss and exp of it. A chat run
+(data.format='chat') reads --files as conversations and counts only what the assistant writes,
+as in its training.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--workdir", required=True, help="the training run's directory")
   p.add_argument("--files", default=None,
-                 help="comma-separated globs of .jsonl/.txt files (default: the run's eval split)")
+                 help="comma-separated globs of .jsonl/.txt files (default: the run's eval split); "
+                 "in the run's data.format")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   p.add_argument("--max-batches", type=int, default=10**9, help="stop after this many batches")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -1,6 +1,9 @@
 """Trains a sentencepiece BPE tokenizer on local .jsonl / .txt / .parquet files.
 
   python scripts/train_tokenizer.py --input 'data/*.jsonl' --vocab-size 4096 --out tok.model
+
+With --format chat, the records' conversations ("messages") are read and the tokenizer is trained
+on their texts. Every tokenizer reserves the chat tokens (ids 4-9, see data/chat.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--vocab-size", type=int, required=True, help="exact number of pieces")
   p.add_argument("--out", required=True, help="where to write the .model file")
   p.add_argument("--text-key", default="text", help="the JSON field holding each document")
+  p.add_argument("--format", default="text", choices=config.FORMATS,
+                 help="chat: read conversations from the 'messages' field (as data.format)")
   p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   return p.parse_args(argv)
@@ -31,14 +36,16 @@ def main(argv: list[str] | None = None) -> None:
   start = time.perf_counter()
   try:
     files = config.expand_globs(args.input, "--input")
-    docs = list(itertools.islice(sources.read_files(files, args.text_key), args.max_docs))
-    tok = tokenizer.train_tokenizer(docs, args.vocab_size, args.out)
+    docs = list(itertools.islice(
+      sources.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
+    texts = sources.texts(docs)
+    tok = tokenizer.train_tokenizer(texts, args.vocab_size, args.out)
   except ValueError as e:
     sys.exit(f"error: {e}")
   seconds = time.perf_counter() - start
-  sample = docs[0][:60] if docs else ""
+  sample = texts[0][:60] if texts else ""
   sample_ids = tok.encode(sample)
-  tokens = sum(len(tok.encode(d)) for d in docs)
+  tokens = sum(len(tok.encode(t)) for t in texts)
   summary = {
     "out": args.out,
     "vocab_size": tok.vocab_size,
@@ -46,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     "seconds": round(seconds, 3),
     "sample": sample,
     "sample_tokens": len(sample_ids),
-    "chars_per_token": round(sum(map(len, docs)) / max(tokens, 1), 3),
+    "chars_per_token": round(sum(map(len, texts)) / max(tokens, 1), 3),
   }
   if args.json:
     print(json.dumps(summary))

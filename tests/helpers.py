@@ -60,3 +60,27 @@ def tiny_config(sample_dir, tokenizer_path, **train_overrides):
   cfg.train.update(dict(steps=80, log_every=20, eval_every=40, eval_steps=8))
   cfg.train.update(train_overrides)
   return cfg
+
+
+def train_pre_chat_tokenizer(texts, vocab_size, path):
+  """A tokenizer trained like this project's before the chat tokens were reserved (ids 4-9 are
+  ordinary pieces)."""
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  lines = [line for text in texts for line in text.split("\n") if line]
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(lines), model_prefix=str(path).removesuffix(".model"),
+    model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+    normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+  return path
+
+
+def assistant_tokens(tok, conversations):
+  """What the assistant writes, counted by hand: reasoning with its markers, content, <|end|>."""
+  count = 0
+  for conversation in conversations:
+    for m in conversation:
+      if m.role == "assistant":
+        count += len(tok.encode(m.content)) + 1
+        count += len(tok.encode(m.reasoning)) + 2 if m.reasoning else 0
+  return count

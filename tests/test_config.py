@@ -23,6 +23,9 @@ def cfg(sample_dir):
 def test_defaults_and_recipes_are_valid(cfg, sample_dir):
   config.validate(cfg)
   config.validate(load("configs/tinystories.py"), check_files=False)
+  chat = load("configs/tinystories_chat.py")
+  assert chat.data.format == "chat" and chat.model == load("configs/tinystories_cpu.py").model
+  config.validate(chat, check_files=False)  # it starts from the run the README trains
   cpu = load("configs/tinystories_cpu.py")
   cpu.data.train_files = cfg.data.train_files
   cpu.data.eval_files = cfg.data.eval_files
@@ -64,6 +67,7 @@ def test_the_mixture_in_a_recipe_docstring_is_valid(recipe):
   (lambda c: c.model.update(attention="flash"), "model.attention='flash': allowed: xla"),
   (lambda c: c.model.update(dtype="fp8"), "model.dtype='fp8': allowed: float32, bfloat16"),
   (lambda c: c.model.update(remat="some"), "model.remat='some': allowed: none, full"),
+  (lambda c: c.data.update(format="sharegpt"), "data.format='sharegpt': allowed: text, chat"),
   (lambda c: c.model.update(rope_scaling={"factor": 8.0}),
    "model.rope_scaling={'factor': 8.0}: must be None or have exactly the keys"),
   (lambda c: c.model.update(rope_scaling={"factor": 8.0, "low_freq_factor": 4.0,

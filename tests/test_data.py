@@ -12,6 +12,7 @@ import grain
 import numpy as np
 import pytest
 
+from helpers import assistant_tokens
 from nanollama_jax import config
 from nanollama_jax.data import pipeline, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
@@ -145,7 +146,9 @@ def test_an_unreachable_hub_is_reported_as_the_network_at_once(sample_dir, monke
 
 
 def _pack(docs, seq_len, pad_id=3):
-  ds = grain.MapDataset.source([{"tokens": np.array(d, np.int32), "epoch": 0} for d in docs])
+  ds = grain.MapDataset.source([
+    {"tokens": np.array(d, np.int32), "trained": np.ones(len(d), np.uint8), "epoch": 0}
+    for d in docs])
   return list(pipeline._PackIterDataset(ds.to_iter_dataset(), seq_len, pad_id))  # pylint: disable=protected-access
 
 
@@ -415,19 +418,27 @@ def test_pretokenized_with_another_tokenizer_is_refused(sample_dir, tok, tmp_pat
 
 
 def _first_fit(docs, seq_len, bins, pad_id=3):
+  return _packed([np.array(d, np.int32) for d in docs], seq_len, "first_fit", bins, pad_id)
+
+
+def _packed(docs, seq_len, packing, bins=4, pad_id=3):
+  """The eval windows of token arrays or conversations (with the fake tokenizer)."""
   cfg = config.get_default_config().data
-  cfg.update(seq_len=seq_len, packing="first_fit", pack_bins=bins)
-  t = _FakeTokenizer(pad_id)
-  found = sources.Documents("docs", docs=[np.array(d, np.int32) for d in docs])
-  ds = pipeline._windows_of(found, cfg, t, False, 0, 0, 0, 1)  # pylint: disable=protected-access
-  return list(ds)
+  cfg.update(seq_len=seq_len, packing=packing, pack_bins=bins)
+  found = sources.Documents("docs", docs=docs)
+  windows_of = pipeline._windows_of  # pylint: disable=protected-access
+  return list(windows_of(found, cfg, _FakeTokenizer(pad_id), False, 0, 0, 0, 1))
 
 
 class _FakeTokenizer:
+  """Token ids written as text: "20 21" encodes to [20, 21]."""
   bos_id, eos_id, proto, model_path = 1, 2, b"", "fake"
 
   def __init__(self, pad_id):
     self.pad_id = pad_id
+
+  def encode_batch(self, texts):
+    return [[int(word) for word in text.split()] for text in texts]
 
 
 def test_first_fit_packing_by_hand():
@@ -666,3 +677,146 @@ def test_hub_stream_hosts_and_bad_records(sample_dir, tok, tmp_path, monkeypatch
   with pytest.raises(ValueError, match="the stream has no documents"):
     next(iter(sources.HubStream("json", None, "train", "text", str(tmp_path / "empty.jsonl"),
                                 repeat=True)))
+
+
+# The chat format.
+
+
+M = sources.Message
+# With the fake tokenizer, [1, 5, 20, 21, 7, 6, 8, 40, 9, 30, 31, 7, 2] and
+# [1, 4, 50, 7, 5, 22, 7, 6, 32, 7, 2]: the assistant writes 8 40 9 30 31 7 and 32 7.
+CHATS = [(M("user", "20 21"), M("assistant", "30 31", "40")),
+         (M("system", "50"), M("user", "22"), M("assistant", "32"))]
+
+
+@pytest.mark.parametrize("packing, expected", [
+  ("concat", [  # windows of 9 tokens, 8 apart
+    ([1, 5, 20, 21, 7, 6, 8, 40], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]),
+    ([9, 30, 31, 7, 2, 1, 4, 50], [1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0, 0, 0]),
+    ([7, 5, 22, 7, 6, 32, 7, 2], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0, 0])]),
+  # Pieces of 9, 5, 9 and 3 tokens (overlapping by one): the last joins the second bin.
+  ("first_fit", [
+    ([1, 5, 20, 21, 7, 6, 8, 40], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]),
+    ([9, 30, 31, 7, 2, 32, 7, 2], [1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 1, 0, 0]),
+    ([1, 4, 50, 7, 5, 22, 7, 6], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1])]),
+])
+def test_chat_loss_mask_by_hand(packing, expected):
+  windows = _packed(CHATS, seq_len=8, packing=packing)
+  got = [(w["inputs"].tolist(), w["segment_ids"].tolist(), w["loss_mask"].tolist())
+         for w in windows]
+  assert got == expected
+  assert sum(w["loss_mask"].sum() for w in windows) == 8  # each assistant token a target once
+
+
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+def test_chat_sample_trains_on_the_assistants_tokens_only(sample_dir, tok, packing):
+  from nanollama_jax.data import CHAT_SAMPLE  # pylint: disable=g-import-not-at-top
+  cfg = _data_cfg(sample_dir, eval_files=str(CHAT_SAMPLE / "validation.jsonl"), format="chat",
+                  packing=packing, seq_len=64)
+  conversations = sources.documents(cfg, "eval")
+  assert len(conversations) == 50
+  batches = pipeline.eval_batches(cfg, tok, max_batches=1000)
+  mask = np.concatenate([b["loss_mask"].ravel() for b in batches])
+  targets = np.concatenate([b["targets"].ravel() for b in batches])
+  assert mask.sum() == assistant_tokens(tok, conversations) == 10601
+  # Trained targets are the assistant's: never BOS, EOS or a system/user/assistant marker.
+  assert not set(targets[mask > 0].tolist()) & {1, 2, 3, 4, 5, 6}
+  assert (targets[mask > 0] == 7).sum() == 52  # one <|end|> per assistant turn
+  assert (targets[mask > 0] == 8).sum() == (targets[mask > 0] == 9).sum() == 13
+  inputs = np.concatenate([b["inputs"].ravel() for b in batches])
+  positions = np.concatenate([b["positions"].ravel() for b in batches])
+  assert (positions[inputs == tok.bos_id] == 0).all()
+
+
+CHAT_OK = {"messages": [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}]}
+
+
+@pytest.mark.parametrize("record, error", [
+  ({"messages": [{"role": "human", "content": "Hi"}]},
+   r"line 2, message 1: role 'human'; allowed: system, user, assistant"),
+  ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]},
+   r"line 2, message 2: 'content' is missing"),
+  ({"messages": [{"role": "user", "content": None}]}, r"line 2, message 1: 'content' is missing"),
+  ({"messages": [{"role": "user", "content": ["Hi"]}]},
+   r"line 2, message 1: 'content' is a list, not a string"),
+  ({"messages": [{"role": "user", "content": "Hi", "reasoning_content": "hm"}]},
+   r"line 2, message 1: 'reasoning_content' \(str\) in a turn of the user; it must be a string "
+   r"in an assistant turn"),
+  ({"messages": [{"role": "assistant", "content": "Hi", "reasoning_content": 3}]},
+   r"line 2, message 1: 'reasoning_content' \(int\) in a turn of the assistant"),
+  ({"messages": "Hi"}, r"line 2: field 'messages' is a str, not a list of messages"),
+  ({"messages": ["Hi"]}, r"line 2, message 1: a str, not an object with 'role' and 'content'"),
+  ({"text": "Hi"},
+   r"line 2: no field 'messages' \(data.format='chat'\); the record has \['text'\]"),
+])
+def test_bad_chat_records_are_errors_naming_file_line_and_turn(sample_dir, tok, tmp_path, record,
+                                                               error):
+  path = tmp_path / "chat.jsonl"
+  path.write_text(json.dumps(CHAT_OK) + "\n" + json.dumps(record) + "\n")
+  cfg = _data_cfg(sample_dir, eval_files=str(path), format="chat")
+  with pytest.raises(ValueError, match=r"chat.jsonl, " + error):
+    pipeline.eval_batches(cfg, tok, max_batches=10)
+
+
+def test_empty_and_assistantless_conversations_are_skipped_and_counted(sample_dir, tok, tmp_path,
+                                                                       caplog):
+  records = [CHAT_OK, {"messages": []}, {"messages": None},
+             {"messages": [{"role": "user", "content": "Hi"}]}, CHAT_OK]
+  path = tmp_path / "chat.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  cfg = _data_cfg(sample_dir, eval_files=str(path), format="chat")
+  with caplog.at_level("WARNING"):
+    batches = pipeline.eval_batches(cfg, tok, max_batches=10)
+  assert "chat.jsonl: skipped 1 conversations without an assistant turn, 2 empty documents" in (
+    caplog.text)
+  assert sum(b["loss_mask"].sum() for b in batches) == 2 * (len(tok.encode("Hello")) + 1)
+
+
+def test_chat_refuses_text_files_pretokenized_data_and_old_tokenizers(sample_dir, tok, tmp_path):
+  from helpers import train_pre_chat_tokenizer  # pylint: disable=g-import-not-at-top
+  from nanollama_jax.data import CHAT_SAMPLE  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a.txt").write_text("Hi\n")
+  cfg = _data_cfg(sample_dir, eval_files=str(tmp_path / "a.txt"), format="chat")
+  with pytest.raises(ValueError, match=r"a.txt: data.format='chat' reads conversations from JSON"):
+    pipeline.eval_batches(cfg, tok, max_batches=1)
+  _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val_tokens")
+  cfg.eval_files = str(tmp_path / "val_tokens")
+  with pytest.raises(config.ConfigError, match="val_tokens is a pretokenized dataset, which holds"):
+    pipeline.eval_batches(cfg, tok, max_batches=1)
+  old = Tokenizer(str(train_pre_chat_tokenizer(sources.documents(_data_cfg(sample_dir), "eval"),
+                                               400, tmp_path / "old.model")))
+  cfg.eval_files = str(CHAT_SAMPLE / "validation.jsonl")
+  with pytest.raises(ValueError, match="old.model has no chat tokens"):
+    pipeline.eval_batches(cfg, old, max_batches=1)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_chat_from_the_hub(sample_dir, tok, tmp_path, monkeypatch, streaming):
+  from nanollama_jax.data import CHAT_SAMPLE  # pylint: disable=g-import-not-at-top
+  files = str(CHAT_SAMPLE / "validation.jsonl")
+  cfg = _hub_cfg(sample_dir, tmp_path, monkeypatch, format="chat", hf_streaming=streaming)
+  cfg.hf_data_files = files
+  local = sources.documents(_data_cfg(sample_dir, eval_files=files, format="chat"), "eval")
+  found = sources.open_split(cfg, "eval")
+  docs = [doc for doc, _ in found.stream] if streaming else list(found.docs)
+  assert docs == local and len(docs) == 50
+  assert sum(b["loss_mask"].sum() for b in pipeline.eval_batches(cfg, tok, 1000)) == (
+    assistant_tokens(tok, local))
+
+
+def test_chat_from_parquet_equals_json_lines(sample_dir, tmp_path):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  from nanollama_jax.data import CHAT_SAMPLE  # pylint: disable=g-import-not-at-top
+
+  path = CHAT_SAMPLE / "validation.jsonl"
+  records = [json.loads(line) for line in open(path, encoding="utf-8")]
+  pq.write_table(pa.Table.from_pylist(records), tmp_path / "chat.parquet")
+  from_json = list(sources.read_files([str(path)], "text", doc_format="chat"))
+  assert list(sources.read_files([str(tmp_path / "chat.parquet")], "text",
+                                 doc_format="chat")) == from_json
+  bad = pa.table({"messages": [[{"role": "bot", "content": "x"}]]})
+  pq.write_table(bad, tmp_path / "b.parquet")
+  with pytest.raises(ValueError, match=r"b.parquet, row 1, message 1: role 'bot'"):
+    list(sources.read_files([str(tmp_path / "b.parquet")], "text", doc_format="chat"))

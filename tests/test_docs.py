@@ -24,7 +24,7 @@ import pytest
 
 from helpers import REPO
 
-PAGES = ["README.md", "docs/data.md", "docs/training.md", "docs/evaluation.md",
+PAGES = ["README.md", "docs/data.md", "docs/training.md", "docs/chat.md", "docs/evaluation.md",
          "docs/checkpoints.md", "docs/devices.md", "docs/attention.md", "docs/performance.md"]
 TRAIN = "python -m nanollama_jax.train"
 SET_UP = ("python3 -m venv", ". .venv/bin/activate", "pip install")
@@ -129,6 +129,8 @@ def test_documented_commands_work_as_shown(scratch):
   assert ran >= 10
   # What the README's commands left behind: a run, a plot and a Hugging Face export.
   assert (root / "runs/ts_sample/checkpoints/4").is_dir()
+  assert (root / "runs/ts_chat/checkpoints/4").is_dir()  # docs/chat.md's fine-tune of it
+  assert b'"chat_template"' in (root / "hf_chat/tokenizer_config.json").read_bytes()
   assert (root / "loss.png").read_bytes()[:4] == b"\x89PNG"
   assert (root / "hf_model/model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
 

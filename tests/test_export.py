@@ -8,9 +8,11 @@ import pytest
 import torch
 import transformers
 
-from helpers import LLAMA31, model_cfg, our_logits, random_params, run_script
+from helpers import (LLAMA31, model_cfg, our_logits, random_params, run_script,
+                     train_pre_chat_tokenizer)
 from nanollama_jax import config, export, model, sharding
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data import CHAT_SAMPLE, chat, sources
+from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
 
 torch.set_num_threads(2)
 
@@ -87,6 +89,69 @@ def test_exported_tokenizer_matches_sentencepiece(tokenizer_path, sample_dir, tm
   assert hf("Once upon")["input_ids"] == [tok.bos_id] + tok.encode("Once upon")
   assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id,
                                                                  tok.pad_id)
+
+
+SYSTEM = {"role": "system", "content": "You are a storyteller."}
+CHATS = [
+  [{"role": "user", "content": "Tell me a story about a cat."},
+   {"role": "assistant", "content": "Once upon a time, there was a cat named Tom."}],
+  [SYSTEM, {"role": "user", "content": "A story, please!"},
+   {"role": "assistant", "content": "Lily had a red ball.\nShe played all day.",
+    "reasoning_content": "A short one: 2 lines."}],
+  [SYSTEM, {"role": "user", "content": "Hi"},
+   {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."},
+   {"role": "user", "content": " Who is  it about?\n"},
+   {"role": "assistant", "content": "It is about Tom, 3 years old 🙂."}],
+  [{"role": "user", "content": "Ünïcödé: café, 日本語"}, {"role": "assistant", "content": ""},
+   {"role": "user", "content": "\n\n"},
+   {"role": "assistant", "content": "ok", "reasoning_content": "\t tabs and  spaces "}],
+]
+
+
+def _input_ids(encoded):
+  """apply_chat_template's ids: transformers 5 returns a BatchEncoding, 4 a list."""
+  return list(encoded["input_ids"]) if hasattr(encoded, "keys") else list(encoded)
+
+
+def test_chat_template_gives_the_ids_of_our_format(tokenizer_path, tmp_path):
+  tok = Tokenizer(str(tokenizer_path))
+  export.write_tokenizer(tok, str(tmp_path / "hf"), 1024)
+  saved = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+  assert saved["chat_template"] == chat.TEMPLATE
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  assert hf.convert_ids_to_tokens(list(range(4, 10))) == list(CHAT_TOKENS)
+  assert set(range(1, 10)) <= set(hf.all_special_ids)
+  # Conversations read as training reads them, so both sides see the same records.
+  path = tmp_path / "chats.jsonl"
+  sample = [json.loads(line) for line in open(CHAT_SAMPLE / "validation.jsonl", encoding="utf-8")]
+  records = [{"messages": m} for m in CHATS] + sample
+  path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+  conversations = list(sources.read_files([str(path)], "text", doc_format="chat"))
+  equal = prompts = 0
+  for record, conversation in zip(records, conversations, strict=True):
+    messages = record["messages"]
+    ours = chat.encode(tok, conversation)[0].tolist()
+    assert _input_ids(hf.apply_chat_template(messages)) == ours
+    equal += 1
+    # The prompt for the last assistant turn: the turns before it and <|assistant|>.
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ours = chat.encode(tok, conversation[:last], add_generation_prompt=True)[0].tolist()
+    assert _input_ids(hf.apply_chat_template(messages[:last], add_generation_prompt=True)) == ours
+    prompts += 1
+  assert (equal, prompts) == (54, 54)
+  # The prompt scripts/generate.py --chat builds.
+  theirs = hf.apply_chat_template([SYSTEM, {"role": "user", "content": "Hi"}],
+                                  add_generation_prompt=True)
+  assert _input_ids(theirs) == chat.prompt(tok, "Hi", system=SYSTEM["content"])
+
+
+def test_a_tokenizer_without_chat_tokens_exports_no_chat_template(sample_dir, tmp_path):
+  texts = [json.loads(line)["text"] for line in open(sample_dir / "validation.jsonl")]
+  old = Tokenizer(str(train_pre_chat_tokenizer(texts, 400, tmp_path / "old.model")))
+  export.write_tokenizer(old, str(tmp_path / "hf"), 64)
+  assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  assert hf.encode("Once upon a time", add_special_tokens=False) == old.encode("Once upon a time")
 
 
 def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path):

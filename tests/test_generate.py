@@ -33,6 +33,19 @@ def test_kv_cache_decoding_equals_recomputing_the_sequence():
   assert worst < 1e-5
 
 
+def test_a_row_stops_at_the_first_of_several_stop_ids():
+  cfg = model_cfg(n_kv_heads=2)
+  params = random_params(cfg, seed=4)
+  prompts = [[1, 17, 42], [1, 7]]
+  free = generate.generate(cfg, params, prompts, max_new_tokens=16, eos_id=None)
+  stops = (free[0][9], free[1][4])  # e.g. the chat format's end of turn and EOS
+  cut = [row[:min(row.index(s) for s in stops if s in row)] for row in free]
+  assert generate.generate(cfg, params, prompts, max_new_tokens=16, eos_id=stops) == cut
+  assert max(map(len, cut)) <= 9
+  assert generate.generate(cfg, params, prompts, max_new_tokens=16, eos_id=stops[0]) == [
+    row[:row.index(stops[0])] if stops[0] in row else row for row in free]
+
+
 def test_greedy_generation_matches_transformers(tmp_path):
   cfg = model_cfg(n_kv_heads=1)
   params = random_params(cfg, seed=5)

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from helpers import train_pre_chat_tokenizer
 from nanollama_jax import config
-from nanollama_jax.data import sources
+from nanollama_jax.data import sources, tokenizer
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +33,39 @@ def test_special_ids_and_exact_vocab_size(tok):
   assert tok.vocab_size == 512
 
 
+def test_chat_tokens_are_control_symbols_at_fixed_ids(tok):
+  assert tokenizer.CHAT_TOKENS == ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                                   "<think>", "</think>")
+  ids = (tokenizer.SYSTEM_ID, tokenizer.USER_ID, tokenizer.ASSISTANT_ID, tokenizer.END_OF_TURN_ID,
+         tokenizer.THINK_ID, tokenizer.END_THINK_ID)
+  assert ids == (4, 5, 6, 7, 8, 9)
+  sp = tok._sp  # pylint: disable=protected-access
+  assert [sp.id_to_piece(i) for i in ids] == list(tokenizer.CHAT_TOKENS)
+  assert all(sp.is_control(i) for i in ids)
+  assert tok.has_chat_tokens
+  assert tok.decode([1, 4, 5, 6, 7, 8, 9, 2]) == ""
+
+
+def test_no_text_encodes_to_a_special_token(tok, sample_dir):
+  markers = "".join(tokenizer.CHAT_TOKENS) + "<s></s><pad><unk>"
+  texts = _sample_docs(sample_dir) + [markers, " ".join(tokenizer.CHAT_TOKENS), "<|user|>Hi<|end|>",
+                                      "<think>\nhm\n</think>", "<|", "|>", "<", ">"]
+  special = set(range(10))  # unk, bos, eos, pad and the chat tokens
+  for text in texts:
+    ids = tok.encode(text)
+    assert not special & set(ids), text
+    assert tok.decode(ids) == text
+
+
+def test_a_tokenizer_without_chat_tokens_is_recognised(sample_dir, tmp_path):
+  path = train_pre_chat_tokenizer(_sample_docs(sample_dir)[:200], 400, tmp_path / "old.model")
+  old = Tokenizer(str(path))
+  assert old.vocab_size == 400 and not old.has_chat_tokens
+  with pytest.raises(ValueError, match=r"old.model has no chat tokens \(<\|system\|> .* at ids "
+                     r"4-9\): it was trained before they were reserved"):
+    old.require_chat_tokens()
+
+
 def test_round_trip_of_every_sample_document(tok, sample_dir):
   docs = _sample_docs(sample_dir)
   assert len(docs) == 1254
@@ -40,7 +74,8 @@ def test_round_trip_of_every_sample_document(tok, sample_dir):
 
 
 def test_newlines_digits_and_no_bos_eos(tok):
-  assert tok.encode("\n") == [14]  # byte fallback: <0x0A> follows the 4 specials and 0x00..0x09
+  # Byte fallback: <0x0A> follows the 4 specials, the 6 chat tokens and 0x00..0x09.
+  assert tok.encode("\n") == [20]
   ids = tok.encode("In 2024\n\nthe end")
   assert tok.decode(ids) == "In 2024\n\nthe end"
   digits = tok.encode("2024")
@@ -92,7 +127,7 @@ def _data_cfg(sample_dir, **fields):
 def test_load_or_train_trains_once_then_reuses(sample_dir, tmp_path):
   cfg = _data_cfg(sample_dir, tokenizer_train_docs=200)
   tok = load_or_train_tokenizer(cfg, 400, str(tmp_path))
-  assert tok.vocab_size == 400
+  assert tok.vocab_size == 400 and tok.has_chat_tokens
   saved = (tmp_path / "tokenizer.model").read_bytes()
   assert saved == tok.proto
   again = load_or_train_tokenizer(cfg, 999, str(tmp_path))  # reused: the vocab size is not read

@@ -1,7 +1,8 @@
 """Data: the tokenizer, document sources, pretokenized shards and the grain pipeline.
 
 The package ships a small TinyStories sample (`tinystories_sample/`, about 1 MB) for the tests
-and the offline examples; `sample_dir()` finds it.
+and the offline examples; `sample_dir()` finds it. `chat_sample/` (CHAT_SAMPLE) holds chat
+conversations made from it (scripts/make_chat_sample.py) for the chat format.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pathlib
 SAMPLE_ENV = "NANOLLAMA_SAMPLE_DATA"  # overrides the shipped sample's directory
 SAMPLE_FILES = ("train.jsonl", "validation.jsonl")
 SHIPPED_SAMPLE = pathlib.Path(__file__).resolve().parent / "tinystories_sample"
+CHAT_SAMPLE = pathlib.Path(__file__).resolve().parent / "chat_sample"
 
 
 def sample_dir() -> pathlib.Path:

@@ -6,8 +6,12 @@ tokens. For a window `w`:
   inputs = w[:-1], targets = w[1:]          int32 [seq_len]
   segment_ids   1, 2, ... for each document piece in the window (0 on padding)
   positions     0, 1, ... within each piece: restart at every BOS and at the window start
-  loss_mask     1.0 where the target is in the input's document; 0.0 on EOS -> next BOS and
-                on padding
+  loss_mask     1.0 where the target is in the input's document and is trained; 0.0 on
+                EOS -> next BOS and on padding
+
+Every token carries a "trained" flag through tokenization and packing: 1 for every token of a
+text, and for a conversation (`data.format="chat"`, data/chat.py) 1 only on what the assistant
+writes, so a chat run learns and is evaluated on the assistant's tokens alone.
 
 Two packers (`data.packing`), neither of which drops a token:
 
@@ -41,10 +45,11 @@ import numpy as np
 from absl import flags
 
 from nanollama_jax import config
-from nanollama_jax.data import DataError, shards, sources
+from nanollama_jax.data import DataError, chat, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # tokens, trained, ends, epochs
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
@@ -71,29 +76,41 @@ class _WithEpoch(grain.transforms.MapWithIndex):
 
 
 class _TokenizeChunk(grain.transforms.Map):
-  """Maps (document, epoch) pairs to their BOS + ids + EOS concatenated, each document's end,
-  and each one's epoch. Texts are encoded; token arrays (pretokenized) are used as they are.
-  Documents without a token are dropped."""
+  """Maps (document, epoch) pairs to their tokens concatenated, the tokens' trained flags (uint8),
+  each document's end, and each one's epoch. A text becomes BOS + ids + EOS, all trained; a
+  conversation its chat format (data/chat.py); a token array (pretokenized) is used as it is,
+  with BOS and EOS. Documents without a token are dropped."""
 
   def __init__(self, tokenizer: Tokenizer):
     self._tokenizer = tokenizer
 
-  def map(self, chunk: list[tuple[Any, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def map(self, chunk: list[tuple[Any, int]]) -> Chunk:
     t = self._tokenizer
-    texts = [doc for doc, _ in chunk if isinstance(doc, str)]
-    encoded = iter(t.encode_batch(texts)) if texts else None
+    texts = sources.texts(doc for doc, _ in chunk if not isinstance(doc, np.ndarray))
+    encoded = iter(t.encode_batch(texts) if texts else [])
     bos, eos = np.array([t.bos_id], np.int32), np.array([t.eos_id], np.int32)
     pieces, ends, epochs, total = [], [], [], 0
+    conversations = []  # (start, trained flags): text tokens are all trained
     for doc, epoch in chunk:
-      ids = next(encoded) if isinstance(doc, str) else doc
-      if not len(ids):
-        continue
-      pieces += (bos, ids, eos)
-      total += len(ids) + 2
+      if isinstance(doc, (str, np.ndarray)):
+        ids = next(encoded) if isinstance(doc, str) else doc
+        if not len(ids):
+          continue
+        pieces += (bos, ids, eos)
+        size = len(ids) + 2
+      else:
+        tokens, trained = chat.assemble(doc, encoded)
+        pieces.append(tokens)
+        conversations.append((total, trained))
+        size = len(tokens)
+      total += size
       ends.append(total)
       epochs.append(epoch)
     tokens = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else bos[:0]
-    return tokens, np.array(ends, np.int64), np.array(epochs, np.int32)
+    trained = np.ones(total, np.uint8)
+    for start, conversation in conversations:
+      trained[start:start + len(conversation)] = conversation
+    return tokens, trained, np.array(ends, np.int64), np.array(epochs, np.int32)
 
 
 class _SplitChunk(grain.experimental.FlatMapTransform):
@@ -105,16 +122,19 @@ class _SplitChunk(grain.experimental.FlatMapTransform):
   def __init__(self, piece_len: int | None = None):
     self._piece_len = piece_len
 
-  def flat_map(self, chunk: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
-    tokens, ends, epochs = chunk
+  def flat_map(self, chunk: Chunk) -> list[dict[str, Any]]:
+    tokens, trained, ends, epochs = chunk
+    cuts = ends[:-1]
     out = []
-    for doc, epoch in zip(np.split(tokens, ends[:-1]) if len(ends) else [], epochs):
+    for doc, doc_trained, epoch in zip(np.split(tokens, cuts), np.split(trained, cuts), epochs):
       if self._piece_len is None:
-        out.append({"tokens": doc, "epoch": int(epoch)})
+        out.append({"tokens": doc, "trained": doc_trained, "epoch": int(epoch)})
         continue
       step = self._piece_len - 1
       for start in range(0, max(len(doc) - 1, 1), step):
-        out.append({"tokens": doc[start:start + self._piece_len], "epoch": int(epoch)})
+        end = start + self._piece_len
+        out.append({"tokens": doc[start:end], "trained": doc_trained[start:end],
+                    "epoch": int(epoch)})
     return out
 
 
@@ -127,19 +147,19 @@ class _PackIterator(grain.DatasetIterator):
     self._pad_id = pad_id
     # Documents not yet fully cut, each with the parent state from before it was read; the
     # next window starts at `_offset` in the first one.
-    self._docs: collections.deque[tuple[Any, np.ndarray, int]] = collections.deque()
+    self._docs: collections.deque[tuple[Any, dict[str, Any]]] = collections.deque()
     self._offset = 0
 
   def _read(self, need: int) -> int:
     """Reads documents until `need` tokens are buffered or the parent ends; returns the count."""
-    have = sum(len(doc) for _, doc, _ in self._docs) - self._offset
+    have = sum(len(doc["tokens"]) for _, doc in self._docs) - self._offset
     while have < need:
       state = self._parent.get_state()
       try:
         doc = next(self._parent)
       except StopIteration:
         break
-      self._docs.append((state, doc["tokens"], doc["epoch"]))
+      self._docs.append((state, doc))
       have += len(doc["tokens"])
     return have
 
@@ -148,22 +168,24 @@ class _PackIterator(grain.DatasetIterator):
     if self._read(size) < 2:  # a single token left was the previous window's last target
       raise StopIteration
     tokens = np.full(size, self._pad_id, dtype=np.int32)
+    trained = np.zeros(size, dtype=np.uint8)
     segments = np.zeros(size, dtype=np.int32)
     positions = np.zeros(size, dtype=np.int32)
     filled, start, epoch = 0, self._offset, 0
-    for segment, (_, doc, doc_epoch) in enumerate(self._docs, 1):
-      piece = doc[start:start + size - filled]
+    for segment, (_, doc) in enumerate(self._docs, 1):
+      piece = doc["tokens"][start:start + size - filled]
       end = filled + len(piece)
       tokens[filled:end] = piece
+      trained[filled:end] = doc["trained"][start:start + len(piece)]
       segments[filled:end] = segment
       positions[filled:end] = np.arange(len(piece))
-      filled, start, epoch = end, 0, max(epoch, doc_epoch)
+      filled, start, epoch = end, 0, max(epoch, doc["epoch"])
       if filled == size:
         break
     self._offset += self._seq_len
-    while self._docs and self._offset >= len(self._docs[0][1]):
-      self._offset -= len(self._docs.popleft()[1])
-    return _window(tokens, segments, positions, epoch)
+    while self._docs and self._offset >= len(self._docs[0][1]["tokens"]):
+      self._offset -= len(self._docs.popleft()[1]["tokens"])
+    return _window(tokens, segments, positions, trained, epoch)
 
   def get_state(self) -> dict[str, Any]:
     parent = self._docs[0][0] if self._docs else self._parent.get_state()
@@ -176,15 +198,15 @@ class _PackIterator(grain.DatasetIterator):
 
 
 def _window(tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray,
-            epoch: int) -> dict[str, Any]:
-  """The training example of a packed window of seq_len + 1 tokens."""
+            trained: np.ndarray, epoch: int) -> dict[str, Any]:
+  """The training example of a packed window of seq_len + 1 tokens and their trained flags."""
   same_doc = (segments[:-1] == segments[1:]) & (segments[:-1] > 0)
   return {
     "inputs": tokens[:-1],
     "targets": tokens[1:],
     "segment_ids": segments[:-1],
     "positions": positions[:-1],
-    "loss_mask": same_doc.astype(np.float32),
+    "loss_mask": (same_doc & (trained[1:] > 0)).astype(np.float32),
     "epoch": np.int32(epoch),
   }
 
@@ -206,7 +228,8 @@ class _FromBins(grain.transforms.Map):
 
   def map(self, packed: dict[str, np.ndarray]) -> dict[str, Any]:
     return _window(packed["tokens"].astype(np.int32), packed["tokens_segment_ids"].astype(np.int32),
-                   packed["tokens_positions"].astype(np.int32), max(packed["epoch"]))
+                   packed["tokens_positions"].astype(np.int32), packed["trained"],
+                   max(packed["epoch"]))
 
 
 class _Tag(grain.transforms.Map):
@@ -266,9 +289,11 @@ def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
   ds = grain.experimental.FlatMapIterDataset(ds, _SplitChunk(None if concat else size))
   if concat:
     return _PackIterDataset(ds, data_cfg.seq_len, tokenizer.pad_id)
+  # "trained" is packed beside the tokens, as a sequence meta-feature (no segment ids of its own).
   ds = grain.experimental.FirstFitPackIterDataset(
-    ds, length_struct={"tokens": size}, num_packing_bins=data_cfg.pack_bins, shuffle_bins=False,
-    padding_struct={"tokens": tokenizer.pad_id}, meta_features=("epoch",))
+    ds, length_struct={"tokens": size, "trained": size}, num_packing_bins=data_cfg.pack_bins,
+    shuffle_bins=False, padding_struct={"tokens": tokenizer.pad_id, "trained": 0},
+    meta_features=("epoch", "trained"))
   return ds.map(_FromBins())
 
 
@@ -292,6 +317,8 @@ def windows(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, split: st
   set; 'eval' is every document once, in order, on every process. Each window also carries
   `epoch` (of its newest document) and `source` (the index of its source).
   """
+  if data_cfg.format == "chat":
+    tokenizer.require_chat_tokens()
   if split == "train":
     found, weights = _train_sources(data_cfg, process_index, process_count)
   else:

@@ -5,10 +5,17 @@ a downloaded Hub dataset, or token arrays of a pretokenized dataset), which the 
 globally and splits between hosts by index, or a `HubStream` of records streamed from the Hub,
 which it shuffles in windows and which splits itself between hosts.
 
-Bad records never reach a worker: empty documents and lines that are not valid UTF-8 are skipped
-and counted (`Documents.skipped`, logged); a record without the text field, a line that is not
-JSON, a glob that matches nothing or a split without documents is an error that names the file,
-the line and the key.
+A document is a text (`data.format="text"`: the field `data.text_key`) or a conversation
+(`data.format="chat"`: the field "messages", a list of {"role", "content"} turns with roles system,
+user and assistant, an assistant turn optionally with "reasoning_content"), read as a tuple of
+`Message`s.
+
+Bad records never reach a worker: empty documents (and conversations), conversations without an
+assistant turn and lines that are not valid UTF-8 are skipped and counted (`Documents.skipped`,
+logged); a record without the field, a line that is not JSON, a turn with an unknown role, a
+missing or non-string content or reasoning in another turn than the assistant's, a glob that
+matches nothing or a split without documents is an error that names the file, the line and the
+key.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import itertools
 import json
 import os
 import pickle
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import grain
 import ml_collections
@@ -35,6 +42,33 @@ TEXT_EXTENSIONS = (".txt",)
 PARQUET_EXTENSIONS = (".parquet",)
 EXTENSIONS = JSON_EXTENSIONS + TEXT_EXTENSIONS + PARQUET_EXTENSIONS
 EMPTY, BAD_UTF8 = "empty documents", "lines that are not UTF-8"
+NO_ASSISTANT = "conversations without an assistant turn"
+MESSAGES_KEY, REASONING_KEY = "messages", "reasoning_content"  # the chat format's record fields
+ROLES = ("system", "user", "assistant")
+
+
+class Message(NamedTuple):
+  """One turn of a conversation; only an assistant turn has reasoning ('' for none)."""
+  role: str
+  content: str
+  reasoning: str = ""
+
+
+Conversation = tuple[Message, ...]
+Document = str | Conversation
+
+
+def _field(text_key: str, doc_format: str) -> tuple[str, str]:
+  """The record field that holds a document, and the config that names it."""
+  if doc_format == "chat":
+    return MESSAGES_KEY, "data.format='chat'"
+  return text_key, "data.text_key"
+
+
+def _field_named(text_key: str, doc_format: str) -> str:
+  """How errors name the field: "data.text_key='text'" or "'messages' (data.format='chat')"."""
+  field, named_by = _field(text_key, doc_format)
+  return f"{named_by}={field!r}" if doc_format == "text" else f"{field!r} ({named_by})"
 
 
 def _text_or_skip(text: Any, where: str, text_key: str, skipped: collections.Counter) -> str | None:
@@ -46,6 +80,56 @@ def _text_or_skip(text: Any, where: str, text_key: str, skipped: collections.Cou
   return text
 
 
+def _message(turn: Any, where: str) -> Message:
+  if not isinstance(turn, dict):
+    raise DataError(f"{where}: a {type(turn).__name__}, not an object with 'role' and 'content'")
+  role, content, reasoning = turn.get("role"), turn.get("content"), turn.get(REASONING_KEY)
+  if role not in ROLES:
+    raise DataError(f"{where}: role {role!r}; allowed: {', '.join(ROLES)}")
+  if not isinstance(content, str):
+    what = "missing" if content is None else f"a {type(content).__name__}, not a string"
+    raise DataError(f"{where}: 'content' is {what}")
+  if reasoning is not None and not (role == "assistant" and isinstance(reasoning, str)):
+    raise DataError(f"{where}: {REASONING_KEY!r} ({type(reasoning).__name__}) in a turn of the "
+                    f"{role}; it must be a string in an assistant turn")
+  return Message(role, content, reasoning or "")
+
+
+def _conversation_or_skip(messages: Any, where: str,
+                          skipped: collections.Counter) -> Conversation | None:
+  if messages is None or (isinstance(messages, list) and not messages):
+    skipped[EMPTY] += 1
+    return None
+  if not isinstance(messages, list):
+    raise DataError(f"{where}: field {MESSAGES_KEY!r} is a {type(messages).__name__}, not a list "
+                    "of messages")
+  conversation = tuple(_message(turn, f"{where}, message {i}")
+                       for i, turn in enumerate(messages, 1))
+  if all(m.role != "assistant" for m in conversation):
+    skipped[NO_ASSISTANT] += 1
+    return None
+  return conversation
+
+
+def _document_or_skip(value: Any, where: str, field: str, doc_format: str,
+                      skipped: collections.Counter) -> Document | None:
+  if doc_format == "chat":
+    return _conversation_or_skip(value, where, skipped)
+  return _text_or_skip(value, where, field, skipped)
+
+
+def texts(docs: Iterable[Document]) -> list[str]:
+  """The texts of documents: each text, and each turn's reasoning (if any) then its content."""
+  out = []
+  for doc in docs:
+    if isinstance(doc, str):
+      out.append(doc)
+      continue
+    for message in doc:
+      out += [message.reasoning, message.content] if message.reasoning else [message.content]
+  return out
+
+
 def _decode(raw: bytes, skipped: collections.Counter) -> str | None:
   try:
     return raw.decode("utf-8")
@@ -54,7 +138,9 @@ def _decode(raw: bytes, skipped: collections.Counter) -> str | None:
     return None
 
 
-def _json_lines(path: str, text_key: str, skipped: collections.Counter) -> Iterator[str]:
+def _json_lines(path: str, text_key: str, doc_format: str,
+                skipped: collections.Counter) -> Iterator[Document]:
+  field, named_by = _field(text_key, doc_format)
   with open(path, "rb") as f:
     for number, raw in enumerate(f, 1):
       line = _decode(raw, skipped)
@@ -64,14 +150,13 @@ def _json_lines(path: str, text_key: str, skipped: collections.Counter) -> Itera
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{path}, line {number}: not valid JSON ({e})") from None
-      if not isinstance(record, dict) or text_key not in record:
+      if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise DataError(
-          f"{path}, line {number}: no field {text_key!r} (data.text_key); the record has {keys}"
-        )
-      text = _text_or_skip(record[text_key], f"{path}, line {number}", text_key, skipped)
-      if text is not None:
-        yield text
+          f"{path}, line {number}: no field {field!r} ({named_by}); the record has {keys}")
+      doc = _document_or_skip(record[field], f"{path}, line {number}", field, doc_format, skipped)
+      if doc is not None:
+        yield doc
 
 
 def _text_lines(path: str, separator: str, skipped: collections.Counter) -> Iterator[str]:
@@ -92,36 +177,44 @@ def _text_lines(path: str, separator: str, skipped: collections.Counter) -> Iter
       skipped[EMPTY] += 1
 
 
-def _parquet(path: str, text_key: str, skipped: collections.Counter) -> Iterator[str]:
+def _parquet(path: str, text_key: str, doc_format: str,
+             skipped: collections.Counter) -> Iterator[Document]:
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
+  field, named_by = _field(text_key, doc_format)
   try:
     table = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several types for a file that is not Parquet
     raise DataError(f"{path}: not a readable Parquet file ({e})") from None
   columns = table.schema_arrow.names
-  if text_key not in columns:
-    raise DataError(f"{path}: no column {text_key!r} (data.text_key); columns: "
-                     f"{', '.join(columns)}")
-  for batch in table.iter_batches(columns=[text_key], batch_size=4096):
-    for text in batch.column(0).to_pylist():
-      text = _text_or_skip(text, path, text_key, skipped)
-      if text is not None:
-        yield text
+  if field not in columns:
+    raise DataError(f"{path}: no column {field!r} ({named_by}); columns: {', '.join(columns)}")
+  row = 0
+  for batch in table.iter_batches(columns=[field], batch_size=4096):
+    for value in batch.column(0).to_pylist():
+      row += 1
+      doc = _document_or_skip(value, f"{path}, row {row}", field, doc_format, skipped)
+      if doc is not None:
+        yield doc
 
 
 def read_files(paths: Sequence[str], text_key: str, separator: str = "",
-               skipped: collections.Counter | None = None) -> Iterator[str]:
-  """Yields the documents of text files in order; skipped records are counted in `skipped`."""
+               skipped: collections.Counter | None = None,
+               doc_format: str = "text") -> Iterator[Document]:
+  """Yields the documents of files in order (texts, or conversations with doc_format='chat');
+  skipped records are counted in `skipped`."""
   skipped = collections.Counter() if skipped is None else skipped
   for path in paths:
     ext = os.path.splitext(path)[1].lower()
     if ext in JSON_EXTENSIONS:
-      yield from _json_lines(path, text_key, skipped)
+      yield from _json_lines(path, text_key, doc_format, skipped)
+    elif ext in TEXT_EXTENSIONS and doc_format == "chat":
+      raise DataError(f"{path}: data.format='chat' reads conversations from JSON lines or Parquet "
+                       "records with a 'messages' field, not from .txt files")
     elif ext in TEXT_EXTENSIONS:
       yield from _text_lines(path, separator, skipped)
     elif ext in PARQUET_EXTENSIONS:
-      yield from _parquet(path, text_key, skipped)
+      yield from _parquet(path, text_key, doc_format, skipped)
     else:
       raise DataError(f"{path}: unsupported file type {ext!r}; allowed: {', '.join(EXTENSIONS)}"
                        " or a directory written by scripts/prepare_dataset.py")
@@ -201,20 +294,26 @@ def _data_files(spec: str | Sequence[str] | None):
 
 def hf_documents(
   path: str, name: str | None, split: str, text_key: str,
-  data_files: str | Sequence[str] | None = None,
-) -> Sequence[str]:
-  """Returns the texts of a (downloaded, memory-mapped) Hugging Face dataset split."""
+  data_files: str | Sequence[str] | None = None, doc_format: str = "text",
+  skipped: collections.Counter | None = None,
+) -> Sequence[Document]:
+  """Returns the documents of a (downloaded) Hugging Face dataset split: its texts, memory-mapped,
+  or its conversations, read and checked at once (skipped ones counted in `skipped`)."""
   dataset = load_hub_dataset(path, name, split, _data_files(data_files), streaming=False)
-  if text_key not in dataset.column_names:
-    raise DataError(
-      f"data.text_key={text_key!r} is not a column of {path} ({split}); "
-      f"columns: {', '.join(dataset.column_names)}"
-    )
-  return _Column(dataset.select_columns([text_key]), text_key)
+  field, _ = _field(text_key, doc_format)
+  if field not in dataset.column_names:
+    raise DataError(f"{_field_named(text_key, doc_format)} is not a column of {path} ({split}); "
+                     f"columns: {', '.join(dataset.column_names)}")
+  if doc_format == "text":
+    return _Column(dataset.select_columns([field]), field)
+  skipped = collections.Counter() if skipped is None else skipped
+  docs = (_conversation_or_skip(value, f"{path} ({split}), row {row}", skipped)
+          for row, value in enumerate(dataset[field], 1))
+  return [doc for doc in docs if doc is not None]
 
 
 class HubStream(grain.IterDataset):
-  """The records of a Hub split streamed in order, as (text, epoch) pairs.
+  """The records of a Hub split streamed in order, as (document, epoch) pairs.
 
   With `repeat`, the stream starts over at its end and the epoch counts up. With
   `process_count` > 1 each process reads a disjoint share (whole files where the split has
@@ -224,9 +323,10 @@ class HubStream(grain.IterDataset):
 
   def __init__(self, path: str, name: str | None, split: str, text_key: str,
                data_files: str | Sequence[str] | None = None, repeat: bool = False,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, doc_format: str = "text"):
     super().__init__()
     self.path, self.name, self.split, self.text_key = path, name, split, text_key
+    self.doc_format = doc_format
     self.data_files = _data_files(data_files)
     self.repeat = repeat
     self.process_index, self.process_count = process_index, process_count
@@ -269,8 +369,9 @@ class _HubStreamIterator(grain.DatasetIterator):
       self._ds.load_state_dict(hf_state)
     self._it = iter(self._ds)
 
-  def __next__(self) -> tuple[str, int]:
+  def __next__(self) -> tuple[Document, int]:
     s = self._stream
+    field, _ = _field(s.text_key, s.doc_format)
     while True:
       try:
         record = next(self._it)
@@ -284,13 +385,14 @@ class _HubStreamIterator(grain.DatasetIterator):
         self._ds.set_epoch(self._epoch)
         self._it = iter(self._ds)
         continue
-      if s.text_key not in record:
-        raise DataError(f"data.text_key={s.text_key!r} is not a field of {s.path} "
+      if field not in record:
+        raise DataError(f"{_field_named(s.text_key, s.doc_format)} is not a field of {s.path} "
                          f"({s.split}); fields: {', '.join(sorted(record))}")
-      text = _text_or_skip(record[s.text_key], f"{s.path} ({s.split})", s.text_key, s.skipped)
-      if text is not None:
+      doc = _document_or_skip(record[field], f"{s.path} ({s.split})", field, s.doc_format,
+                              s.skipped)
+      if doc is not None:
         self._records_this_epoch += 1
-        return text, self._epoch
+        return doc, self._epoch
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self._epoch, "records": self._records_this_epoch,
@@ -304,9 +406,10 @@ class _HubStreamIterator(grain.DatasetIterator):
 
 @dataclasses.dataclass
 class Documents:
-  """A split's documents: `docs` (random access: texts or token arrays) or `stream`."""
+  """A split's documents: `docs` (random access: texts, conversations or token arrays) or
+  `stream`."""
   name: str
-  docs: Sequence[str] | shards.TokenDocuments | None = None
+  docs: Sequence[Document] | shards.TokenDocuments | None = None
   stream: HubStream | None = None
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -315,9 +418,13 @@ class Documents:
     return isinstance(self.docs, shards.TokenDocuments)
 
 
-def _open_globs(globs: str, key: str, text_key: str, separator: str) -> Documents:
+def _open_globs(globs: str, key: str, text_key: str, separator: str,
+                doc_format: str) -> Documents:
   paths = config.expand_globs(globs, key)
   datasets_ = [p for p in paths if os.path.isdir(p)]
+  if datasets_ and doc_format == "chat":
+    raise config.ConfigError(f"{key}={globs!r}: {datasets_[0]} is a pretokenized dataset, which "
+                             "holds no turns: data.format='chat' reads JSON lines or Parquet")
   if datasets_:
     not_prepared = [p for p in datasets_ if not shards.is_dataset(p)]
     if not_prepared:
@@ -329,8 +436,8 @@ def _open_globs(globs: str, key: str, text_key: str, separator: str) -> Document
     docs = shards.TokenDocuments(datasets_)
     return Documents(globs, docs=docs)
   skipped: collections.Counter = collections.Counter()
-  texts = list(read_files(paths, text_key, separator, skipped))
-  return Documents(globs, docs=texts, skipped=skipped)
+  docs = list(read_files(paths, text_key, separator, skipped, doc_format))
+  return Documents(globs, docs=docs, skipped=skipped)
 
 
 def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index: int = 0,
@@ -347,13 +454,14 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
     hub = config.parse_hub_source(globs)
     found = Documents(globs, stream=HubStream(
       hub.path, hub.name, hub.split, hub.text_key or data_cfg.text_key, repeat=split == "train",
-      process_index=process_index, process_count=process_count))
+      process_index=process_index, process_count=process_count, doc_format=data_cfg.format))
   elif globs is not None:
-    found = _open_globs(globs, "data.mixture", data_cfg.text_key, data_cfg.text_separator)
+    found = _open_globs(globs, "data.mixture", data_cfg.text_key, data_cfg.text_separator,
+                        data_cfg.format)
   elif data_cfg.source == "files":
     key = "train_files" if split == "train" else "eval_files"
     found = _open_globs(data_cfg[key], f"data.{key}", data_cfg.text_key,
-                        data_cfg.text_separator)
+                        data_cfg.text_separator, data_cfg.format)
   elif data_cfg.source == "hf":
     hf_split = data_cfg.hf_train_split if split == "train" else data_cfg.hf_eval_split
     name = f"{data_cfg.hf_path} ({hf_split})"
@@ -361,11 +469,12 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
       found = Documents(name, stream=HubStream(
         data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key,
         data_cfg.hf_data_files, repeat=split == "train", process_index=process_index,
-        process_count=process_count))
+        process_count=process_count, doc_format=data_cfg.format))
     else:
-      found = Documents(name, docs=hf_documents(data_cfg.hf_path, data_cfg.hf_name or None,
-                                                hf_split, data_cfg.text_key,
-                                                data_cfg.hf_data_files))
+      skipped: collections.Counter = collections.Counter()
+      found = Documents(name, skipped=skipped, docs=hf_documents(
+        data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key,
+        data_cfg.hf_data_files, data_cfg.format, skipped))
   else:
     raise config.ConfigError(
       f"data.source={data_cfg.source!r}: allowed: {', '.join(config.DATA_SOURCES)}")
@@ -377,8 +486,9 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
   return found
 
 
-def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[str]:
-  """Returns the texts of `split` from local text files or a downloaded Hub dataset."""
+def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[Document]:
+  """Returns the texts (or conversations) of `split` from local files or a downloaded Hub
+  dataset."""
   found = open_split(data_cfg, split)
   if found.docs is None or found.pretokenized:
     raise ValueError(f"the {split} split ({found.name}) is not random-access text")
@@ -404,24 +514,24 @@ def pretokenized_tokenizer(data_cfg: ml_collections.ConfigDict) -> str | None:
   return None
 
 
-def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[str]:
-  """Returns the first `n` training texts (fewer if the split is smaller), in order."""
+def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[Document]:
+  """Returns the first `n` training documents (fewer if the split is smaller), in order."""
   paths = _local_train_paths(data_cfg)
   if paths is None:  # the Hub: data.source, or the mixture's first source
     first = config.parse_mixture(data_cfg.mixture)[0][0] if data_cfg.mixture else None
     found = open_split(data_cfg, "train", globs=first)
     if found.stream is not None:
       it = iter(found.stream)
-      return [text for text, _ in itertools.islice(it, n)]
+      return [doc for doc, _ in itertools.islice(it, n)]
     return [found.docs[i] for i in range(min(n, len(found.docs)))]
   if any(os.path.isdir(p) for p in paths):
     raise DataError("the training data is pretokenized: set data.tokenizer to the model it was "
                      "prepared with (its tokenizer.model)")
   skipped: collections.Counter = collections.Counter()
-  texts = list(itertools.islice(
-    read_files(paths, data_cfg.text_key, data_cfg.text_separator, skipped), n))
-  if not texts:
+  docs = list(itertools.islice(
+    read_files(paths, data_cfg.text_key, data_cfg.text_separator, skipped, data_cfg.format), n))
+  if not docs:
     counts = ", ".join(f"{count} {what}" for what, count in sorted(skipped.items()))
     raise DataError(f"{', '.join(paths)}: no training document to read"
                     f"{f' (skipped {counts})' if counts else ''}")
-  return texts
+  return docs

@@ -15,6 +15,12 @@ from nanollama_jax import paths
 from nanollama_jax.data import DataError, sources
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# The chat format's markers (data/chat.py), reserved in every tokenizer trained here with the ids
+# that follow PAD_ID (4 to 9): sentencepiece control symbols, whole pieces that no text encodes to
+# (not even the marker strings themselves) and that decode to nothing.
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>")
+SYSTEM_ID, USER_ID, ASSISTANT_ID, END_OF_TURN_ID, THINK_ID, END_THINK_ID = range(
+  PAD_ID + 1, PAD_ID + 1 + len(CHAT_TOKENS))
 WORKDIR_NAME = "tokenizer.model"
 
 
@@ -65,6 +71,24 @@ class Tokenizer:
   def unk_id(self) -> int:
     return self._sp.unk_id()
 
+  @property
+  def has_chat_tokens(self) -> bool:
+    """Whether CHAT_TOKENS are control symbols at their ids (tokenizers trained before they were
+    reserved have ordinary pieces there)."""
+    sp = self._sp
+    return sp.vocab_size() > END_THINK_ID and all(
+      sp.id_to_piece(i) == piece and sp.is_control(i)
+      for i, piece in enumerate(CHAT_TOKENS, SYSTEM_ID))
+
+  def require_chat_tokens(self) -> None:
+    """Raises DataError unless the tokenizer has the chat tokens."""
+    if not self.has_chat_tokens:
+      raise DataError(
+        f"{self.model_path} has no chat tokens ({' '.join(CHAT_TOKENS)} as control symbols at "
+        f"ids {SYSTEM_ID}-{END_THINK_ID}): it was trained before they were reserved. The chat "
+        "format needs a tokenizer trained by this version (scripts/train_tokenizer.py, or a run "
+        "without data.tokenizer) and a model pretrained with it")
+
   def encode(self, text: str) -> list[int]:
     """Returns the token ids of `text`, without BOS or EOS."""
     return self._sp.encode(text, out_type=int)
@@ -74,7 +98,7 @@ class Tokenizer:
     return self._sp.encode(list(texts), out_type=int)
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Returns the text of token ids; BOS, EOS and padding decode to nothing."""
+    """Returns the text of token ids; BOS, EOS, padding and chat tokens decode to nothing."""
     return self._sp.decode([int(i) for i in ids])
 
 
@@ -110,6 +134,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tok
       bos_id=BOS_ID,
       eos_id=EOS_ID,
       pad_id=PAD_ID,
+      control_symbols=list(CHAT_TOKENS),
       minloglevel=2,
     )
   except RuntimeError as e:
@@ -148,10 +173,10 @@ def load_or_train_tokenizer(
     logging.info("Using %s, the tokenizer the training data was prepared with", prepared)
     return Tokenizer(dest)
   start = time.perf_counter()
-  texts = sources.first_documents(data_cfg, data_cfg.tokenizer_train_docs)
-  tokenizer = train_tokenizer(texts, vocab_size, dest)
+  docs = sources.first_documents(data_cfg, data_cfg.tokenizer_train_docs)
+  tokenizer = train_tokenizer(sources.texts(docs), vocab_size, dest)
   logging.info(
     "Trained a %d-piece BPE tokenizer on %d documents in %.1f s -> %s",
-    tokenizer.vocab_size, len(texts), time.perf_counter() - start, dest,
+    tokenizer.vocab_size, len(docs), time.perf_counter() - start, dest,
   )
   return tokenizer
