@@ -65,10 +65,10 @@ class _ProcessJsonHandler(ocp.CheckpointHandler):
   def _file(self, directory: epath.Path) -> epath.Path:
     return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-  def save(self, directory: epath.Path, args: "ProcessJsonSave") -> None:
+  def save(self, directory: epath.Path, args: ProcessJsonSave) -> None:
     self._file(directory).write_text(json.dumps(args.document))
 
-  def restore(self, directory: epath.Path, args: "ProcessJsonRestore | None" = None) -> Any:
+  def restore(self, directory: epath.Path, args: ProcessJsonRestore | None = None) -> Any:
     path = self._file(directory)
     if not path.exists():
       written = sorted(p.name for p in directory.glob("process_*.json"))
@@ -196,8 +196,12 @@ def _read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
                  where: str) -> Any:
   """Only the parameters of `step`, checked against their fingerprints."""
-  r = manager.restore(step, args=ocp.args.Composite(
-    params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+  try:
+    r = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore's and orbax's many errors
+    raise CheckpointError(f"{where}: step {step} could not be read, it is damaged: "
+                          f"{type(e).__name__}: {e}") from e
   if _mismatched({"params": r["params"]}, r["meta"]["fingerprint"]):
     raise CheckpointError(f"{where}: step {step} reads back different values than were saved: "
                           "it is damaged")

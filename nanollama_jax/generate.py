@@ -121,7 +121,9 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
     # Every process holds the same prompts: replicate them over the devices of the (global)
     # parameters, so that all processes run one program together.
     replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
-    put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))
+
+    def put(x):
+      return jax.make_array_from_process_local_data(replicated, np.asarray(x))
   out, logits = _decode(params, put(tokens), put(lengths), put(np.uint32(seed)),
                         put(np.array(stops or [-1], np.int32)),
                         cfg_json=json.dumps(cfg.to_dict(), sort_keys=True),

@@ -231,7 +231,7 @@ class NanoLlamaLM(TemplateLM):
     return out
 
 
-def task_manager(tasks: Sequence[str], include_path: str | None) -> "lm_eval.tasks.TaskManager":
+def task_manager(tasks: Sequence[str], include_path: str | None) -> lm_eval.tasks.TaskManager:
   """The harness's task index: `include_path` alone when it defines every task asked for (the
   harness's own index of thousands of YAML files takes seconds to build), else both."""
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel

@@ -247,7 +247,7 @@ class _FailedStart:
     self.before = set(paths.listdir(workdir))
     self.started = False
 
-  def __enter__(self) -> "_FailedStart":
+  def __enter__(self) -> _FailedStart:
     return self
 
   def __exit__(self, kind, error, tb) -> None:
@@ -590,7 +590,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
       if arg.startswith("--config."):
         config_lib.check_key(arg[len("--config."):].split("=", 1)[0])
     rest = flags.FLAGS(argv)
-    _CONFIG.value  # loads the config file; a broken one raises here  # pylint: disable=pointless-statement
+    _ = _CONFIG.value  # loads the config file; a broken one raises here
   except config_lib.ConfigError as e:
     _fail("config error", str(e))
   except (flags.Error, KeyError, AttributeError, OSError, TypeError, ValueError) as e:

@@ -24,6 +24,7 @@ Memory numbers come from XLA's compiled memory analysis on the platform the scri
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import runpy
@@ -374,11 +375,9 @@ def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
 def torch_compare(steps: int, rounds: int) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from nanollama_jax import metrics  # pylint: disable=import-outside-toplevel
-  try:
-    import torch  # pylint: disable=import-outside-toplevel,unused-import
-    import transformers  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError as e:
-    return {"skipped": f"needs torch and transformers (the test extra): {e}"}
+  missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+  if missing:
+    return {"skipped": f"needs {' and '.join(missing)} (the test extra)"}
   if jax.default_backend() != "cpu":
     return {"skipped": f"a CPU comparison; this run is on {jax.default_backend()}"}
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

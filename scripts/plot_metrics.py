@@ -9,6 +9,7 @@ pip install -e ".[plot]".
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_metrics(args.workdir)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+  if importlib.util.find_spec("matplotlib") is None:
     sys.exit('error: plotting needs matplotlib: pip install -e ".[plot]"')
   plot(rows, args.out, args.title or os.path.basename(os.path.normpath(args.workdir)))
   last = [r for r in rows if "loss" in r][-1]

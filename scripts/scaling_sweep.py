@@ -15,6 +15,7 @@ compute). The data default to the TinyStories sample shipped with the package.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import runpy
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dry-run", action="store_true",
                  help="print the grid of runs (layers, N, steps) and exit without training")
   args = p.parse_args(argv)
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+  if importlib.util.find_spec("matplotlib") is None:
     sys.exit('error: the sweep draws its figure with matplotlib: pip install -e ".[plot]"')
   if not os.path.isfile(args.base):
     sys.exit(f"error: --base {args.base}: no such file (the recipes are in configs/)")

@@ -327,11 +327,12 @@ def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, 
 
   grid = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))
   for target_mesh, axes in ((None, ()), (grid, ("tensor", "data"))):
-    def target(tree):
+    def target(tree, target_mesh=target_mesh, axes=axes):
       if target_mesh is None:
         return sharding.abstract(tree, _one_device())
       return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=NamedSharding(grid, _spec(x.shape, axes, grid))), tree)
+        x.shape, x.dtype, sharding=NamedSharding(target_mesh, _spec(x.shape, axes, target_mesh))),
+        tree)
 
     restored = ckpt.restore(target(params), target(opt_state), cfg.model)
     assert restored.step == 7 and restored.data_state == {"position": 3}

@@ -123,7 +123,7 @@ def test_a_damaged_checkpoint_is_never_pushed(trained_run, tmp_path, fake_hub):
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
     path.write_bytes(bytes(raw))
-  with pytest.raises(Exception):  # unreadable or a fingerprint mismatch, either way not pushed
+  with pytest.raises(checkpoint.CheckpointError, match="damaged"):  # unreadable or mismatched
     hub.push(str(run), "me/tiny", step=40)
   assert not fake_hub.commits
 

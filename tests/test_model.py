@@ -161,7 +161,7 @@ def test_llama31_scaled_frequencies_match_the_published_formula():
   unscaled = np.asarray(model.rope_frequencies(E, theta))
   assert got[0] == pytest.approx(unscaled[0])  # highest frequency kept
   assert got[-1] == pytest.approx(unscaled[-1] / 8.0)  # lowest divided by the factor
-  assert np.sum((got != unscaled)) > 0 and np.sum(np.isclose(got, unscaled)) > 0
+  assert np.sum(got != unscaled) > 0 and np.sum(np.isclose(got, unscaled)) > 0
 
 
 @functools.cache
@@ -334,7 +334,8 @@ def test_chunked_loss_never_holds_the_whole_logits():
   temps = {}
   for mode in ("off", "on"):
     cfg = tiny_cfg(vocab_size=V, max_seq_len=T, chunked_loss=mode, loss_chunk_len=32)
-    step = jax.jit(jax.grad(lambda p, b, g=model.graph(cfg): model.loss_sums(g, p, b)[0]))
+    graph = model.graph(cfg)
+    step = jax.jit(jax.grad(lambda p, b, g=graph: model.loss_sums(g, p, b)[0]))
     compiled = step.lower(model.abstract_params(cfg), batch).compile()
     temps[mode] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = B * T * V * 4

@@ -347,7 +347,7 @@ class HubStream(grain.IterDataset):
     # while it copies their cache, and fails once that cache holds two (two endpoints or tokens).
     return pickle.loads(pickle.dumps(self._resolved))
 
-  def __iter__(self) -> "_HubStreamIterator":
+  def __iter__(self) -> _HubStreamIterator:
     return _HubStreamIterator(self)
 
   def __str__(self) -> str:
