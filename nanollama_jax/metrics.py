@@ -34,8 +34,10 @@ def _summary_writer():
 
 
 # Peak dense matmul throughput per device, FLOP/s, for the precision named. MFU compares the
-# model's FLOPs against these. Sources: vendor datasheets (NVIDIA A100 / H100 / GeForce RTX
-# 3090 whitepapers; Google Cloud TPU system architecture pages).
+# model's FLOPs against these. Sources: vendor datasheets and whitepapers (NVIDIA A100, H100,
+# H200, L40S; the Ampere GA102 and Ada AD102 whitepapers for the GeForce cards, whose bf16 rate
+# with fp32 accumulation is what XLA uses; Google Cloud TPU system architecture pages). A device
+# kind matches the first name it contains, so a more specific name comes before a shorter one.
 PEAK_FLOPS: dict[str, tuple[float, str]] = {
   "TPU v4": (275e12, "bf16"),
   "TPU v5 lite": (197e12, "bf16"),  # v5e
@@ -44,8 +46,12 @@ PEAK_FLOPS: dict[str, tuple[float, str]] = {
   "TPU v6 lite": (918e12, "bf16"),  # v6e (Trillium)
   "TPU v6e": (918e12, "bf16"),
   "A100": (312e12, "bf16 dense"),
+  "H100 PCIe": (756e12, "bf16 dense, PCIe"),
   "H100": (989e12, "bf16 dense, SXM"),
+  "H200": (989e12, "bf16 dense, SXM"),  # GH200 too
+  "L40S": (362e12, "bf16 dense"),
   "RTX 3090": (71e12, "bf16 dense with fp32 accumulation"),
+  "RTX 4090": (165.2e12, "bf16 dense with fp32 accumulation"),
 }
 
 

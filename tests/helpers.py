@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: small model configs, parameters, logits, scripts."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,14 @@ LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 16}
 
 
+
+
+def cpu_env(devices):
+  """This process's environment for a subprocess that fakes `devices` CPU devices (the other
+  XLA flags conftest.py sets are kept)."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags.strip()}")
 
 
 def run_script(name, *args, cwd=REPO):

@@ -6,14 +6,12 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, cpu_env
 
 
 def run(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu_smoke.py"), *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                        cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=900)
 
 
 def test_without_a_gpu_it_stops_in_one_line():

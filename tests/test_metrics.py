@@ -1,7 +1,9 @@
 """Metrics: model FLOPs and MFU, the summary table, the progress bar, and the loss plot."""
 
 import json
+import math
 import sys
+import types
 
 import jax
 import pytest
@@ -21,6 +23,20 @@ def test_model_flops_count_matmuls_and_causal_attention():
   params = model.abstract_params(cfg)
   norms = 2 * 2 * 64 + 64
   assert model.param_count(params) - norms - 1000 * 64 == matmuls
+
+
+@pytest.mark.parametrize("kind,peak", [
+  ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+  ("NVIDIA GH200 480GB", 989e12), ("NVIDIA GeForce RTX 3090", 71e12),
+  ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA L40S", 362e12), ("TPU v5 lite", 197e12),
+  ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA Tesla T4", float("nan"))])
+def test_datasheet_peaks_match_device_kinds(kind, peak):
+  device = types.SimpleNamespace(device_kind=kind, platform="gpu")
+  got, source = metrics.device_peak_flops(device)
+  if math.isnan(peak):
+    assert math.isnan(got) and "no MFU" in source
+  else:
+    assert got == peak and "datasheet" in source
 
 
 def test_mfu_is_logged_against_the_measured_cpu_peak(sample_dir, tokenizer_path, tmp_path):

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from helpers import REPO, cpu_env
 from nanollama_jax import config, model, optim, sharding, train
 from nanollama_jax.attention import Target
 from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mesh_cfg(data=1, fsdp=1, tensor=1):
@@ -185,13 +184,6 @@ def _cli(workdir, sample_dir, tokenizer_path, extra=()):
           *extra]
 
 
-def _env(devices):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
   """Two processes with 2 CPU devices each (gloo collectives), each reading its own share of
   the data, train like one device fed both shares as one global batch."""
@@ -199,7 +191,7 @@ def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
   procs = [subprocess.Popen(
     _cli(tmp_path, sample_dir, tokenizer_path,
          [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]),
-    cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cwd=REPO, env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outputs):
