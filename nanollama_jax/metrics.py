@@ -23,13 +23,14 @@ def _summary_writer():
   tensorboardX imports torch when it is installed only to accept torch tensors, which we never
   log: about 2 s and 300 MB more at every start of a run beside a PyTorch install.
   """
-  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+  hide = "torch" not in sys.modules
+  if hide:
     sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
-    try:
-      import tensorboardX  # pylint: disable=import-outside-toplevel
-    finally:
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    if hide:
       del sys.modules["torch"]
-  import tensorboardX  # pylint: disable=import-outside-toplevel,reimported
   return tensorboardX.SummaryWriter
 
 

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from helpers import REPO
 from nanollama_jax import checkpoint, config, model, optim, sharding, train
 from nanollama_jax.data import pipeline
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(sample_dir, tokenizer_path, **train_overrides):

@@ -15,12 +15,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
+from helpers import REPO
 from nanollama_jax import checkpoint, generate, harness, model
 from nanollama_jax.data.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MC_TASK, GEN_TASK = "tinystories_next_sentence", "tinystories_continue"
 MAX_GEN = 24
 

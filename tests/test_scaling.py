@@ -9,9 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import REPO
 from nanollama_jax import model, scaling, train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_RECIPE = os.path.join(REPO, "configs", "tinystories_cpu.py")
 # Hoffmann et al. 2022, approach 3: E = 1.69, A = 406.4, B = 410.7, alpha = 0.34, beta = 0.28.
 CHINCHILLA = scaling.Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)

@@ -2,20 +2,15 @@
 
 import json
 import os
-import pathlib
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from helpers import train_pre_chat_tokenizer
+from helpers import run_script, train_pre_chat_tokenizer
 from nanollama_jax import config
 from nanollama_jax.data import sources, tokenizer
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +147,10 @@ def test_load_or_train_refuses_to_swap_tokenizers(sample_dir, tokenizer_path, tm
 
 def test_train_tokenizer_script_json(sample_dir, tmp_path):
   out = tmp_path / "tok.model"
-  cmd = [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"),
-         "--input", str(sample_dir / "*.jsonl"), "--vocab-size", "512", "--out", str(out),
-         "--max-docs", "300", "--json"]
-  result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tmp_path)
+  result = run_script("train_tokenizer.py", "--input", str(sample_dir / "*.jsonl"),
+                      "--vocab-size", "512", "--out", str(out), "--max-docs", "300", "--json",
+                      cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads(result.stdout)
   tok = Tokenizer(str(out))
   assert summary["vocab_size"] == tok.vocab_size == 512
