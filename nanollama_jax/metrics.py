@@ -14,7 +14,7 @@ import tqdm
 from absl import logging
 
 from nanollama_jax import config as config_lib
-from nanollama_jax import paths
+from nanollama_jax import paths, targets
 
 
 def _summary_writer():
@@ -32,28 +32,6 @@ def _summary_writer():
     if hide:
       del sys.modules["torch"]
   return tensorboardX.SummaryWriter
-
-
-# Peak dense matmul throughput per device, FLOP/s, for the precision named. MFU compares the
-# model's FLOPs against these. Sources: vendor datasheets and whitepapers (NVIDIA A100, H100,
-# H200, L40S; the Ampere GA102 and Ada AD102 whitepapers for the GeForce cards, whose bf16 rate
-# with fp32 accumulation is what XLA uses; Google Cloud TPU system architecture pages). A device
-# kind matches the first name it contains, so a more specific name comes before a shorter one.
-PEAK_FLOPS: dict[str, tuple[float, str]] = {
-  "TPU v4": (275e12, "bf16"),
-  "TPU v5 lite": (197e12, "bf16"),  # v5e
-  "TPU v5e": (197e12, "bf16"),
-  "TPU v5p": (459e12, "bf16"),
-  "TPU v6 lite": (918e12, "bf16"),  # v6e (Trillium)
-  "TPU v6e": (918e12, "bf16"),
-  "A100": (312e12, "bf16 dense"),
-  "H100 PCIe": (756e12, "bf16 dense, PCIe"),
-  "H100": (989e12, "bf16 dense, SXM"),
-  "H200": (989e12, "bf16 dense, SXM"),  # GH200 too
-  "L40S": (362e12, "bf16 dense"),
-  "RTX 3090": (71e12, "bf16 dense with fp32 accumulation"),
-  "RTX 4090": (165.2e12, "bf16 dense with fp32 accumulation"),
-}
 
 
 def model_flops_per_token(model_cfg, seq_len: int) -> float:
@@ -99,9 +77,9 @@ def device_peak_flops(device: Any = None) -> tuple[float, str]:
   """(peak FLOP/s of one device, where the number comes from)."""
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "") or ""
-  for name, (flops, precision) in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops, f"{name} {precision} datasheet peak"
+  known = targets.peak_flops(kind)
+  if known is not None:
+    return known
   if device.platform == "cpu":
     return measure_matmul_peak(), "measured float32 1024^3 matmul on this CPU"
   return float("nan"), f"unknown device {kind!r}: no MFU"
