@@ -193,11 +193,16 @@ def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   step = make_train_step(cfg, model.graph(cfg.model, target), tx,
                          optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
   state = sharding.abstract(abstract, shardings)
+  return step.trace(state, abstract_batch(cfg, mesh)).lower(lowering_platforms=(target.platform,))
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Batch:
+  """A global batch of `cfg` as ShapeDtypeStructs split over `mesh`, as the loop feeds it."""
   rows = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                               sharding=sharding.batch_sharding(mesh))
   batch = {k: rows for k in ("inputs", "targets", "segment_ids", "positions")}
   batch["loss_mask"] = jax.ShapeDtypeStruct(rows.shape, jnp.float32, sharding=rows.sharding)
-  return step.trace(state, batch).lower(lowering_platforms=(target.platform,))
+  return batch
 
 
 def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,

@@ -230,12 +230,25 @@ def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
 
 @pytest.mark.parametrize("name, count", [("llama3_2_1b", 1_235_814_400),
                                          ("tinyllama_1b", 1_100_048_384),
-                                         ("dense_180m", 226_546_432)])
+                                         ("dense_180m", 226_546_432),
+                                         ("llama3_1_8b", 8_030_261_248)])
 def test_published_shapes_have_their_parameter_counts(name, count):
   cfg = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
   config.validate(cfg, check_files=False)
   abstract = model.abstract_params(cfg.model)
   assert model.param_count(abstract) == model.param_count_formula(cfg.model) == count
+
+
+def test_the_8b_recipe_has_a_sizing_per_hardware():
+  """configs/llama3_1_8b.py:h100x8 keeps the global batch and accumulates 16 micro-batches; an
+  unknown sizing is refused by name."""
+  get_config = runpy.run_path(os.path.join(REPO, "configs", "llama3_1_8b.py"))["get_config"]
+  pod, node = get_config(), get_config("h100x8")
+  assert (pod.optim.grad_accum, node.optim.grad_accum) == (1, 16)
+  assert pod.data.batch_size == node.data.batch_size == 128
+  assert pod.model == node.model
+  with pytest.raises(ValueError, match="the sizings are v5p_128, h100x8"):
+    get_config("a100")
 
 
 @pytest.mark.parametrize("name", ["llama3_2_1b", "tinyllama_1b", "dense_180m"])

@@ -1,0 +1,333 @@
+"""Compile a recipe's programs for a named GPU or TPU on a host without one, and judge the fit.
+
+XLA's GPU compiler and libtpu both compile for devices that are described, not present
+(`jax.experimental.topologies`): a GPU from its target config (`targets.gpu_target_config`),
+a TPU slice from its topology. `.compile()` then runs the real pipeline, Pallas kernels through
+XLA's own Triton and ptxas, splash through Mosaic, and `memory_analysis()` is the compiler's
+own account of each device's memory. Needs the `aot` extra (the CUDA plugin with nvcc, and
+libtpu), and JAX_PLATFORMS=cpu set before JAX starts (the CUDA plugin's start-up check fails
+without a GPU otherwise); scripts/aot_compile.py does both.
+
+Per program (train_step, eval_step, prefill, decode) and device:
+  arguments   bytes of its inputs (train state and batch; parameters and tokens for the others)
+  temporaries XLA's scratch for the program
+  outputs     bytes of outputs that do not reuse a donated input
+  resident    what the loop keeps on the device beside the program (eval and sampling run
+              with the optimizer state still resident)
+  total       their sum; `fits` when it is at most what the device lets a program use
+              (targets.Target.usable_memory)
+Without a GPU, XLA's autotuner cannot time GEMM configurations and takes its defaults: the
+temporaries of a real GPU's compile can differ a little.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nanollama_jax import attention, evaluate, model, optim, sharding, targets, train
+from nanollama_jax import config as config_lib
+
+PROGRAMS = ("train_step", "eval_step", "prefill", "decode")
+INSTALL = 'pip install -e ".[aot]"'
+# Custom calls that are attention kernels, by platform: our Pallas kernel through XLA's Triton
+# on a GPU, splash (Mosaic) on a TPU.
+_KERNEL_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+MAX_BATCH_LIMIT = 4096  # --max-batch looks no further than this many sequences per device
+
+
+class Unavailable(RuntimeError):
+  """This install cannot compile for the platform (the aot extra is missing)."""
+
+
+@dataclasses.dataclass
+class Program:
+  """One compiled program of a target, per device."""
+  program: str
+  ok: bool
+  error: str | None = None
+  argument_bytes: int = 0
+  temp_bytes: int = 0
+  output_bytes: int = 0  # not aliased to a donated input
+  resident_bytes: int = 0
+  total_bytes: int = 0
+  share: float = 0.0  # of the usable memory
+  fits: bool = False
+  compile_s: float = 0.0
+  kernels: int = 0  # attention kernel custom calls in the compiled program
+  flops: float | None = None  # per device, where the compiler reports it (TPU)
+
+
+@dataclasses.dataclass
+class Report:
+  """Every program of a recipe on one target."""
+  target: str
+  description: str
+  platform: str
+  generation: str
+  devices: int
+  hosts: int
+  device_memory: int
+  usable_memory: int
+  mesh: dict[str, int]
+  batch_per_device: float
+  attention: str
+  programs: list[Program]
+  error: str | None = None  # the recipe could not be built for this target at all
+
+  @property
+  def fits(self) -> bool:
+    return self.error is None and all(p.ok and p.fits for p in self.programs)
+
+  @property
+  def bytes_per_device(self) -> int:
+    return max((p.total_bytes for p in self.programs), default=0)
+
+  @property
+  def compile_s(self) -> float:
+    return sum(p.compile_s for p in self.programs)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.update(fits=self.fits, bytes_per_device=self.bytes_per_device,
+             share=self.bytes_per_device / self.usable_memory, compile_s=self.compile_s)
+    return d
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line, the compiler's verdict first, at most 400 characters."""
+  text = " ".join(str(error).split())
+  m = re.search(r"(RESOURCE_EXHAUSTED|INVALID_ARGUMENT|INTERNAL|UNIMPLEMENTED|FAILED_PRECONDITION)"
+                r":.*", text)
+  text = m.group(0) if m else f"{type(error).__name__}: {text}"
+  return text if len(text) <= 400 else text[:397] + "..."
+
+
+@functools.cache
+def devices(target: targets.Target) -> tuple[Any, ...]:
+  """Compile-only devices of `target` (no hardware needed)."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # A compile-only executable cannot be loaded back from JAX's persistent compilation cache
+  # (there is no device client to load it into): caching one only costs a write and a warning.
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    if target.platform == "cuda":
+      per_host = target.devices // target.hosts
+      topology = topologies.get_topology_desc(
+        platform="cuda", target_config=targets.gpu_target_config(target.gpu),
+        topology=f"1x{target.hosts}x{per_host}")
+    else:
+      shape = [int(n) for n in target.topology.split("x")]
+      bounds = (targets.HOST_BOUNDS if target.hosts > 1 else
+                tuple(shape) + (1,) * (3 - len(shape)))
+      topology = topologies.get_topology_desc(
+        topology_name=f"{target.tpu.topology_prefix}:{target.topology}", platform="tpu",
+        chip_config_name=target.tpu.chip_config, chips_per_host_bounds=bounds, num_slices=1,
+        wrap=(False, False, False))
+  except (RuntimeError, ValueError, KeyError) as e:
+    need = "the CUDA plugin and nvcc" if target.platform == "cuda" else "libtpu"
+    raise Unavailable(f"cannot describe {target.name} to a compiler ({one_line(e)}): compiling "
+                      f"for {target.platform} needs {need}: {INSTALL}; and JAX_PLATFORMS=cpu "
+                      "set before JAX starts") from e
+  found = tuple(topology.devices)
+  if len(found) != target.devices:
+    raise RuntimeError(f"{target.name}: the compiler describes {len(found)} devices, "
+                       f"the table {target.devices}")
+  return found
+
+
+def _lower_eval(cfg, mesh, attn_target, abstract, shardings):
+  step = evaluate.make_eval_step(model.graph(cfg.model, attn_target), mesh)
+  params = sharding.abstract(abstract.params, shardings.params)
+  return step.trace(params, train.abstract_batch(cfg, mesh)).lower(
+    lowering_platforms=(attn_target.platform,))
+
+
+def sampling_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(rows, prompt tokens) the sampling programs are built for: the run's sample prompts, each
+  prefilled with half the context, the cache holding the whole context."""
+  prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
+  return max(1, len(prompts)), max(1, cfg.model.max_seq_len // 2)
+
+
+def _lower_sampling(cfg, mesh, attn_target, abstract, shardings, tokens: int):
+  """The cached forward of `tokens` new tokens per row (prefill, or a decode step at 1)."""
+  rows, _ = sampling_shape(cfg)
+  graphdef = model.graph(cfg.model, attn_target)
+  replicated = sharding.replicated(mesh)
+  cache = jax.eval_shape(lambda: model.init_cache(
+    cfg.model, jnp.ones((rows, cfg.model.max_seq_len), bool)))
+  ids = jax.ShapeDtypeStruct((rows, tokens), jnp.int32, sharding=replicated)
+
+  def forward(params, tokens_BxT, positions_BxT, cache):
+    return model.apply_with_cache(graphdef, params, tokens_BxT, positions_BxT, cache)
+
+  step = jax.jit(sharding.under_mesh(forward, mesh), donate_argnums=3)
+  return step.trace(sharding.abstract(abstract.params, shardings.params), ids, ids,
+                    sharding.abstract(cache, replicated)).lower(
+    lowering_platforms=(attn_target.platform,))
+
+
+def _kernel_calls(compiled, platform: str) -> int:
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except  # some backends keep no text
+    return 0
+  return text.count(f'custom_call_target="{_KERNEL_CALLS[platform]}"')
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend estimates cost
+    return None
+  if isinstance(cost, list):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _compile(name: str, lower: Callable[[], Any], platform: str, resident: int,
+             usable: int) -> Program:
+  start = time.perf_counter()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # pylint: disable=broad-except  # any compiler failure is a verdict
+    return Program(name, ok=False, error=one_line(e), compile_s=time.perf_counter() - start)
+  took = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  outputs = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
+  total = m.argument_size_in_bytes + m.temp_size_in_bytes + outputs + resident
+  return Program(name, ok=True, argument_bytes=m.argument_size_in_bytes,
+                 temp_bytes=m.temp_size_in_bytes, output_bytes=outputs, resident_bytes=resident,
+                 total_bytes=total, share=total / usable, fits=total <= usable, compile_s=took,
+                 kernels=_kernel_calls(compiled, platform), flops=_flops(compiled))
+
+
+def _bytes_per_device(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
+                   programs: tuple[str, ...] = PROGRAMS,
+                   progress: Callable[[str], None] | None = None) -> Report:
+  """Compiles `programs` of `cfg` for `target`; a program that fails is reported, not raised."""
+  found = devices(target)
+  attn_target = attention.Target(target.platform, target.generation)
+  impl = attention.resolve(cfg.model.attention, attn_target)
+  shape = sharding.mesh_shape(cfg.mesh, len(found))
+  split = shape["data"] * shape["fsdp"]
+  report = Report(target.name, target.describe(), target.platform, target.generation,
+                  target.devices, target.hosts, target.device_memory, target.usable_memory(),
+                  shape, cfg.data.batch_size / cfg.optim.grad_accum / split, impl, [])
+  mesh = sharding.make_mesh(cfg.mesh, found)
+  try:
+    sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
+  except config_lib.ConfigError as e:
+    report.error = f"{e} ({target.devices} devices on {target.name})"
+    return report
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  abstract, shardings = train.state_sharding(cfg, tx, mesh)
+  state = sharding.abstract(abstract, shardings)
+  # Beside evaluation and sampling the loop keeps the rest of the train state on the device.
+  beside = _bytes_per_device(state) - _bytes_per_device(state.params)
+  _, prompt = sampling_shape(cfg)
+  lowerers = {
+    "train_step": (lambda: train.lower_train_step(cfg, mesh, attn_target), 0),
+    "eval_step": (lambda: _lower_eval(cfg, mesh, attn_target, abstract, shardings), beside),
+    "prefill": (lambda: _lower_sampling(cfg, mesh, attn_target, abstract, shardings, prompt),
+                beside),
+    "decode": (lambda: _lower_sampling(cfg, mesh, attn_target, abstract, shardings, 1), beside),
+  }
+  for name in programs:
+    if progress:
+      progress(f"{target.name}: compiling {name}")
+    lower, resident = lowerers[name]
+    report.programs.append(_compile(name, lower, target.platform, resident, report.usable_memory))
+  return report
+
+
+def with_micro_batch(cfg: ml_collections.ConfigDict, per_device: int,
+                     target: targets.Target) -> ml_collections.ConfigDict:
+  """`cfg` with `per_device` sequences per device in each micro-batch (grad_accum kept)."""
+  shape = sharding.mesh_shape(cfg.mesh, target.devices)
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.data.batch_size = per_device * shape["data"] * shape["fsdp"] * cfg.optim.grad_accum
+  return out
+
+
+def max_batch(cfg: ml_collections.ConfigDict, target: targets.Target,
+              progress: Callable[[str], None] | None = None) -> tuple[int, Report | None]:
+  """The largest per-device micro-batch whose train step fits `target`, found by compiling
+  (doubling, then bisection); 0 when not even one sequence fits. Also that size's report."""
+  def fits(n: int) -> Report | None:
+    if progress:
+      progress(f"{target.name}: trying {n} sequences per device")
+    report = compile_target(with_micro_batch(cfg, n, target), target, ("train_step",))
+    return report if report.fits else None
+
+  best, best_report = 0, None
+  low, high = 0, None  # low fits (0 trivially), high does not
+  n = 1
+  while high is None and n <= MAX_BATCH_LIMIT:
+    found = fits(n)
+    if found:
+      best, best_report, low = n, found, n
+      n *= 2
+    else:
+      high = n
+  if high is None:
+    return best, best_report
+  while high - low > 1:
+    mid = (low + high) // 2
+    found = fits(mid)
+    if found:
+      best, best_report, low = mid, found, mid
+    else:
+      high = mid
+  return best, best_report
+
+
+def gib(n: float) -> str:
+  return f"{n / targets.GiB:.2f}"
+
+
+def format_report(report: Report) -> str:
+  """A target's programs as an aligned text table with its verdict."""
+  head = (f"{report.target}: {report.description}; mesh data={report.mesh['data']} "
+          f"fsdp={report.mesh['fsdp']} tensor={report.mesh['tensor']}, "
+          f"{report.batch_per_device:g} sequences per device per micro-batch, "
+          f"attention {report.attention}")
+  if report.error:
+    return f"{head}\n  does not run here: {report.error}"
+  header = ("program", "arguments", "temporaries", "outputs", "resident", "total GiB", "of usable",
+            "kernels", "compile s", "fits")
+  rows = [header]
+  for p in report.programs:
+    if not p.ok:
+      rows.append((p.program, "-", "-", "-", "-", "-", "-", "-", f"{p.compile_s:.1f}",
+                   "FAILED"))
+      continue
+    rows.append((p.program, gib(p.argument_bytes), gib(p.temp_bytes), gib(p.output_bytes),
+                 gib(p.resident_bytes), gib(p.total_bytes), f"{p.share:.0%}", str(p.kernels),
+                 f"{p.compile_s:.1f}", "yes" if p.fits else "NO"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+  lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+  lines += [f"  {p.program} failed to compile: {p.error}" for p in report.programs if not p.ok]
+  verdict = "fits" if report.fits else "DOES NOT FIT"
+  lines.append(f"  {verdict}: {gib(report.bytes_per_device)} of {gib(report.usable_memory)} GiB "
+               f"usable per device ({gib(report.device_memory)} GiB on the device)")
+  return "\n".join([head, *lines])

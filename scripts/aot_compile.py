@@ -1,0 +1,146 @@
+"""Compile a recipe for named GPUs and TPUs on this host, no accelerator needed, and say what fits.
+
+  python scripts/aot_compile.py --config configs/tinystories.py --targets rtx3090,h100_sxm,v5e-8
+      [--config.data.batch_size=256 ...] [--json] [--max-batch] [--programs train_step,...]
+  python scripts/aot_compile.py --list-targets
+
+For each target it compiles the recipe's train step (with its grad_accum, remat, chunked loss
+and attention), the eval step and the sampling programs (prefill, one decode step) on the
+target's mesh (the recipe's mesh rules over the target's devices), with XLA's GPU compiler or
+libtpu, and prints per device: arguments, temporaries, outputs, what stays resident beside the
+program, the total against the memory a program may use there, the attention kernels in the
+compiled program, and compile seconds. --max-batch also finds the largest per-device
+micro-batch whose train step fits, by compiling.
+
+Targets: GPUs by name (rtx3090, h100_sxm, ...; NAME:8 for 8 on one host, NAME:2x8 for 2 hosts
+of 8), TPU slices by their Cloud names (v5e-8, v5p-128, ...); --list-targets shows them.
+A GPU program may use XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the device's memory,
+what JAX preallocates; the rest is the CUDA context's, cuBLAS's and NCCL's.
+
+Needs the aot extra: pip install -e ".[aot]". Exit status: 0 when every program of every
+target compiled and fits, 1 when one does not fit or fails to compile (XLA's message in one
+line), 2 for a mistake in the command (an unknown target, a bad config) or a missing extra.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: the CUDA plugin's start-up check fails on a host without a GPU, which
+# would leave the compile-only CUDA topology unregistered. libtpu's notes about the missing TPU
+# are noise here.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import json
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from nanollama_jax import aot, targets
+from nanollama_jax import config as config_lib
+
+
+def _load_config(path: str, overrides: list[str]):
+  """The recipe at `path` (FILE or FILE:ARG) with `--config.x=y` overrides, validated."""
+  if not os.path.isfile(path.split(":", 1)[0]):
+    raise config_lib.ConfigError(f"--config {path}: no such file (the recipes are in configs/)")
+  for arg in overrides:
+    if not arg.startswith("--config."):
+      raise config_lib.ConfigError(f"unexpected argument {arg!r} (see --help)")
+    config_lib.check_key(arg[len("--config."):].split("=", 1)[0])
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "the recipe", flag_values=values,
+                                  lock_config=True)
+  try:
+    values(["aot_compile", f"--config={path}", *overrides])
+    cfg = values.config
+  except (flags.Error, KeyError, AttributeError, OSError, TypeError, ValueError) as e:
+    raise config_lib.ConfigError(" ".join(str(e).split())) from e
+  config_lib.validate(cfg, check_files=False)
+  return cfg
+
+
+def _list_targets() -> str:
+  lines = [f"{'target':10}  {'devices':>7}  {'hosts':>5}  {'memory GiB':>10}  "
+           f"{'usable GiB':>10}  {'peak TFLOP/s':>12}  device"]
+  for row in targets.listing():
+    lines.append(f"{row['target']:10}  {row['devices']:>7}  {row['hosts']:>5}  "
+                 f"{row['device_memory'] / targets.GiB:>10.1f}  "
+                 f"{row['usable_memory'] / targets.GiB:>10.1f}  {row['peak_flops'] / 1e12:>12.0f}  "
+                 f"{row['kind']} ({row['generation']}{', ' + row['topology'] if row['topology'] else ''})")
+  return "\n".join(lines + ["GPUs take :N or :HOSTSxN (h100_sxm:8, a100_80gb:2x8); any TPU slice "
+                            "with a standard topology is accepted (v5p-256, v6e-64)"])
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--config", help="a recipe (configs/*.py); override fields with "
+                                  "--config.group.key=value")
+  p.add_argument("--targets", help="comma-separated target names (see --list-targets)")
+  p.add_argument("--programs", default=",".join(aot.PROGRAMS),
+                 help=f"comma-separated, of {','.join(aot.PROGRAMS)} (default: all)")
+  p.add_argument("--max-batch", action="store_true",
+                 help="also find the largest per-device micro-batch that fits each target")
+  p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+  p.add_argument("--list-targets", action="store_true", help="print the known targets and exit")
+  return p.parse_known_args(argv)
+
+
+def _fail(kind: str, message: str) -> None:
+  """Ends the program with one line (no traceback) for a mistake the user can fix."""
+  print(f"{kind}: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _say(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args, overrides = _parse(argv)
+  if args.list_targets:
+    print(json.dumps({"targets": targets.listing()}) if args.json else _list_targets())
+    return
+  try:
+    if not args.config or not args.targets:
+      raise targets.TargetError("both --config and --targets are required (see --help)")
+    programs = tuple(p for p in args.programs.split(",") if p)
+    unknown = [p for p in programs if p not in aot.PROGRAMS]
+    if unknown or not programs:
+      raise targets.TargetError(f"--programs {args.programs}: allowed {', '.join(aot.PROGRAMS)}")
+    chosen = targets.parse_list(args.targets)
+    targets.gpu_memory_fraction()  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION fails now
+  except targets.TargetError as e:
+    _fail("usage error", str(e))
+  try:
+    cfg = _load_config(args.config, overrides)
+  except config_lib.ConfigError as e:
+    _fail("config error", str(e))
+  results = []
+  try:
+    for target in chosen:
+      report = aot.compile_target(cfg, target, programs, progress=_say)
+      result = report.to_dict()
+      if args.max_batch:
+        best, _ = aot.max_batch(cfg, target, progress=_say)
+        result["max_batch_per_device"] = best
+      results.append(result)
+      if not args.json:
+        print(aot.format_report(report))
+        if args.max_batch:
+          print(f"  largest micro-batch whose train step fits: {result['max_batch_per_device']} "
+                "sequences per device")
+  except aot.Unavailable as e:
+    _fail("install error", str(e))
+  if args.json:
+    print(json.dumps({"config": args.config, "overrides": overrides, "results": results}))
+  sys.exit(0 if all(r["fits"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+  main()

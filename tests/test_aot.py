@@ -1,0 +1,112 @@
+"""Deviceless compiles for named GPUs and TPUs (aot.py, scripts/aot_compile.py).
+
+They need the aot extra (the CUDA plugin with nvcc, and libtpu) and skip without it; CI runs
+them in the virtual environment of that extra. Models are small so that each compile takes
+seconds; the recipes at full size are compiled by scripts/aot_compile.py in CI.
+"""
+
+import importlib.util
+import json
+
+import pytest
+
+from helpers import run_script
+from nanollama_jax import aot, targets
+from nanollama_jax import config as config_lib
+
+_CUDA = importlib.util.find_spec("jax_cuda12_plugin") is not None
+_TPU = importlib.util.find_spec("libtpu") is not None
+needs_cuda = pytest.mark.skipif(not _CUDA, reason='needs the aot extra: pip install -e ".[aot]"')
+needs_tpu = pytest.mark.skipif(not _TPU, reason='needs the aot extra: pip install -e ".[aot]"')
+
+
+def small_cfg(**data):
+  """A 2-layer model of the TinyStories recipe's kind (bf16, attention auto)."""
+  cfg = config_lib.get_default_config()
+  cfg.model.update(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256,
+                   max_seq_len=128, dtype="bfloat16", attention="auto")
+  cfg.data.update({"seq_len": 128, "batch_size": 8, **data})
+  return cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(targets.GPUS))
+def test_xla_accepts_every_gpu_of_the_table(name):
+  """Each generated target config describes its GPU to XLA: the kind the driver would report."""
+  target = targets.parse(name)
+  (device,) = aot.devices(target)
+  assert device.device_kind == target.gpu.kind
+  assert device.platform == "gpu"
+
+
+@needs_cuda
+def test_a_gpu_train_step_compiles_with_our_kernels_and_fits():
+  report = aot.compile_target(small_cfg(), targets.parse("rtx3090"))
+  assert report.attention == "pallas" and report.error is None
+  by_name = {p.program: p for p in report.programs}
+  assert list(by_name) == list(aot.PROGRAMS)
+  assert all(p.ok and p.fits for p in report.programs), aot.format_report(report)
+  # forward, dq and dk/dv through XLA's Triton; evaluation runs the forward only.
+  assert (by_name["train_step"].kernels, by_name["eval_step"].kernels) == (3, 1)
+  train = by_name["train_step"]
+  assert train.total_bytes == train.argument_bytes + train.temp_bytes + train.output_bytes
+  # Parameters in float32, Adam's two moments: the state is 3 x 4 bytes per parameter.
+  params = 512 * 128 * 2 + 2 * (4 * 128 * 32 * 2 + 2 * 128 * 32 * 2 + 3 * 128 * 256 + 2 * 128)
+  params += 128
+  assert 12 * params <= train.argument_bytes <= 12 * params + 8 * 128 * 5 * 4 + 1024
+  # Evaluation and sampling run with the optimizer state resident beside them.
+  assert by_name["eval_step"].resident_bytes == pytest.approx(8 * params, abs=64)
+  assert report.fits and report.bytes_per_device == max(p.total_bytes for p in report.programs)
+
+
+@needs_cuda
+def test_sharded_over_8_gpus_each_device_holds_an_eighth():
+  one = aot.compile_target(small_cfg(batch_size=64), targets.parse("h100_sxm"), ("train_step",))
+  eight = aot.compile_target(small_cfg(batch_size=64), targets.parse("h100_sxm:8"),
+                             ("train_step",))
+  assert eight.mesh == {"data": 1, "fsdp": 8, "tensor": 1} and eight.batch_per_device == 8
+  assert eight.programs[0].argument_bytes < one.programs[0].argument_bytes / 7
+
+
+@needs_cuda
+def test_a_batch_that_does_not_split_over_the_devices_is_reported_not_raised():
+  report = aot.compile_target(small_cfg(batch_size=12), targets.parse("a100_80gb:2x8"))
+  assert not report.fits and report.programs == []
+  assert "must be divisible by mesh data x fsdp = 16" in report.error
+
+
+@needs_cuda
+def test_max_batch_is_the_largest_micro_batch_that_fits(monkeypatch):
+  """With 0.1% of an RTX 3090 (24 MB) to use, the bisection stops where one more sequence per
+  device no longer fits."""
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.001")
+  target = targets.parse("rtx3090")
+  best, report = aot.max_batch(small_cfg(), target)
+  assert best >= 1 and report.fits and report.batch_per_device == best
+  over = aot.compile_target(aot.with_micro_batch(small_cfg(), best + 1, target), target,
+                            ("train_step",))
+  assert not over.fits and over.programs[0].ok
+
+
+@needs_tpu
+def test_a_tpu_slice_compiles_with_splash():
+  report = aot.compile_target(small_cfg(), targets.parse("v5e-8"), ("train_step", "eval_step"))
+  assert report.attention == "splash" and report.mesh["fsdp"] == 8
+  assert all(p.ok and p.fits for p in report.programs), aot.format_report(report)
+  assert [p.kernels for p in report.programs] == [3, 1]
+  assert report.programs[0].flops > 0  # libtpu's cost analysis
+
+
+@needs_cuda
+def test_the_script_exits_1_when_the_recipe_does_not_fit():
+  """The TinyStories recipe fits an RTX 3090 as published (batch 128) and not at 8192."""
+  fits = run_script("aot_compile.py", "--config", "configs/tinystories.py", "--targets",
+                    "rtx3090", "--programs", "train_step", "--json")
+  assert fits.returncode == 0, fits.stderr
+  (result,) = json.loads(fits.stdout)["results"]
+  assert result["fits"] and 0 < result["bytes_per_device"] < result["device_memory"] * 0.75
+  big = run_script("aot_compile.py", "--config", "configs/tinystories.py", "--targets", "rtx3090",
+                   "--programs", "train_step", "--config.data.batch_size=8192", "--json")
+  assert big.returncode == 1, big.stderr
+  (result,) = json.loads(big.stdout)["results"]
+  assert not result["fits"] and result["bytes_per_device"] > result["device_memory"]
