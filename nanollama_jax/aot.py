@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -126,6 +127,9 @@ def devices(target: targets.Target) -> tuple[Any, ...]:
         platform="cuda", target_config=targets.gpu_target_config(target.gpu),
         topology=f"1x{target.hosts}x{per_host}")
     else:
+      # libtpu lets one process per host load it (a lock file in /tmp) to guard the TPU; a
+      # compile-only load guards nothing, and a second compile beside a first must not fail.
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
       shape = [int(n) for n in target.topology.split("x")]
       bounds = (targets.HOST_BOUNDS if target.hosts > 1 else
                 tuple(shape) + (1,) * (3 - len(shape)))
@@ -160,7 +164,8 @@ def sampling_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def _lower_sampling(cfg, mesh, attn_target, abstract, shardings, tokens: int):
-  """The cached forward of `tokens` new tokens per row (prefill, or a decode step at 1)."""
+  """The cached forward of `tokens` new tokens per row (prefill, or a decode step at 1), as
+  generate.py runs it: the tokens replicated, the parameters sharded as in training."""
   rows, _ = sampling_shape(cfg)
   graphdef = model.graph(cfg.model, attn_target)
   replicated = sharding.replicated(mesh)
@@ -169,7 +174,10 @@ def _lower_sampling(cfg, mesh, attn_target, abstract, shardings, tokens: int):
   ids = jax.ShapeDtypeStruct((rows, tokens), jnp.int32, sharding=replicated)
 
   def forward(params, tokens_BxT, positions_BxT, cache):
-    return model.apply_with_cache(graphdef, params, tokens_BxT, positions_BxT, cache)
+    # Sampling reads the last position's logits only (generate.py), so only they leave.
+    logits_BxTxV, cache = model.apply_with_cache(graphdef, params, tokens_BxT, positions_BxT,
+                                                 cache)
+    return logits_BxTxV[:, -1], cache
 
   step = jax.jit(sharding.under_mesh(forward, mesh), donate_argnums=3)
   return step.trace(sharding.abstract(abstract.params, shardings.params), ids, ids,

@@ -27,12 +27,11 @@ from __future__ import annotations
 import os
 
 # Before JAX starts: the CUDA plugin's start-up check fails on a host without a GPU, which
-# would leave the compile-only CUDA topology unregistered. libtpu's notes about the missing TPU
-# are noise here.
+# would leave the compile-only CUDA topology unregistered. Without TPU_WORKER_HOSTNAMES libtpu
+# logs an error about the workers of a TPU VM this host is not; its one remaining warning
+# ("could not determine TPU accelerator type") is noise here.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
-os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import argparse
 import json
