@@ -18,9 +18,9 @@ Ampere and newer GPUs by default). The tiles of float32 inputs are float32 tiles
 
 The kernels pass Triton compiler parameters (warps, pipeline stages) explicitly, which makes
 Pallas lower through Triton on any CUDA GPU (sm_80 and up) rather than Mosaic GPU (Hopper only).
-Tiles come from one table per GPU generation, input dtype and head dim (`_TABLE`); each entry
-is compiled to cubin on a CPU by `nanollama_jax.attention.gpu_check`. On a CPU the kernels run
-only in interpret mode, which the tests use.
+Tiles come from one table per GPU generation, input dtype and head dim (`_TABLE`); XLA's GPU
+compiler builds every entry on a CPU host (`nanollama_jax.kernel_check`). On a CPU
+the kernels run only in interpret mode, which the tests use.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from nanollama_jax import targets
 
 # Segment ids given to padding: padded queries match no key, padded keys no query.
 _PAD_Q, _PAD_KV = -2, -1
@@ -64,15 +66,8 @@ class Tiles:
     return math.lcm(*(n for b in (self.fwd, self.dq, self.dkv) for n in (b.block_q, b.block_k)))
 
 
-# Shared memory a block may use, in bytes (the opt-in maximum per thread block): the CUDA C++
-# Programming Guide, "Technical Specifications per Compute Capability", and NVIDIA CCCL's
-# cuda/__device/arch_traits.h (shared memory per SM less the 1 KB the driver reserves per block):
-# 8.0 and 8.7 have 164 KB per SM, 8.6, 8.9 and 12.x 100 KB, 9.0 and 10.x 228 KB.
-SHARED_MEMORY_LIMITS = {
-  "sm_80": 166_912, "sm_86": 101_376, "sm_89": 101_376, "sm_90": 232_448, "sm_100": 232_448,
-  "sm_120": 101_376,
-}
-GENERATIONS = tuple(SHARED_MEMORY_LIMITS)
+# The GPU generations with a row in the table: those targets.GPU_GENERATIONS describes.
+GENERATIONS = tuple(targets.GPU_GENERATIONS)
 # Compute capabilities served by a row of another generation: Jetson Orin (8.7) has A100's
 # shared memory and instructions; B300 (10.3) is a B200; GB10 (12.1) is a consumer Blackwell.
 _ALIASES = {"sm_87": "sm_80", "sm_103": "sm_100", "sm_121": "sm_120"}
@@ -83,18 +78,20 @@ def _tiles(fwd, dq, dkv):
 
 
 # Tiles per (generation, input dtype, head dim): forward, dq, dk/dv, each (block_q, block_k,
-# warps, stages). Every entry was compiled to cubin by pip Triton 3.9.0 (gpu_check; the numbers
-# are in the README, "Attention kernels") and needs at most 90% of its generation's shared
-# memory; where several tiles fitted, these spilled the fewest registers (none, but for two
-# float32 kernels on sm_120 by 4 and 8 bytes). The rules behind the rows:
+# warps, stages). The rows were sized by pip Triton 3.9.0's estimates (at most 90% of a block's
+# shared memory; where several tiles fitted, those that spilled the fewest registers). XLA's own
+# GPU compiler builds every entry for its generation (kernel_check; the numbers are in
+# docs/attention.md, "Tiles"): none needs more than 81% of its generation's shared memory, and
+# none spills but 13 float32 dk/dv kernels (and one dq by 4 bytes), listed there. The rules
+# behind the rows:
 #   forward  128 queries x 64 keys (64 x 32 at head dim 256; 64 x 64 on sm_120 at 128, where
-#            128 x 64 spilled): the q tile stays, K/V stream
+#            128 x 64 spilled in pip Triton): the q tile stays, K/V stream
 #   dq       128 queries x 32 keys: q and do stay, k and v stream (fewer at head dim 256)
 #   dk/dv    128 keys x 32 queries at head dim <= 64, 64 x 64 at 128, 32 x 32 at 256: k and v
 #            stay, q and do stream (dk and dv accumulate block_k x D floats each, the most
 #            registers of any kernel)
-#   warps    8 (4 for the smallest float32 tiles); stages 3 where they fit (and did not spill:
-#            the sm_90 forward at head dim 256 has 2), else 2
+#   warps    8 (4 for the smallest float32 tiles); stages 3 where they fit (and did not spill in
+#            pip Triton: the sm_90 forward at head dim 256 has 2), else 2
 # float32 tiles hold float32 (twice the bytes of bfloat16) and multiply in TF32: smaller tiles,
 # especially on the 99 KB GPUs (sm_86, sm_89, sm_120).
 _TABLE: dict[tuple[str, str, int], Tiles] = {
@@ -149,7 +146,7 @@ _TABLE: dict[tuple[str, str, int], Tiles] = {
 }
 
 
-def _fallback_tiles(dtype: str, head_dim: int) -> Tiles:
+def fallback_tiles(dtype: str, head_dim: int) -> Tiles:
   """An unknown GPU's tiles (sm_80 or newer, no row): small, one stage, within 99 KB."""
   b = 16 if dtype == "float32" and head_dim == 256 else 32
   return Tiles(*[Blocks(b, b, 4, 1)] * 3)
@@ -173,7 +170,7 @@ def table_row(generation: str) -> str | None:
     raise ValueError(f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
                      ": use model.attention='xla'")
   generation = _ALIASES.get(generation, generation)
-  return generation if generation in SHARED_MEMORY_LIMITS else None
+  return generation if generation in GENERATIONS else None
 
 
 def _dtype_key(dtype) -> str:
@@ -195,7 +192,7 @@ def choose_tiles(head_dim: int, dtype, interpret: bool, generation: str | None =
     warnings.warn(f"no pallas attention tiles for GPU generation {generation} (known: "
                   f"{', '.join(GENERATIONS)}): using the smallest safe tiles, which run slowly",
                   stacklevel=3)
-    return _fallback_tiles(_dtype_key(dtype), head_dim)
+    return fallback_tiles(_dtype_key(dtype), head_dim)
   return _TABLE[(row, _dtype_key(dtype), head_dim)]
 
 
