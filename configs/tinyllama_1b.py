@@ -1,10 +1,18 @@
-"""A model of the TinyLlama 1.1B shape, pretrained from scratch on one H100 (80 GB).
+"""A model of the TinyLlama 1.1B shape, pretrained from scratch on one H100 (80 GB) or 16 A100s.
 
 22 layers, dim 2048, 32 query / 4 KV heads (head dim 64), SwiGLU FFN 5632, vocab 32000, untied
 output projection, RoPE theta 10000, context 2048: 1,100,048,384 parameters, the count of the
 published TinyLlama-1.1B checkpoints. TinyLlama was trained on SlimPajama and StarCoder data
 with batch 1024 x 2048 tokens and lr 4e-4; this recipe keeps the shape and the lr and uses
-FineWeb-Edu with a one-GPU batch (64 x 2048 in 8 micro-batches, layers rematerialised).
+FineWeb-Edu, every layer rematerialised.
+
+Two sizings, checked by compiling for the hardware on a CPU host (scripts/aot_compile.py; the
+numbers are in docs/performance.md):
+
+  configs/tinyllama_1b.py             one H100 80GB: 64 x 2048 tokens a step in 8 micro-batches
+  configs/tinyllama_1b.py:a100x16     TinyLlama's own setup, 2 nodes of 8 x A100 80GB: its batch
+                                      of 1024 x 2048 = 2,097,152 tokens, 64 sequences per GPU,
+                                      no accumulation (up to 178 per GPU fit)
 
 A realistic mixture for this recipe (three open Hub datasets, streamed; weights are shares of
 training windows):
@@ -13,8 +21,13 @@ training windows):
 
 from nanollama_jax.config import get_default_config
 
+# Sizing name -> (global batch in sequences, gradient accumulation steps).
+SIZINGS = {"h100": (64, 8), "a100x16": (1024, 1)}
 
-def get_config():
+
+def get_config(sizing: str = "h100"):
+  if sizing not in SIZINGS:
+    raise ValueError(f"configs/tinyllama_1b.py:{sizing}: the sizings are {', '.join(SIZINGS)}")
   cfg = get_default_config()
 
   cfg.model.vocab_size = 32000
@@ -38,14 +51,14 @@ def get_config():
   cfg.data.hf_eval_split = "train"  # FineWeb-Edu has no other split
   cfg.data.text_key = "text"
   cfg.data.seq_len = 2048
-  cfg.data.batch_size = 64
+  cfg.data.batch_size = SIZINGS[sizing][0]
   cfg.data.num_workers = 8
   cfg.data.tokenizer_train_docs = 200_000
 
   cfg.optim.lr = 4e-4
   cfg.optim.min_lr = 4e-5
   cfg.optim.warmup_steps = 2000
-  cfg.optim.grad_accum = 8
+  cfg.optim.grad_accum = SIZINGS[sizing][1]
 
   cfg.train.steps = 100_000
   cfg.train.log_every = 10

@@ -55,6 +55,7 @@ def test_rules_map_logical_axes_and_leave_indivisible_dimensions_whole():
 
 
 @pytest.mark.parametrize("K, heads_split", [(2, True), (1, False)])
+@pytest.mark.slow
 def test_a_kernel_runs_on_each_devices_rows_and_heads(K, heads_split):
   """per_shard hands each device its rows and heads; K/V heads are split with the query heads,
   or neither is (1 K/V head cannot be split 2 ways), and the result is the unsharded one."""
@@ -101,6 +102,7 @@ def small_model_cfg(sample_dir, tokenizer_path):
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)],
                          ids=["data8", "fsdp8", "d2f2t2", "d2t4"])
+@pytest.mark.slow
 def test_a_sharded_step_equals_the_single_device_step(sample_dir, tokenizer_path, shape):
   cfg = small_model_cfg(sample_dir, tokenizer_path)
   cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), shape)))
@@ -138,6 +140,7 @@ def test_a_sharded_step_equals_the_single_device_step(sample_dir, tokenizer_path
   assert embed.sharding.spec == P("tensor" if tensor > 1 else None, "fsdp" if fsdp > 1 else None)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_on_a_mesh_matches_one_big_batch(sample_dir, tokenizer_path):
   cfg = small_model_cfg(sample_dir, tokenizer_path)
   cfg.data.batch_size = 16
@@ -184,6 +187,7 @@ def _cli(workdir, sample_dir, tokenizer_path, extra=()):
           *extra]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
   """Two processes with 2 CPU devices each (gloo collectives), each reading its own share of
   the data, train like one device fed both shares as one global batch."""
@@ -239,6 +243,16 @@ def test_published_shapes_have_their_parameter_counts(name, count):
   assert model.param_count(abstract) == model.param_count_formula(cfg.model) == count
 
 
+def test_the_tinyllama_recipe_has_the_tinyllama_setup_as_a_sizing():
+  get_config = runpy.run_path(os.path.join(REPO, "configs", "tinyllama_1b.py"))["get_config"]
+  one, sixteen = get_config(), get_config("a100x16")
+  assert (one.data.batch_size, one.optim.grad_accum) == (64, 8)
+  assert (sixteen.data.batch_size, sixteen.optim.grad_accum) == (1024, 1)
+  assert one.model == sixteen.model
+  with pytest.raises(ValueError, match="the sizings are h100, a100x16"):
+    get_config("v5p")
+
+
 def test_the_8b_recipe_has_a_sizing_per_hardware():
   """configs/llama3_1_8b.py:h100x8 keeps the global batch and accumulates 16 micro-batches; an
   unknown sizing is refused by name."""
@@ -252,6 +266,7 @@ def test_the_8b_recipe_has_a_sizing_per_hardware():
 
 
 @pytest.mark.parametrize("name", ["llama3_2_1b", "tinyllama_1b", "dense_180m"])
+@pytest.mark.slow
 def test_published_recipes_compile_sharded_over_8_devices(name):
   """Each recipe's train step lowers and compiles for an 8-way FSDP mesh from abstract inputs."""
   cfg = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
