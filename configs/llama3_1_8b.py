@@ -10,8 +10,8 @@ optimizer state sharded over all devices (mesh.fsdp = -1). Two sizings, checked 
 for the hardware on a CPU host (scripts/aot_compile.py; the numbers are in docs/performance.md):
 
   configs/llama3_1_8b.py           a TPU v5p-128 (64 chips): 2 sequences per chip, no accumulation
-  configs/llama3_1_8b.py:h100x8    one node of 8 x H100 80GB: 16 micro-batches of 1 sequence
-                                   per GPU (the step does not fit 80 GB without accumulation)
+  configs/llama3_1_8b.py:h100x8    one node of 8 x H100 80GB: 2 micro-batches of 8 sequences
+                                   per GPU (16 at once do not fit; --max-batch finds 12)
 
   python scripts/aot_compile.py --config configs/llama3_1_8b.py --targets v5p-128
   python scripts/aot_compile.py --config configs/llama3_1_8b.py:h100x8 --targets h100_sxm:8
@@ -22,7 +22,7 @@ Data: FineWeb-Edu (sample-100BT) from the Hub, or data.source=files for your own
 from nanollama_jax.config import get_default_config
 
 # Sizing name -> gradient accumulation steps for the global batch of 128 sequences.
-SIZINGS = {"v5p_128": 1, "h100x8": 16}
+SIZINGS = {"v5p_128": 1, "h100x8": 2}
 
 
 def get_config(sizing: str = "v5p_128"):

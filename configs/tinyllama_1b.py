@@ -12,7 +12,7 @@ numbers are in docs/performance.md):
   configs/tinyllama_1b.py             one H100 80GB: 64 x 2048 tokens a step in 8 micro-batches
   configs/tinyllama_1b.py:a100x16     TinyLlama's own setup, 2 nodes of 8 x A100 80GB: its batch
                                       of 1024 x 2048 = 2,097,152 tokens, 64 sequences per GPU,
-                                      no accumulation (up to 178 per GPU fit)
+                                      no accumulation (up to 176 per GPU fit)
 
 A realistic mixture for this recipe (three open Hub datasets, streamed; weights are shares of
 training windows):

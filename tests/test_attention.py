@@ -131,6 +131,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("T, H, K, D, causal, segmented", CASES)
+@pytest.mark.slow
 def test_kernel_matches_the_reference_in_float32(T, H, K, D, causal, segmented):
   q, k, v, do = inputs(T, H, K, D, jnp.float32)
   seg = packed_segments(T) if segmented else None
@@ -168,6 +169,7 @@ def max_errors(impl, T, H, K, D, causal, segmented, relative=False):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_kernel_with_unequal_query_and_key_blocks_matches_the_reference(causal):
   """The GPU tables give dq 64 x 32 and dk/dv 32 x 64 blocks; T = 136 is padded to 192."""
   tiles = pallas.Tiles(fwd=pallas.Blocks(64, 32, 4, 1), dq=pallas.Blocks(64, 32, 4, 1),
@@ -274,6 +276,7 @@ SPLASH_CASES = [
 
 
 @pytest.mark.parametrize("T, H, K, D, causal, segmented", SPLASH_CASES)
+@pytest.mark.slow
 def test_splash_matches_the_reference_in_float32(T, H, K, D, causal, segmented):
   q, k, v, do = inputs(T, H, K, D, jnp.float32)
   seg = packed_segments(T) if segmented else None
@@ -313,6 +316,7 @@ def test_splash_blocks_per_generation_and_length():
   assert blocks(8192, None) == (128,) * 8  # interpret mode
 
 
+@pytest.mark.slow
 def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_path, monkeypatch):
   from nanollama_jax import config, model, optim, train
   from nanollama_jax.data import pipeline

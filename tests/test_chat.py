@@ -67,6 +67,7 @@ def test_a_tokenizer_trained_on_chat_data_learns_the_message_texts(tmp_path):
   assert len(tok.encode('{"role": "assistant", "content": "')) > 20
 
 
+@pytest.mark.slow
 def test_a_chat_fine_tune_trains_and_evaluates_the_assistants_tokens(trained_run, tmp_path):
   cfg, pretrained, _ = checkpoint.load_run(str(trained_run))
   tok = Tokenizer(str(trained_run / "tokenizer.model"))

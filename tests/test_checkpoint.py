@@ -74,6 +74,7 @@ def last_logged_step(workdir):
     return 0
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(sample_dir, tokenizer_path, tmp_path):
   cfg = small_config(sample_dir, tokenizer_path, steps=120, ckpt_every=20)
   train.train(cfg, str(tmp_path / "reference"))
@@ -101,6 +102,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(sample_dir, tokenizer
   assert checkpoint.steps_on_disk(str(workdir)) == [80, 100, 120]  # keep_ckpts=3
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_reached_and_exits(sample_dir, tokenizer_path, tmp_path):
   cfg = small_config(sample_dir, tokenizer_path, steps=100000, ckpt_every=0)
   proc = start(cfg, tmp_path)
@@ -127,6 +129,7 @@ def largest_data_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_the_previous_one_used(
     sample_dir, tokenizer_path, tmp_path, caplog):
   cfg = small_config(sample_dir, tokenizer_path)
@@ -156,6 +159,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_previous_one_used(
   assert checkpoint.steps_on_disk(str(tmp_path)) == [4, 8, 12]
 
 
+@pytest.mark.slow
 def test_values_that_read_back_different_are_caught_by_the_fingerprint(
     sample_dir, tokenizer_path, tmp_path):
   cfg = small_config(sample_dir, tokenizer_path, steps=8)
@@ -177,6 +181,7 @@ def test_values_that_read_back_different_are_caught_by_the_fingerprint(
   assert checkpoint.steps_on_disk(str(tmp_path)) == [4]
 
 
+@pytest.mark.slow
 def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(sample_dir, tokenizer_path,
                                                                 tmp_path):
   cfg = small_config(sample_dir, tokenizer_path, steps=4)
@@ -195,6 +200,7 @@ def test_a_changed_model_shape_is_refused_by_name(sample_dir, tokenizer_path, tm
     train.train(cfg, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_raising_steps_extends_a_finished_run(sample_dir, tokenizer_path, tmp_path):
   cfg = small_config(sample_dir, tokenizer_path, steps=8)
   first = make_run(cfg, tmp_path)
@@ -240,6 +246,7 @@ def poison(batches, steps):
   return Poisoned()
 
 
+@pytest.mark.slow
 def test_a_nan_batch_is_skipped_and_training_goes_on(sample_dir, tokenizer_path, tmp_path,
                                                      monkeypatch):
   cfg = small_config(sample_dir, tokenizer_path, steps=8)
@@ -271,6 +278,7 @@ def test_a_run_of_nan_batches_stops_naming_the_step(sample_dir, tokenizer_path, 
   assert checkpoint.steps_on_disk(str(tmp_path)) == [4]
 
 
+@pytest.mark.slow
 def test_skipped_update_leaves_the_state_unchanged(sample_dir, tokenizer_path):
   cfg = small_config(sample_dir, tokenizer_path)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
@@ -304,6 +312,7 @@ def _spec(shape, axes, mesh):
   return P(*spec)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, tokenizer_path,
                                                                     tmp_path):
   cfg = small_config(sample_dir, tokenizer_path)
@@ -346,6 +355,7 @@ def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, 
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_init_from_loads_parameters_only(sample_dir, tokenizer_path, tmp_path):
   cfg = small_config(sample_dir, tokenizer_path, steps=8)
   trained, _ = train.train(cfg, str(tmp_path / "a"))

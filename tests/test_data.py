@@ -239,6 +239,7 @@ def test_train_batches_shapes_and_determinism(sample_dir, tok):
   assert not np.array_equal(batches[0]["inputs"], other["inputs"])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(sample_dir, tok):
   cfg = _data_cfg(sample_dir, batch_size=16, seq_len=64)
   in_process = _batches(cfg, tok, 40)  # 40 * 16 * 64 tokens: past the first 32-document chunks
@@ -258,6 +259,7 @@ def test_iterator_state_restores_the_stream(sample_dir, tok):
   _assert_same(expected, [next(restored) for _ in range(50)])
 
 
+@pytest.mark.slow
 def test_batch_iterator_state_survives_json_and_worker_processes(sample_dir, tok):
   """The state a checkpoint stores (as JSON) restores the batch stream, with workers too."""
   cfg = _data_cfg(sample_dir, batch_size=8, seq_len=64)

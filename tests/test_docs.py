@@ -112,6 +112,7 @@ def scratch(tmp_path_factory):
   return root, env
 
 
+@pytest.mark.slow
 def test_documented_commands_work_as_shown(scratch):
   root, env = scratch
   ran = 0

@@ -10,6 +10,7 @@ from nanollama_jax import checkpoint, evaluate
 from nanollama_jax.data.tokenizer import Tokenizer
 
 
+@pytest.mark.slow
 def test_perplexity_is_exp_of_the_token_weighted_loss_by_hand(trained_run, tmp_path):
   cfg, params, step = checkpoint.load_run(str(trained_run))
   assert step == 40

@@ -24,6 +24,7 @@ torch.set_num_threads(2)
   dict(n_kv_heads=2, rope_theta=500000.0, rope_scaling=LLAMA31, tie_embeddings=True),
   dict(n_kv_heads=1, rope_scaling=LLAMA31),
 ], ids=["mqa", "gqa-tied", "mha-theta500k", "gqa-llama31-tied", "mqa-llama31"])
+@pytest.mark.slow
 def test_exported_model_gives_our_logits_in_transformers(overrides, tmp_path):
   cfg = model_cfg(**overrides)
   params = random_params(cfg)
@@ -154,6 +155,7 @@ def test_a_tokenizer_without_chat_tokens_exports_no_chat_template(sample_dir, tm
   assert hf.encode("Once upon a time", add_special_tokens=False) == old.encode("Once upon a time")
 
 
+@pytest.mark.slow
 def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path):
   """Our train step (model, loss, AdamW, schedule, clipping) against transformers + torch.optim."""
   from nanollama_jax import optim, train
@@ -210,6 +212,7 @@ def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path)
   assert ours[-1] < ours[0] - 0.05  # the steps really trained
 
 
+@pytest.mark.slow
 def test_export_script_and_generate_script_agree_with_transformers(trained_run, tmp_path):
   out = tmp_path / "hf"
   cli = run_script("export_to_pytorch.py", "--workdir", trained_run.name, "--out", str(out),
@@ -235,6 +238,7 @@ def test_export_script_and_generate_script_agree_with_transformers(trained_run, 
   assert len(completion) > len(prompt) + 20
 
 
+@pytest.mark.slow
 def test_init_from_an_exported_directory_starts_from_its_weights(trained_run, tmp_path):
   from nanollama_jax import checkpoint, train
   out = tmp_path / "hf"

@@ -4,6 +4,7 @@ and to the top-k / top-p sets."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -13,6 +14,7 @@ from nanollama_jax import export, generate
 torch.set_num_threads(2)
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_equals_recomputing_the_sequence():
   cfg = model_cfg(n_kv_heads=2, rope_scaling=LLAMA31)
   params = random_params(cfg, seed=3)
@@ -33,6 +35,7 @@ def test_kv_cache_decoding_equals_recomputing_the_sequence():
   assert worst < 1e-5
 
 
+@pytest.mark.slow
 def test_a_row_stops_at_the_first_of_several_stop_ids():
   cfg = model_cfg(n_kv_heads=2)
   params = random_params(cfg, seed=4)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO, cpu_env
 
 
@@ -14,6 +16,7 @@ def run(*args):
                         cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_stops_in_one_line():
   ran = run()
   assert ran.returncode == 2 and ran.stdout == ""
@@ -22,6 +25,7 @@ def test_without_a_gpu_it_stops_in_one_line():
     "(pip install -e '.[cuda]'), or add --dry-run to check the script on a CPU")
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_stage_on_the_cpu():
   ran = run("--dry-run")
   assert ran.returncode == 0, ran.stderr[-3000:]

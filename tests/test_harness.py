@@ -101,6 +101,7 @@ def by_doc(results, task):
   return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 
 
+@pytest.mark.slow
 def test_log_likelihoods_and_generations_match_the_hf_backend(trained_run, tasks, hf_dir):
   task_dir, docs = tasks
   names = [MC_TASK, GEN_TASK]
@@ -152,6 +153,7 @@ def test_log_likelihoods_and_generations_match_the_hf_backend(trained_run, tasks
   print("generations:", ours_gen)
 
 
+@pytest.mark.slow
 def test_padded_batches_score_each_request_as_if_alone(trained_run):
   lm = harness.NanoLlamaLM(str(trained_run), batch_size=2)
   rng = np.random.default_rng(0)
@@ -197,6 +199,7 @@ def test_rolling_log_likelihood_matches_the_hf_backend_without_a_second_bos(trai
   assert -sum(ours) / sum(n + 1 for n in lengths) == pytest.approx(final["eval_loss"], abs=0.15)
 
 
+@pytest.mark.slow
 def test_script_writes_the_results_into_the_workdir(trained_run, tasks, tmp_path, monkeypatch,
                                                     capsys):
   """A relative --workdir, as a user types it; the results land in its downstream/ folder."""

@@ -35,6 +35,7 @@ def probe(mode: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+@pytest.mark.slow
 def test_scratch_space_is_reused_instead_of_faulted_in():
   default, keep = probe("default"), probe("keep")
   assert keep["applied"] is True

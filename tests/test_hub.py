@@ -128,6 +128,7 @@ def test_a_damaged_checkpoint_is_never_pushed(trained_run, tmp_path, fake_hub):
   assert not fake_hub.commits
 
 
+@pytest.mark.slow
 def test_training_pushes_in_the_background_and_survives_a_refused_upload(
     sample_dir, tokenizer_path, tmp_path, fake_hub, caplog):
   fake_hub.refuse = 1  # the first push is refused; the run goes on and the next one lands

@@ -39,6 +39,7 @@ def test_datasheet_peaks_match_device_kinds(kind, peak):
     assert got == peak and "datasheet" in source
 
 
+@pytest.mark.slow
 def test_mfu_is_logged_against_the_measured_cpu_peak(sample_dir, tokenizer_path, tmp_path):
   peak, source = metrics.device_peak_flops()
   assert "measured" in source and 1e8 < peak < 1e14  # a CPU does 0.1 GFLOP/s to 100 TFLOP/s

@@ -183,6 +183,7 @@ def loss_and_grads(variant):
   {"remat": "save_dots_attn"},
   {"scan_layers": False, "remat": "full"},
 ])
+@pytest.mark.slow
 def test_scan_and_remat_give_the_same_numbers(variant):
   l0, g0 = loss_and_grads(())
   l1, g1 = loss_and_grads(tuple(sorted(variant.items())))
@@ -206,6 +207,7 @@ def remat_temp_bytes(remat: str) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_policies_trade_memory_as_named():
   temp = {r: remat_temp_bytes(r) for r in ("none", "save_dots_attn", "save_attn", "full")}
   # Measured here: none 219 MB, save_dots_attn 117 MB, save_attn 74 MB, full 93 MB (full
@@ -303,6 +305,7 @@ def _loss_and_grads(cfg, params, batch):
 
 
 @pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.slow
 def test_chunked_loss_equals_the_plain_one(tied):
   cfg = tiny_cfg(vocab_size=300, max_seq_len=64, tie_embeddings=tied)
   params = model.init_params(cfg, 0)
@@ -324,6 +327,7 @@ def test_chunked_loss_equals_the_plain_one(tied):
     assert worst < 1e-6, (chunk_len, worst)
 
 
+@pytest.mark.slow
 def test_chunked_loss_never_holds_the_whole_logits():
   """XLA's own buffer accounting: the step's temporaries shrink by more than the float32
   logits, and `auto` turns the chunks on for large vocabularies only."""

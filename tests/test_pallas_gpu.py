@@ -193,6 +193,7 @@ def test_script_prints_json_with_progress():
   assert "[1/1] sm_86 (rtx3090) bfloat16 head dim 32: compiled in" in done.stderr
 
 
+@pytest.mark.slow
 def test_script_refuses_unknown_generations():
   refused = run_script("check_gpu_kernels.py", "--generations", "sm_75")
   assert refused.returncode == 2 and "sm_75: allowed sm_80, sm_86" in refused.stderr
@@ -227,6 +228,7 @@ def test_script_exits_2_in_one_line_when_the_compiler_is_unavailable(monkeypatch
 
 @pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
                     reason="the CUDA plugin is installed")
+@pytest.mark.slow
 def test_script_without_the_cuda_plugin_exits_2_naming_the_extra():
   done = run_script("check_gpu_kernels.py", "--generations", "sm_86")
   assert done.returncode == 2 and done.stdout == ""

@@ -96,6 +96,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_a_tiny_sweep_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
   recipe = tmp_path / "tiny.py"
   recipe.write_text(TINY_RECIPE.format(cpu=CPU_RECIPE))

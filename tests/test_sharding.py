@@ -254,11 +254,11 @@ def test_the_tinyllama_recipe_has_the_tinyllama_setup_as_a_sizing():
 
 
 def test_the_8b_recipe_has_a_sizing_per_hardware():
-  """configs/llama3_1_8b.py:h100x8 keeps the global batch and accumulates 16 micro-batches; an
+  """configs/llama3_1_8b.py:h100x8 keeps the global batch and accumulates 2 micro-batches; an
   unknown sizing is refused by name."""
   get_config = runpy.run_path(os.path.join(REPO, "configs", "llama3_1_8b.py"))["get_config"]
   pod, node = get_config(), get_config("h100x8")
-  assert (pod.optim.grad_accum, node.optim.grad_accum) == (1, 16)
+  assert (pod.optim.grad_accum, node.optim.grad_accum) == (1, 2)
   assert pod.data.batch_size == node.data.batch_size == 128
   assert pod.model == node.model
   with pytest.raises(ValueError, match="the sizings are v5p_128, h100x8"):

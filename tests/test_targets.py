@@ -108,6 +108,7 @@ def test_a_gpu_program_may_use_jax_preallocated_share(monkeypatch):
   assert targets.parse("v5e-8").usable_memory() == int(16 * 2**30 * 0.97)
 
 
+@pytest.mark.slow
 def test_list_targets_and_usage_errors_need_no_extra():
   listed = run_script("aot_compile.py", "--list-targets", "--json")
   assert listed.returncode == 0, listed.stderr

@@ -20,6 +20,7 @@ from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_loss(sample_dir, tokenizer_path, tmp_path):
   cfg = tiny_config(sample_dir, tokenizer_path)
   tokenizer = Tokenizer(str(tokenizer_path))
@@ -50,6 +51,7 @@ def test_training_lowers_validation_loss(sample_dir, tokenizer_path, tmp_path):
   assert os.listdir(tmp_path / "tb")
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(sample_dir, tokenizer_path):
   cfg = tiny_config(sample_dir, tokenizer_path)
   batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
@@ -76,6 +78,7 @@ def run_cli(*args, cwd):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_workdir(sample_dir, tmp_path):
   workdir = tmp_path / "run"
   args = [  # a relative workdir, as a user types it
@@ -120,6 +123,7 @@ SMALL = ["--config.model.vocab_size=384", "--config.model.dim=32", "--config.mod
          "--config.optim.warmup_steps=1"]
 
 
+@pytest.mark.slow
 def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
   """Each mistake a new user makes prints one `config error:`/`data error:` line, no traceback."""
   (tmp_path / "story.jsonl").write_text('{"story": "Once upon a time"}\n')
@@ -157,6 +161,7 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
   assert "--config.train.steps=200" in help_.stdout
 
 
+@pytest.mark.slow
 def test_no_network_fails_at_once_naming_the_offline_command_which_works(tmp_path):
   import socket  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:  # a port nothing listens on stands for the unreachable Hub
@@ -185,6 +190,7 @@ def test_no_network_fails_at_once_naming_the_offline_command_which_works(tmp_pat
   assert rows[-1]["step"] == 2 and rows[-1]["eval_loss"] > 0
 
 
+@pytest.mark.slow
 def test_published_recipe_compiles_and_donates_its_state():
   """The TinyStories GPU recipe compiles ahead of time on abstract inputs (no arrays built)."""
   cfg = runpy.run_path("configs/tinystories.py")["get_config"]()
@@ -206,6 +212,7 @@ def test_published_recipe_compiles_and_donates_its_state():
   assert memory.alias_size_in_bytes >= state_bytes  # the new state reuses the old one's buffers
 
 
+@pytest.mark.slow
 def test_epochs_samples_and_progress_are_reported(sample_dir, tokenizer_path, tmp_path, caplog):
   docs = (sample_dir / "train.jsonl").read_text().splitlines()[:60]
   (tmp_path / "small.jsonl").write_text("\n".join(docs) + "\n")
@@ -233,6 +240,7 @@ def test_epochs_samples_and_progress_are_reported(sample_dir, tokenizer_path, tm
   assert b"Once upon a time" in events and b"samples" in events
 
 
+@pytest.mark.slow
 def test_a_mixture_with_a_hub_source_trains_and_resumes_exactly(sample_dir, tokenizer_path,
                                                                  tmp_path, monkeypatch):
   import datasets  # pylint: disable=g-import-not-at-top
