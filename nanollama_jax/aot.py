@@ -157,8 +157,9 @@ def _lower_eval(cfg, mesh, attn_target, abstract, shardings):
 
 
 def sampling_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(rows, prompt tokens) the sampling programs are built for: the run's sample prompts, each
-  prefilled with half the context, the cache holding the whole context."""
+  """(rows, prompt tokens) the sampling programs are built for: one row per sample prompt of
+  the run, each a long prompt of half the context (as scripts/generate.py may be given; the
+  trainer's own samples are shorter), the cache holding the whole context."""
   prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
   return max(1, len(prompts)), max(1, cfg.model.max_seq_len // 2)
 
