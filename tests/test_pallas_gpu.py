@@ -170,8 +170,9 @@ def test_xla_refuses_the_old_h100_tiles_and_names_the_kernels():
   entry = kernel_check.check_entry("sm_90", "bfloat16", 128, OLD_H100)
   print(kernel_check.format_table([entry]))
   assert not entry.ok
-  assert entry.error.startswith("RESOURCE_EXHAUSTED: Shared memory size limit exceeded: "
-                                "requested 265216, available: 232448")
+  # XLA compiles the kernels in parallel: the whole entry fails on whichever it meets first.
+  assert re.match(r"RESOURCE_EXHAUSTED: Shared memory size limit exceeded: requested "
+                  r"26(3168|5216), available: 232448", entry.error)
   fwd, dq, dkv = entry.kernels
   assert (fwd.error, fwd.shared) == (None, 230_400)
   assert dq.shared is None and "requested 263168, available: 232448" in dq.error
