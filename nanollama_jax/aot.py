@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import time
@@ -221,15 +220,6 @@ def _compile(name: str, lower: Callable[[], Any], platform: str, resident: int,
                  kernels=_kernel_calls(compiled, platform), flops=_flops(compiled))
 
 
-def _bytes_per_device(tree: Any) -> int:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shard = x.sharding.shard_shape(x.shape)
-    total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
-  return total
-
-
 def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
                    programs: tuple[str, ...] = PROGRAMS,
                    progress: Callable[[str], None] | None = None) -> Report:
@@ -250,9 +240,9 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
     return report
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   abstract, shardings = train.state_sharding(cfg, tx, mesh)
-  state = sharding.abstract(abstract, shardings)
   # Beside evaluation and sampling the loop keeps the rest of the train state on the device.
-  beside = _bytes_per_device(state) - _bytes_per_device(state.params)
+  beside = (sharding.bytes_per_device(shardings, abstract)
+            - sharding.bytes_per_device(shardings.params, abstract.params))
   _, prompt = sampling_shape(cfg)
   lowerers = {
     "train_step": (lambda: train.lower_train_step(cfg, mesh, attn_target), 0),

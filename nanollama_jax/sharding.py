@@ -224,12 +224,15 @@ def per_shard(fn: Callable, logical_in: Sequence[Sequence[str | None]],
   return wrapped
 
 
+def bytes_per_device(shardings: Any, abstract_tree: Any) -> int:
+  """Bytes one device holds of `abstract_tree` placed on `shardings` (its largest shard)."""
+  return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract_tree)))
+
+
 def describe(mesh: Mesh, shardings: Any, abstract_tree: Any) -> str:
   """A one-line summary: the mesh and the bytes of the tree held per device."""
-  per_device = 0
-  for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract_tree)):
-    shard = s.shard_shape(x.shape)
-    per_device += math.prod(shard) * np.dtype(x.dtype).itemsize
+  per_device = bytes_per_device(shardings, abstract_tree)
   sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
   return f"mesh {sizes} over {mesh.devices.size} {jax.devices()[0].platform} devices; " \
          f"state {per_device / 2**20:,.1f} MiB per device"
