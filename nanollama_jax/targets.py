@@ -278,6 +278,14 @@ def shared_memory_limit(generation: str) -> int:
   return GPU_GENERATIONS[generation].shared_per_block
 
 
+def tpu_generation(device_kind: str) -> str | None:
+  """The TPU generation ('v5e') a device kind ('TPU v5 lite') stands for; None if unknown."""
+  for name, chip in TPUS.items():
+    if device_kind in chip.kinds:
+      return name
+  return None
+
+
 def peak_flops(device_kind: str) -> tuple[float, str] | None:
   """(peak bf16 FLOP/s, where the number comes from) of a device kind, or None if unknown.
 

@@ -29,7 +29,7 @@ import re
 
 import jax
 
-from nanollama_jax import sharding
+from nanollama_jax import sharding, targets
 from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.config import ATTENTION_IMPLS
 
@@ -38,9 +38,6 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _KERNEL_PLATFORM = {"pallas": "cuda", "cudnn": "cuda", "splash": "tpu"}
 _KERNEL_NAME = {"pallas": "a CUDA GPU kernel", "cudnn": "an NVIDIA GPU kernel",
                 "splash": "a TPU kernel"}
-# TPU device kinds (jax.Device.device_kind) and the generation names they stand for.
-_TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
-              "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +64,8 @@ class Target:
   def of(cls, device: jax.Device) -> Target:
     """The target that `device` is."""
     if device.platform == "tpu":
-      return cls("tpu", _TPU_KINDS.get(device.device_kind,
-                                       device.device_kind.lower().removeprefix("tpu ")))
+      return cls("tpu", targets.tpu_generation(device.device_kind)
+                 or device.device_kind.lower().removeprefix("tpu "))
     if device.platform == "gpu":
       if "rocm" in device.client.platform_version:
         return cls("rocm")
