@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nanollama_jax import attention, evaluate, model, optim, sharding, targets, train
+from nanollama_jax import attention, errors, evaluate, model, optim, sharding, targets, train
 from nanollama_jax import config as config_lib
 
 PROGRAMS = ("train_step", "eval_step", "prefill", "decode")
@@ -45,7 +45,7 @@ _KERNEL_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 MAX_BATCH_LIMIT = 4096  # --max-batch looks no further than this many sequences per device
 
 
-class Unavailable(RuntimeError):
+class Unavailable(errors.InstallError):
   """This install cannot compile for the platform (the aot extra is missing)."""
 
 

@@ -34,7 +34,7 @@ from absl import logging
 from etils import epath
 
 from nanollama_jax import config as config_lib
-from nanollama_jax import model, paths, sharding
+from nanollama_jax import errors, model, paths, sharding
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -48,8 +48,7 @@ SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim
               "tie_embeddings")
 
 
-class CheckpointError(Exception):
-  """A checkpoint cannot be used; the message says why and what to do."""
+CheckpointError = errors.CheckpointError
 
 
 # --- Per-process JSON item for the data iterator state ------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from nanollama_jax import paths
+from nanollama_jax import errors, paths
 
 # model.attention: the implementations behind attention.attention() (attention/__init__.py).
 ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
@@ -35,8 +35,7 @@ ROPE_SCALING_KEYS = (
 )
 
 
-class ConfigError(ValueError):
-  """A config value that cannot be used, with a message that says how to fix it."""
+ConfigError = errors.ConfigError
 
 
 def get_default_config() -> ml_collections.ConfigDict:

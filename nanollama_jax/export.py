@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from nanollama_jax import config as config_lib
+from nanollama_jax import errors
 from nanollama_jax.data import chat
 from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
 
@@ -43,7 +44,7 @@ SAFETENSORS = "model.safetensors"
 _DTYPES = ("float32", "bfloat16")
 
 
-class ExportError(Exception):
+class ExportError(errors.CheckpointError):
   """The model or directory cannot be converted; the message says why."""
 
 

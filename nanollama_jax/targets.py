@@ -25,6 +25,8 @@ import os
 import re
 from typing import Any
 
+from nanollama_jax import errors
+
 GiB = 1024**3
 # JAX on a GPU preallocates this share of the device's memory for XLA's programs by default
 # (XLA_PYTHON_CLIENT_MEM_FRACTION); the rest serves the CUDA context, cuBLAS/cuDNN workspaces
@@ -35,7 +37,7 @@ DEFAULT_GPU_MEMORY_FRACTION = 0.75
 TPU_HBM_RESERVE = 0.03
 
 
-class TargetError(ValueError):
+class TargetError(errors.ConfigError):
   """A target name that is not in the tables, or a count that does not make a slice."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import pathlib
 
+from nanollama_jax import errors
+
 SAMPLE_ENV = "NANOLLAMA_SAMPLE_DATA"  # overrides the shipped sample's directory
 SAMPLE_FILES = ("train.jsonl", "validation.jsonl")
 SHIPPED_SAMPLE = pathlib.Path(__file__).resolve().parent / "tinystories_sample"
@@ -30,9 +32,8 @@ def sample_dir() -> pathlib.Path:
   return path
 
 
-class DataError(ValueError):
-  """Training or evaluation data that cannot be used; the message names the file, line and key."""
+DataError = errors.DataError
 
 
-class HubUnreachable(DataError):
+class HubUnreachable(errors.NetworkError, DataError):
   """The Hugging Face Hub cannot be reached: the network, not the config or the data."""
