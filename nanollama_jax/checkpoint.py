@@ -35,9 +35,10 @@ from etils import epath
 
 from nanollama_jax import config as config_lib
 from nanollama_jax import errors, model, paths, sharding
+from nanollama_jax import workdir as workdir_lib
 
-CHECKPOINT_DIR = "checkpoints"
-DAMAGED_DIR = "checkpoints_damaged"
+CHECKPOINT_DIR = workdir_lib.CHECKPOINTS
+DAMAGED_DIR = workdir_lib.DAMAGED
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 # The items of every checkpoint step folder.
@@ -394,7 +395,7 @@ def resolve_init_from(path: str) -> tuple[str, int]:
 
 
 def is_hf_directory(path: str) -> bool:
-  return paths.exists(paths.join(path, "config.json")) and any(
+  return paths.exists(paths.join(path, workdir_lib.CONFIG)) and any(
     n.endswith((".safetensors", ".safetensors.index.json")) for n in paths.listdir(path))
 
 

@@ -32,6 +32,12 @@ class ConfigError(Error, ValueError):
   kind = "config error"
 
 
+class UsageError(Error, ValueError):
+  """Command-line arguments that cannot be used together or at all."""
+
+  kind = "usage error"
+
+
 class DataError(Error, ValueError):
   """Training or evaluation data that cannot be used; the message names the file, line and key."""
 

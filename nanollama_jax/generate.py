@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from nanollama_jax import model, sharding
+from nanollama_jax import errors, model, sharding
 from nanollama_jax.data import chat
 
 
@@ -101,15 +101,15 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
   to `pad_to` tokens if that is more: batches padded to a few lengths share compiled programs.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    raise errors.UsageError("every prompt needs at least one token (e.g. BOS)")
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    raise errors.UsageError(f"max_new_tokens={max_new_tokens}: must be >= 1")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
+    raise errors.UsageError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
                      f"top_k={top_k} >= 0")
   P = max(pad_to, *(len(p) for p in prompts))
   if P + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(f"prompt ({P} tokens with padding) + max_new_tokens={max_new_tokens} "
+    raise errors.UsageError(f"prompt ({P} tokens with padding) + max_new_tokens={max_new_tokens} "
                      f"exceeds the model's max_seq_len={cfg.max_seq_len}")
   tokens = np.full((len(prompts), P), pad_id, np.int32)
   for i, p in enumerate(prompts):

@@ -36,6 +36,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from nanollama_jax import errors
+
 try:
   import lm_eval
   from lm_eval import utils as lm_utils
@@ -43,7 +45,8 @@ try:
   from lm_eval.api.registry import register_model
   from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 except ImportError as e:
-  raise ImportError(f"downstream evaluation needs lm-eval ({e}): pip install -e \".[eval]\"") from e
+  raise errors.InstallError(f"downstream evaluation needs lm-eval ({e}): pip install -e "
+                            "\".[eval]\"") from e
 
 import jax
 import jax.numpy as jnp
@@ -97,14 +100,14 @@ class NanoLlamaLM(TemplateLM):
                max_batch_size: int | None = None, device: str | None = None):
     super().__init__()
     if str(batch_size) == "auto" or max_batch_size is not None:
-      raise ValueError("batch_size='auto' and max_batch_size are not supported: give a number "
+      raise errors.UsageError("batch_size='auto' and max_batch_size are not supported: give a number "
                        "of rows, e.g. batch_size=16")
     if device is not None:
-      raise ValueError(f"device={device!r}: the model runs on JAX's default device; choose it "
+      raise errors.UsageError(f"device={device!r}: the model runs on JAX's default device; choose it "
                        "with JAX_PLATFORMS (e.g. JAX_PLATFORMS=cpu)")
     self.batch_size = int(batch_size)
     if self.batch_size < 1:
-      raise ValueError(f"batch_size={batch_size}: must be >= 1")
+      raise errors.UsageError(f"batch_size={batch_size}: must be >= 1")
     self.workdir = workdir
     self.cfg, self.params, self.step = checkpoint.load_run(
       workdir, None if step is None else int(step))
@@ -237,7 +240,7 @@ def task_manager(tasks: Sequence[str], include_path: str | None) -> lm_eval.task
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
   if include_path:
     if not os.path.isdir(include_path):
-      raise FileNotFoundError(f"--include-path {include_path}: no such directory")
+      raise errors.UsageError(f"--include-path {include_path}: no such directory")
     local = TaskManager(include_path=include_path, include_defaults=False)
     if all(t in local.all_tasks for t in tasks):
       return local
@@ -251,7 +254,7 @@ def evaluate(workdir: str, tasks: Sequence[str], limit: int | float | None = Non
   manager = task_manager(tasks, include_path)
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
-    raise ValueError(f"unknown task(s) {', '.join(unknown)}: name tasks of lm-eval "
+    raise errors.UsageError(f"unknown task(s) {', '.join(unknown)}: name tasks of lm-eval "
                      "(lm_eval ls tasks) or define them in YAML under --include-path")
   lm = NanoLlamaLM(workdir, step, batch_size)
   return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,

@@ -13,7 +13,6 @@ push is a warning, and the next push retries with the newer checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,8 @@ import time
 
 from absl import logging
 
-from nanollama_jax import checkpoint, export, paths
+from nanollama_jax import checkpoint, errors, export, paths
+from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 CHECKPOINT_WAIT_S = 600.0  # how long a push waits for an asynchronous save to finish
@@ -40,14 +40,8 @@ def _wait_for_step(workdir: str, step: int, timeout_s: float) -> None:
 
 def _latest_losses(workdir: str, step: int) -> dict[str, float]:
   """The newest train and validation numbers at or before `step`, from metrics.jsonl."""
-  latest: dict[str, float] = {}
-  path = paths.join(workdir, "metrics.jsonl")
-  for line in paths.read_text(path).splitlines() if paths.exists(path) else []:
-    row = json.loads(line)
-    if row.get("step", step + 1) <= step:
-      latest.update({k: row[k] for k in ("loss", "eval_loss", "eval_perplexity", "tokens_seen")
-                     if k in row})
-  return latest
+  return workdir_lib.latest(workdir_lib.read_metrics(workdir),
+                            ("loss", "eval_loss", "eval_perplexity", "tokens_seen"), step)
 
 
 def model_card(repo_id: str, cfg, step: int, latest: dict[str, float]) -> str:
@@ -80,7 +74,7 @@ def push(workdir: str, repo_id: str, step: int | None = None, wait_s: float = 0.
   """Uploads the export of checkpoint `step` (default: the newest) of `workdir` to `repo_id`.
 
   Returns the commit URL. Raises CheckpointError for a missing or damaged checkpoint and
-  huggingface_hub's errors for the network, the token or the repository.
+  NetworkError when the Hub refuses or cannot be reached (the token, the repository, the network).
   """
   import huggingface_hub  # pylint: disable=import-outside-toplevel
 
@@ -92,9 +86,14 @@ def push(workdir: str, repo_id: str, step: int | None = None, wait_s: float = 0.
     with open(os.path.join(stage, "README.md"), "w", encoding="utf-8") as f:
       f.write(model_card(repo_id, cfg, step, _latest_losses(workdir, step)))
     api = huggingface_hub.HfApi()
-    api.create_repo(repo_id, exist_ok=True, private=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=stage,
-                             commit_message=f"step {step} of {os.path.basename(workdir)}")
+    try:
+      api.create_repo(repo_id, exist_ok=True, private=True)
+      info = api.upload_folder(repo_id=repo_id, folder_path=stage,
+                               commit_message=f"step {step} of {os.path.basename(workdir)}")
+    except (OSError, ValueError) as e:
+      # The Hub's HTTP errors are OSErrors; a malformed repository name is a ValueError.
+      raise errors.NetworkError(f"{repo_id}: {type(e).__name__}: {' '.join(str(e).split())[:400]}"
+                                ) from e
   return info.commit_url
 
 
@@ -158,13 +157,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--wait", type=float, default=0.0,
                  help="seconds to wait for the checkpoint to be complete on disk")
   args = p.parse_args(argv)
-  try:
-    url = push(args.workdir, args.repo, args.step, args.wait)
-  except Exception as e:  # pylint: disable=broad-except  # one line for the trainer's warning
-    print(f"not pushed: {type(e).__name__}: {' '.join(str(e).split())[:500]}")
-    sys.exit(1)
-  print(f"pushed: {url}")
+  print(f"pushed: {push(args.workdir, args.repo, args.step, args.wait)}")
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

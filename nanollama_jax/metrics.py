@@ -15,6 +15,7 @@ from absl import logging
 
 from nanollama_jax import config as config_lib
 from nanollama_jax import paths, targets
+from nanollama_jax import workdir as workdir_lib
 
 
 def _summary_writer():
@@ -85,14 +86,6 @@ def device_peak_flops(device: Any = None) -> tuple[float, str]:
   return float("nan"), f"unknown device {kind!r}: no MFU"
 
 
-def _row_step(line: str) -> int | None:
-  """The step of a metrics.jsonl line; None for a blank or cut-off line (a crash mid-write)."""
-  try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return None
-
-
 def perplexity(loss: float) -> float:
   """exp(loss), saturating at infinity instead of overflowing."""
   return math.exp(loss) if loss < 700 else math.inf
@@ -115,18 +108,17 @@ class MetricsWriter:
     self._tb = None
     if not self.enabled:
       return
-    self._path = paths.join(workdir, "metrics.jsonl")
-    old = paths.read_text(self._path).splitlines(keepends=True) if paths.exists(self._path) else []
+    self._path = workdir_lib.path(workdir, workdir_lib.METRICS)
     # Rewritten whole (a rename on a disk), so a crash here cannot lose the earlier rows.
-    self._rows = [line for line in old if (step := _row_step(line)) is not None and
-                  step <= start_step]
+    self._rows = [json.dumps(row) + "\n" for row in workdir_lib.read_metrics(workdir)
+                  if row["step"] <= start_step]
     paths.write(self._path, "".join(self._rows))
     self._flushed = time.monotonic()
     if not paths.is_remote(self._path):
       self._jsonl = open(self._path, "a", encoding="utf-8")
     if tensorboard:
       # purge_step makes TensorBoard drop the events an interrupted run logged after start_step.
-      self._tb = _summary_writer()(paths.join(workdir, "tb"),
+      self._tb = _summary_writer()(workdir_lib.path(workdir, workdir_lib.TENSORBOARD),
                                    purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, row: dict[str, Any]) -> None:

@@ -43,9 +43,10 @@ from scipy import optimize
 from nanollama_jax import checkpoint, metrics, model
 from nanollama_jax import config as config_lib
 from nanollama_jax import train as train_lib
+from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.data import tokenizer as tokenizer_lib
 
-RESULTS, FIGURE, TOKENIZER = "scaling.json", "scaling.png", "tokenizer.model"
+RESULTS, FIGURE = "scaling.json", "scaling.png"
 HUBER_DELTA = 1e-3
 _GRID = {"alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5),
          "e": np.arange(-1, 1.01, 0.5), "a": np.arange(0, 25.1, 5), "b": np.arange(0, 25.1, 5)}
@@ -59,7 +60,7 @@ def parse_count(text: str) -> int:
   """'256k' -> 256000, '1.5M' -> 1500000, '4096' -> 4096 (decimal suffixes k, M, B)."""
   match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", text)
   if not match:
-    raise ValueError(f"{text!r} is not a count such as 4096, 256k, 1.5M or 2B")
+    raise config_lib.ConfigError(f"{text!r} is not a count such as 4096, 256k, 1.5M or 2B")
   return int(round(float(match.group(1)) * _SUFFIXES[match.group(2).lower()]))
 
 
@@ -75,7 +76,7 @@ def scaled_model(base: ml_collections.ConfigDict, dim: int) -> ml_collections.Co
   """The base model config scaled to width `dim` (see the module docstring)."""
   head_dim = base.dim // base.n_heads
   if dim < head_dim or dim % head_dim:
-    raise ValueError(f"size {dim}: must be a multiple of the base recipe's head dimension "
+    raise config_lib.ConfigError(f"size {dim}: must be a multiple of the base recipe's head dimension "
                      f"{head_dim} (model.dim / model.n_heads = {base.dim} / {base.n_heads})")
   m = dim / base.dim
   n_heads = dim // head_dim
@@ -114,7 +115,7 @@ def run_config(base: ml_collections.ConfigDict, dim: int, tokens: int, tokenizer
   per_step = cfg.data.batch_size * cfg.data.seq_len
   steps = tokens // per_step
   if steps < 2:
-    raise ValueError(f"{count_label(tokens)} tokens is {steps} step(s) of {per_step:,} tokens "
+    raise config_lib.ConfigError(f"{count_label(tokens)} tokens is {steps} step(s) of {per_step:,} tokens "
                      f"(data.batch_size x data.seq_len): give budgets of at least {2 * per_step}")
   cfg.data.update(dict(source="files", train_files=train_files, eval_files=eval_files,
                        tokenizer=tokenizer, mixture=""))
@@ -147,7 +148,7 @@ def final_eval_loss(workdir: str, cfg: ml_collections.ConfigDict) -> float | Non
 
   Raises ValueError when `workdir` holds a run of another config.
   """
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, workdir_lib.CONFIG)
   if not os.path.isfile(path):
     return None
   with open(path, encoding="utf-8") as f:
@@ -156,21 +157,13 @@ def final_eval_loss(workdir: str, cfg: ml_collections.ConfigDict) -> float | Non
     now = json.loads(config_lib.to_json(cfg))
     diff = [f"{g}.{k}: {saved.get(g, {}).get(k)!r} -> {v!r}" for g, fields in now.items()
             for k, v in fields.items() if saved.get(g, {}).get(k) != v]
-    raise ValueError(f"{workdir} holds a run of another config ({'; '.join(diff[:4])}): use "
+    raise config_lib.ConfigError(f"{workdir} holds a run of another config ({'; '.join(diff[:4])}): use "
                      "another --out, or delete that run")
   if cfg.train.steps not in checkpoint.steps_on_disk(workdir):
     return None
-  losses = [r["eval_loss"] for r in _rows(workdir)
+  losses = [r["eval_loss"] for r in workdir_lib.read_metrics(workdir)
             if r.get("step") == cfg.train.steps and "eval_loss" in r]
   return losses[-1] if losses else None
-
-
-def _rows(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def shared_tokenizer(base: ml_collections.ConfigDict, out_dir: str, train_files: str) -> str:
@@ -179,7 +172,7 @@ def shared_tokenizer(base: ml_collections.ConfigDict, out_dir: str, train_files:
   if not data.tokenizer:
     data.update(dict(source="files", train_files=train_files, mixture=""))
   tokenizer_lib.load_or_train_tokenizer(data, base.model.vocab_size, out_dir)
-  return os.path.abspath(os.path.join(out_dir, TOKENIZER))
+  return os.path.abspath(os.path.join(out_dir, workdir_lib.TOKENIZER))
 
 
 def sweep(base: ml_collections.ConfigDict, dims: Sequence[int], budgets: Sequence[int],

@@ -27,6 +27,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nanollama_jax import config as config_lib
+from nanollama_jax import errors
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -151,7 +152,7 @@ def data_shard(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int
   start, stop = blocks[0][0], blocks[-1][1]
   rows = stop - start
   if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])) or batch_size % rows or start % rows:
-    raise ValueError(f"the batch rows of this process's devices, {blocks}, are not one block "
+    raise errors.ConfigError(f"the batch rows of this process's devices, {blocks}, are not one block "
                      f"that tiles the batch of {batch_size}: order the mesh's devices by process")
   return start // rows, batch_size // rows
 

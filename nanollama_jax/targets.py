@@ -37,7 +37,7 @@ DEFAULT_GPU_MEMORY_FRACTION = 0.75
 TPU_HBM_RESERVE = 0.03
 
 
-class TargetError(errors.ConfigError):
+class TargetError(errors.UsageError):
   """A target name that is not in the tables, or a count that does not make a slice."""
 
 
@@ -199,7 +199,7 @@ def _count(text: str, name: str) -> tuple[int, int]:
 def tpu_topology(chips: int, dims: int) -> str:
   """The standard topology of a slice of `chips` chips ('2x4', '2x2x1', '4x4x4')."""
   if chips < 1 or chips & (chips - 1) or (dims == 3 and chips < 4):
-    raise ValueError(f"{chips} chips: a {dims}D slice has a power of two"
+    raise TargetError(f"{chips} chips: a {dims}D slice has a power of two"
                      + (", at least 4" if dims == 3 else ""))
   shape = [2, 2, 1] if dims == 3 else [1, 1]
   while math.prod(shape) < chips:  # double the smallest axis, the last one on ties

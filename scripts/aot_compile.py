@@ -37,31 +37,8 @@ import argparse
 import json
 import sys
 
-from absl import flags
-from ml_collections import config_flags
-
-from nanollama_jax import aot, targets
+from nanollama_jax import aot, errors, targets
 from nanollama_jax import config as config_lib
-
-
-def _load_config(path: str, overrides: list[str]):
-  """The recipe at `path` (FILE or FILE:ARG) with `--config.x=y` overrides, validated."""
-  if not os.path.isfile(path.split(":", 1)[0]):
-    raise config_lib.ConfigError(f"--config {path}: no such file (the recipes are in configs/)")
-  for arg in overrides:
-    if not arg.startswith("--config."):
-      raise config_lib.ConfigError(f"unexpected argument {arg!r} (see --help)")
-    config_lib.check_key(arg[len("--config."):].split("=", 1)[0])
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "the recipe", flag_values=values,
-                                  lock_config=True)
-  try:
-    values(["aot_compile", f"--config={path}", *overrides])
-    cfg = values.config
-  except (flags.Error, KeyError, AttributeError, OSError, TypeError, ValueError) as e:
-    raise config_lib.ConfigError(" ".join(str(e).split())) from e
-  config_lib.validate(cfg, check_files=False)
-  return cfg
 
 
 def _list_targets() -> str:
@@ -90,12 +67,6 @@ def _parse(argv):
   return p.parse_known_args(argv)
 
 
-def _fail(kind: str, message: str) -> None:
-  """Ends the program with one line (no traceback) for a mistake the user can fix."""
-  print(f"{kind}: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _say(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
@@ -105,41 +76,33 @@ def main(argv: list[str] | None = None) -> None:
   if args.list_targets:
     print(json.dumps({"targets": targets.listing()}) if args.json else _list_targets())
     return
-  try:
-    if not args.config or not args.targets:
-      raise targets.TargetError("both --config and --targets are required (see --help)")
-    programs = tuple(p for p in args.programs.split(",") if p)
-    unknown = [p for p in programs if p not in aot.PROGRAMS]
-    if unknown or not programs:
-      raise targets.TargetError(f"--programs {args.programs}: allowed {', '.join(aot.PROGRAMS)}")
-    chosen = targets.parse_list(args.targets)
-    targets.gpu_memory_fraction()  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION fails now
-  except targets.TargetError as e:
-    _fail("usage error", str(e))
-  try:
-    cfg = _load_config(args.config, overrides)
-  except config_lib.ConfigError as e:
-    _fail("config error", str(e))
+  if not args.config or not args.targets:
+    raise errors.UsageError("both --config and --targets are required (see --help)")
+  programs = tuple(p for p in args.programs.split(",") if p)
+  unknown = [p for p in programs if p not in aot.PROGRAMS]
+  if unknown or not programs:
+    raise errors.UsageError(f"--programs {args.programs}: allowed {', '.join(aot.PROGRAMS)}")
+  chosen = targets.parse_list(args.targets)
+  targets.gpu_memory_fraction()  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION fails now
+  cfg = config_lib.load(args.config, overrides)
+  config_lib.validate(cfg, check_files=False)
   results = []
-  try:
-    for target in chosen:
-      report = aot.compile_target(cfg, target, programs, progress=_say)
-      result = report.to_dict()
+  for target in chosen:
+    report = aot.compile_target(cfg, target, programs, progress=_say)
+    result = report.to_dict()
+    if args.max_batch:
+      best, _ = aot.max_batch(cfg, target, progress=_say)
+      result["max_batch_per_device"] = best
+    results.append(result)
+    if not args.json:
+      print(aot.format_report(report))
       if args.max_batch:
-        best, _ = aot.max_batch(cfg, target, progress=_say)
-        result["max_batch_per_device"] = best
-      results.append(result)
-      if not args.json:
-        print(aot.format_report(report))
-        if args.max_batch:
-          print(f"  largest micro-batch whose train step fits: {result['max_batch_per_device']} "
-                "sequences per device")
-  except aot.Unavailable as e:
-    _fail("install error", str(e))
+        print(f"  largest micro-batch whose train step fits: {result['max_batch_per_device']} "
+              "sequences per device")
   if args.json:
     print(json.dumps({"config": args.config, "overrides": overrides, "results": results}))
   sys.exit(0 if all(r["fits"] for r in results) else 1)
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

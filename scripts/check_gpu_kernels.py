@@ -26,8 +26,7 @@ import json
 import sys
 import time
 
-from nanollama_jax import aot
-from nanollama_jax import kernel_check
+from nanollama_jax import errors, kernel_check
 from nanollama_jax.attention import pallas
 
 
@@ -59,11 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                  help=f"comma-separated (default: all of {','.join(kernel_check.DTYPES)})")
   args = p.parse_args(argv)
   start = time.perf_counter()
-  try:
-    entries = kernel_check.check(args.generations, args.head_dims, args.dtypes, _progress)
-  except aot.Unavailable as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  entries = kernel_check.check(args.generations, args.head_dims, args.dtypes, _progress)
   took = time.perf_counter() - start
   failed = [e for e in entries if not e.ok]
   if args.json:
@@ -76,4 +71,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

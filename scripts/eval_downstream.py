@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+
+from nanollama_jax import errors
 
 
 def table(metrics: dict[str, dict[str, float]], samples: dict[str, int]) -> str:
@@ -42,15 +43,14 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+  from nanollama_jax import harness  # pylint: disable=import-outside-toplevel
   try:
-    from nanollama_jax import checkpoint, harness  # pylint: disable=import-outside-toplevel
     results = harness.evaluate(args.workdir, tasks, limit, args.include_path, args.step,
                                args.batch_size)
-  except (ImportError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
   except ConnectionError as e:
-    sys.exit(f"error: a task's dataset could not be downloaded ({e}); use tasks whose data is "
-             "local (--include-path) on a machine without the Hugging Face Hub")
+    raise errors.NetworkError(
+      f"a task's dataset could not be downloaded ({e}); use tasks whose data is local "
+      "(--include-path) on a machine without the Hugging Face Hub") from e
   step = results["config"]["step"]
   out = os.path.join(args.workdir, "downstream", f"step_{step}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -65,4 +65,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from nanollama_jax import checkpoint, config, evaluate
+from nanollama_jax import checkpoint, errors, evaluate
 from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 
@@ -28,13 +27,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--max-batches", type=int, default=10**9, help="stop after this many batches")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   args = p.parse_args(argv)
-  try:
-    cfg, params, step = checkpoint.load_run(args.workdir, args.step)
-    tokenizer = workdir_tokenizer(args.workdir)
-    result = evaluate.perplexity(cfg, params, tokenizer, args.files,
-                                 max_batches=args.max_batches)
-  except (checkpoint.CheckpointError, config.ConfigError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  cfg, params, step = checkpoint.load_run(args.workdir, args.step)
+  tokenizer = workdir_tokenizer(args.workdir)
+  result = evaluate.perplexity(cfg, params, tokenizer, args.files, max_batches=args.max_batches)
   result["step"] = step
   if args.json:
     print(json.dumps(result))
@@ -45,4 +40,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from nanollama_jax import checkpoint, export
+from nanollama_jax import checkpoint, errors, export
 from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 
@@ -27,12 +26,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   args = p.parse_args(argv)
-  try:
-    cfg, params, step = checkpoint.load_run(args.workdir, args.step)
-    tok = workdir_tokenizer(args.workdir)
-    export.save_hf(args.out, params, cfg.model, tok, args.dtype)
-  except (checkpoint.CheckpointError, export.ExportError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  cfg, params, step = checkpoint.load_run(args.workdir, args.step)
+  tok = workdir_tokenizer(args.workdir)
+  export.save_hf(args.out, params, cfg.model, tok, args.dtype)
   files = sorted(os.listdir(args.out))
   if args.json:
     print(json.dumps({"step": step, "out": args.out, "files": files}))
@@ -41,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

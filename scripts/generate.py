@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from nanollama_jax import checkpoint, generate
+from nanollama_jax import checkpoint, errors, generate
 from nanollama_jax.data import chat
 from nanollama_jax.data.tokenizer import workdir_tokenizer
 
@@ -40,21 +39,19 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   if args.system and not args.chat:
     p.error("--system needs --chat")
-  try:
-    cfg, params, step = checkpoint.load_run(args.workdir, args.step)
-    tok = workdir_tokenizer(args.workdir)
-    if args.chat:
-      prompts = [chat.prompt(tok, text, args.system) for text in args.prompt]
-    else:
-      prompts = [[tok.bos_id, *tok.encode(text)] for text in args.prompt]
-    max_new = min(args.max_new_tokens, cfg.model.max_seq_len - max(map(len, prompts)))
-    if max_new < 1:
-      raise ValueError(f"the prompt fills the model's context of {cfg.model.max_seq_len} tokens")
-    out = generate.generate(cfg.model, params, prompts, max_new, args.temperature, args.top_k,
-                            args.top_p, args.seed, pad_id=tok.pad_id,
-                            eos_id=chat.STOP_IDS if args.chat else tok.eos_id)
-  except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  cfg, params, step = checkpoint.load_run(args.workdir, args.step)
+  tok = workdir_tokenizer(args.workdir)
+  if args.chat:
+    prompts = [chat.prompt(tok, text, args.system) for text in args.prompt]
+  else:
+    prompts = [[tok.bos_id, *tok.encode(text)] for text in args.prompt]
+  max_new = min(args.max_new_tokens, cfg.model.max_seq_len - max(map(len, prompts)))
+  if max_new < 1:
+    raise errors.UsageError(f"the prompt fills the model's context of {cfg.model.max_seq_len} "
+                            "tokens")
+  out = generate.generate(cfg.model, params, prompts, max_new, args.temperature, args.top_k,
+                          args.top_p, args.seed, pad_id=tok.pad_id,
+                          eos_id=chat.STOP_IDS if args.chat else tok.eos_id)
   if args.chat:
     _print_replies(step, [chat.split_reply(tok, ids) for ids in out], out, args.json)
     return
@@ -80,4 +77,4 @@ def _print_replies(step: int, replies: list[tuple[str, str]], out: list[list[int
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

@@ -17,9 +17,8 @@ import argparse
 import json
 import os
 import re
-import sys
 
-from nanollama_jax import data
+from nanollama_jax import data, errors
 from nanollama_jax.data import sources
 
 SYSTEMS = ("You are a storyteller for young children.",
@@ -58,7 +57,7 @@ def write_split(src: str, out: str, count: int, max_chars: int) -> dict[str, int
   """Writes `count` conversations made of the short stories of `src`; returns counts."""
   stories = [s for s in sources.read_files([src], "text") if len(s) <= max_chars][:count]
   if len(stories) < count:
-    raise ValueError(f"{src}: only {len(stories)} stories of at most {max_chars} characters")
+    raise errors.DataError(f"{src}: only {len(stories)} stories of at most {max_chars} characters")
   convs = [conversation(i, story) for i, story in enumerate(stories)]
   with open(out, "w", encoding="utf-8") as f:
     for messages in convs:
@@ -78,12 +77,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  try:
-    summary = {split: write_split(str(data.sample_dir() / f"{split}.jsonl"),
-                                  os.path.join(args.out, f"{split}.jsonl"), n, args.max_chars)
-               for split, n in (("train", args.train), ("validation", args.validation))}
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  summary = {split: write_split(str(data.sample_dir() / f"{split}.jsonl"),
+                                os.path.join(args.out, f"{split}.jsonl"), n, args.max_chars)
+             for split, n in (("train", args.train), ("validation", args.validation))}
   if args.json:
     print(json.dumps(summary))
     return
@@ -92,4 +88,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

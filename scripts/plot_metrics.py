@@ -9,26 +9,20 @@ pip install -e ".[plot]".
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
-import sys
+
+from nanollama_jax import errors
+from nanollama_jax import workdir as workdir_lib
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
+  """The run's metrics rows; CheckpointError if it is not a run or logged no loss yet."""
+  path = workdir_lib.path(workdir, workdir_lib.METRICS)
   if not os.path.isfile(path):
-    raise ValueError(f"{path}: no such file (is {workdir} a training workdir?)")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
+    raise errors.CheckpointError(f"{path}: no such file (is {workdir} a training workdir?)")
+  rows = workdir_lib.read_metrics(workdir)
   if not any("loss" in r for r in rows):
-    raise ValueError(f"{path}: no training loss logged yet")
+    raise errors.CheckpointError(f"{path}: no training loss logged yet")
   return rows
 
 
@@ -74,12 +68,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--out", required=True, help="the image to write (.png, .svg, .pdf)")
   p.add_argument("--title", default=None, help="default: the workdir's name")
   args = p.parse_args(argv)
-  try:
-    rows = read_metrics(args.workdir)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  if importlib.util.find_spec("matplotlib") is None:
-    sys.exit('error: plotting needs matplotlib: pip install -e ".[plot]"')
+  rows = read_metrics(args.workdir)
+  errors.require(("matplotlib",), "plot", "plotting")
   plot(rows, args.out, args.title or os.path.basename(os.path.normpath(args.workdir)))
   last = [r for r in rows if "loss" in r][-1]
   print(f"Wrote {args.out}: {sum('loss' in r for r in rows)} train and "
@@ -88,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import tqdm
 
-from nanollama_jax import config
+from nanollama_jax import config, errors
 from nanollama_jax.data import shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -59,7 +59,8 @@ def _texts(args: argparse.Namespace, skipped: collections.Counter) -> Iterator[s
   if args.input:
     files = config.expand_globs(args.input, "--input")
     if any(shards.is_dataset(f) for f in files):
-      raise ValueError(f"--input={args.input!r} matches a pretokenized dataset, not text files")
+      raise errors.UsageError(f"--input={args.input!r} matches a pretokenized dataset, not text "
+                              "files")
     return sources.read_files(files, args.text_key, args.text_separator, skipped)
   stream = sources.HubStream(args.hf_path, args.hf_name, args.split, args.text_key,
                              args.hf_data_files)
@@ -116,10 +117,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  try:
-    summary = prepare(args)
-  except (ValueError, FileExistsError, config.ConfigError) as e:
-    sys.exit(f"error: {e}")
+  summary = prepare(args)
   if args.json:
     print(json.dumps(summary))
     return
@@ -130,4 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

@@ -15,13 +15,11 @@ compute). The data default to the TinyStories sample shipped with the package.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import runpy
 import sys
 
-from nanollama_jax import checkpoint, data, scaling, train
+from nanollama_jax import config, data, errors, scaling
 
 
 def summary(doc: dict) -> str:
@@ -79,27 +77,21 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dry-run", action="store_true",
                  help="print the grid of runs (layers, N, steps) and exit without training")
   args = p.parse_args(argv)
-  if importlib.util.find_spec("matplotlib") is None:
-    sys.exit('error: the sweep draws its figure with matplotlib: pip install -e ".[plot]"')
-  if not os.path.isfile(args.base):
-    sys.exit(f"error: --base {args.base}: no such file (the recipes are in configs/)")
-  base = runpy.run_path(args.base)["get_config"]()
+  errors.require(("matplotlib",), "plot", "the sweep's figure")
+  base = config.load(args.base)
   if args.batch_size is not None:
     base.data.batch_size = args.batch_size
   try:
     dims = [int(s) for s in args.sizes.split(",") if s.strip()]
-    budgets = [scaling.parse_count(s) for s in args.tokens.split(",") if s.strip()]
-    if args.dry_run:
-      print(grid_table(scaling.grid(base, dims, budgets, "", args.data_files, args.eval_files)))
-      return
-    doc = scaling.sweep(base, dims, budgets, args.out, args.data_files, args.eval_files,
-                        say=lambda line: print(line, file=sys.stderr, flush=True),
-                        bootstrap=args.bootstrap, budget_flops=args.budget)
-  except (ValueError, checkpoint.CheckpointError, train.TrainingError) as e:  # config, data too
-    sys.exit(f"error: {e}")
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-    sys.exit(128 + e.signum)
+  except ValueError as e:
+    raise errors.UsageError(f"--sizes {args.sizes}: comma-separated integers") from e
+  budgets = [scaling.parse_count(s) for s in args.tokens.split(",") if s.strip()]
+  if args.dry_run:
+    print(grid_table(scaling.grid(base, dims, budgets, "", args.data_files, args.eval_files)))
+    return
+  doc = scaling.sweep(base, dims, budgets, args.out, args.data_files, args.eval_files,
+                      say=lambda line: print(line, file=sys.stderr, flush=True),
+                      bootstrap=args.bootstrap, budget_flops=args.budget)
   if args.json:
     print(json.dumps(doc))
   else:
@@ -108,4 +100,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

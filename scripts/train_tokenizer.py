@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 
-from nanollama_jax import config
+from nanollama_jax import config, errors
 from nanollama_jax.data import sources, tokenizer
 
 
@@ -34,14 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   start = time.perf_counter()
-  try:
-    files = config.expand_globs(args.input, "--input")
-    docs = list(itertools.islice(
-      sources.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
-    texts = sources.texts(docs)
-    tok = tokenizer.train_tokenizer(texts, args.vocab_size, args.out)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  files = config.expand_globs(args.input, "--input")
+  docs = list(itertools.islice(
+    sources.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
+  texts = sources.texts(docs)
+  tok = tokenizer.train_tokenizer(texts, args.vocab_size, args.out)
   seconds = time.perf_counter() - start
   sample = texts[0][:60] if texts else ""
   sample_ids = tok.encode(sample)
@@ -65,4 +61,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

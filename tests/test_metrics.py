@@ -90,4 +90,5 @@ def test_plot_metrics_draws_a_png(tmp_path):
   png = (tmp_path / "loss.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   proc = run_script("plot_metrics.py", "--workdir", str(tmp_path / "nope"), "--out", "x.png")
-  assert proc.returncode == 1 and "nope/metrics.jsonl: no such file" in proc.stderr
+  assert proc.returncode == 2 and proc.stderr.startswith("checkpoint error: ")
+  assert "nope/metrics.jsonl: no such file" in proc.stderr

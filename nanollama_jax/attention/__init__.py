@@ -29,7 +29,7 @@ import re
 
 import jax
 
-from nanollama_jax import sharding, targets
+from nanollama_jax import errors, sharding, targets
 from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.config import ATTENTION_IMPLS
 
@@ -50,15 +50,15 @@ class Target:
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
-      raise ValueError(f"target platform {self.platform!r}: allowed: {', '.join(PLATFORMS)}")
+      raise errors.ConfigError(f"target platform {self.platform!r}: allowed: {', '.join(PLATFORMS)}")
     if self.platform == "cuda" and not re.fullmatch(r"sm_\d+", str(self.generation)):
-      raise ValueError(f"target generation {self.generation!r} for cuda: give the GPU's compute "
+      raise errors.ConfigError(f"target generation {self.generation!r} for cuda: give the GPU's compute "
                        "capability as 'sm_XY', e.g. 'sm_80' (A100), 'sm_86' (RTX 3090), "
                        "'sm_90' (H100)")
     if self.platform == "tpu" and not self.generation:
-      raise ValueError("target generation None for tpu: name one, e.g. 'v4', 'v5e', 'v5p', 'v6e'")
+      raise errors.ConfigError("target generation None for tpu: name one, e.g. 'v4', 'v5e', 'v5p', 'v6e'")
     if self.platform in ("cpu", "rocm") and self.generation is not None:
-      raise ValueError(f"target generation {self.generation!r} for {self.platform}: must be None")
+      raise errors.ConfigError(f"target generation {self.generation!r} for {self.platform}: must be None")
 
   @classmethod
   def of(cls, device: jax.Device) -> Target:
@@ -88,13 +88,13 @@ def resolve(impl: str, target: Target) -> str:
   """The implementation `impl` stands for on `target` ('auto' resolved); raises if `target`
   cannot run it."""
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"model.attention={impl!r}: allowed: {', '.join(ATTENTION_IMPLS)}")
+    raise errors.ConfigError(f"model.attention={impl!r}: allowed: {', '.join(ATTENTION_IMPLS)}")
   if impl == "auto":
     return {"cuda": "pallas", "tpu": "splash"}.get(target.platform, "xla")
   needs = _KERNEL_PLATFORM.get(impl, target.platform)
   interpreted = target.platform == "cpu" and impl != "cudnn" and _interpret_requested()
   if needs != target.platform and not interpreted:
-    raise ValueError(f"model.attention={impl!r} is {_KERNEL_NAME[impl]} and the target is "
+    raise errors.ConfigError(f"model.attention={impl!r} is {_KERNEL_NAME[impl]} and the target is "
                      f"{target.platform}: use model.attention='xla' (or 'auto', which picks "
                      f"{resolve('auto', target)!r} there)")
   return impl

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from nanollama_jax import targets
+from nanollama_jax import errors, targets
 
 # Segment ids given to padding: padded queries match no key, padded keys no query.
 _PAD_Q, _PAD_KV = -2, -1
@@ -164,10 +164,10 @@ def device_generation(device: jax.Device) -> str:
 def table_row(generation: str) -> str | None:
   """The table row serving GPU `generation` ("sm_86"), or None for an unknown newer GPU."""
   if not (generation.startswith("sm_") and generation[3:].isdigit()):
-    raise ValueError(f"GPU generation {generation!r}: expected sm_ and the compute capability's "
+    raise errors.ConfigError(f"GPU generation {generation!r}: expected sm_ and the compute capability's "
                      "digits, like 'sm_90' for 9.0")
   if int(generation[3:]) < 80:
-    raise ValueError(f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
+    raise errors.ConfigError(f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
                      ": use model.attention='xla'")
   generation = _ALIASES.get(generation, generation)
   return generation if generation in GENERATIONS else None
@@ -176,7 +176,7 @@ def table_row(generation: str) -> str | None:
 def _dtype_key(dtype) -> str:
   name = jnp.dtype(dtype).name
   if name not in ("bfloat16", "float16", "float32"):
-    raise ValueError(f"the pallas kernel takes bfloat16, float16 or float32 inputs, got {name}")
+    raise errors.ConfigError(f"the pallas kernel takes bfloat16, float16 or float32 inputs, got {name}")
   return "bfloat16" if name == "float16" else name  # float16 tiles are bfloat16's: same size
 
 
@@ -185,7 +185,7 @@ def choose_tiles(head_dim: int, dtype, interpret: bool, generation: str | None =
   if interpret:
     return _INTERPRET_TILES
   if head_dim not in HEAD_DIMS:
-    raise ValueError(f"head dim {head_dim}: the pallas kernel supports {HEAD_DIMS}")
+    raise errors.ConfigError(f"head dim {head_dim}: the pallas kernel supports {HEAD_DIMS}")
   generation = generation or device_generation(jax.devices()[0])
   row = table_row(generation)
   if row is None:
@@ -200,7 +200,7 @@ def _interpret_mode() -> bool:
   if os.environ.get(INTERPRET_ENV) == "1":
     return True
   if jax.default_backend() != "gpu":
-    raise ValueError(
+    raise errors.ConfigError(
       f"model.attention='pallas' is a CUDA GPU kernel and this run is on "
       f"{jax.default_backend()}: use model.attention='xla' (or 'auto', which picks it)")
   return False

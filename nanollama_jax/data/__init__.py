@@ -28,7 +28,7 @@ def sample_dir() -> pathlib.Path:
   missing = [name for name in SAMPLE_FILES if not (path / name).is_file()]
   if missing:
     where = f"{SAMPLE_ENV}={env}" if env else "the shipped sample"
-    raise FileNotFoundError(f"{where}: {path} lacks {', '.join(missing)}")
+    raise errors.DataError(f"{where}: {path} lacks {', '.join(missing)}")
   return path
 
 

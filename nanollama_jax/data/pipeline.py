@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from nanollama_jax import config
+from nanollama_jax import config, errors
 from nanollama_jax.data import DataError, chat, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -413,7 +413,7 @@ def eval_batches(
   """Returns the first `max_batches` global batches of the eval split, in order, the last one
   padded: the same batches at every evaluation, on every process."""
   if max_batches < 1:
-    raise ValueError(f"max_batches={max_batches}: must be >= 1")
+    raise errors.UsageError(f"max_batches={max_batches}: must be >= 1")
   # In-process: evaluation reads few documents, not worth starting worker processes for.
   ds, _ = windows(data_cfg, tokenizer, "eval")
   batches = []

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.data import DataError
 
 INDEX = "index.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = workdir_lib.TOKENIZER  # a shard directory names its tokenizer as a workdir does
 FORMAT = "nanollama-tokens"
 VERSION = 1
 
@@ -86,7 +87,7 @@ class ShardWriter:
     for doc in docs:
       ids = np.asarray(doc, dtype=np.int64)
       if len(ids) and (ids.min() < 0 or ids.max() >= self._index["vocab_size"]):
-        raise ValueError(f"token id out of range [0, {self._index['vocab_size']})")
+        raise DataError(f"token id out of range [0, {self._index['vocab_size']})")
       self._pending.append(ids.astype(self._dtype))
       self._pending_tokens += len(ids)
       if self._pending_tokens >= self._shard_tokens:

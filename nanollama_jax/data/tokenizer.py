@@ -11,7 +11,8 @@ import ml_collections
 import sentencepiece as spm
 from absl import logging
 
-from nanollama_jax import paths
+from nanollama_jax import errors, paths
+from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.data import DataError, sources
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -21,7 +22,7 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>")
 SYSTEM_ID, USER_ID, ASSISTANT_ID, END_OF_TURN_ID, THINK_ID, END_THINK_ID = range(
   PAD_ID + 1, PAD_ID + 1 + len(CHAT_TOKENS))
-WORKDIR_NAME = "tokenizer.model"
+WORKDIR_NAME = workdir_lib.TOKENIZER
 
 
 class Tokenizer:
@@ -106,7 +107,7 @@ def workdir_tokenizer(workdir: str) -> Tokenizer:
   """The tokenizer a training run in `workdir` used (and keeps there)."""
   path = paths.join(workdir, WORKDIR_NAME)
   if not paths.exists(path):
-    raise FileNotFoundError(f"{workdir} has no {WORKDIR_NAME}: not a training run's workdir")
+    raise errors.CheckpointError(f"{workdir} has no {WORKDIR_NAME}: not a training run's workdir")
   return Tokenizer(path)
 
 

@@ -1,0 +1,73 @@
+"""The workdir contract: the name of everything a run writes, and the one reader of its metrics.
+
+```
+WORKDIR/
+  config.json            CONFIG: the resolved config
+  tokenizer.model        TOKENIZER: the tokenizer the run uses
+  checkpoints/<step>/    CHECKPOINTS: orbax checkpoints (checkpoint.py)
+  checkpoints_damaged/   DAMAGED: checkpoints whose bytes failed their fingerprints, moved aside
+  metrics.jsonl          METRICS: one JSON object per logged step (metrics.MetricsWriter)
+  tb/                    TENSORBOARD: TensorBoard event files
+  profile/               PROFILE: jax.profiler traces (train.profile_steps)
+```
+
+A workdir may be a local directory or a bucket URL (paths.py).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nanollama_jax import errors, paths
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+CHECKPOINTS = "checkpoints"
+DAMAGED = "checkpoints_damaged"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+PROFILE = "profile"
+
+
+def path(workdir: str, name: str) -> str:
+  """WORKDIR/name, for a local directory or a bucket."""
+  return paths.join(workdir, name)
+
+
+def parse_metrics(text: str, where: str = METRICS) -> list[dict[str, Any]]:
+  """The rows of metrics.jsonl text; a cut-off last line (a crash mid-write) is skipped.
+
+  Raises CheckpointError for a line that is not JSON anywhere else: that file was damaged.
+  """
+  lines = text.splitlines()
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines) and not text.endswith("\n"):
+        continue  # the writer died before the newline: that row was never complete
+      raise errors.CheckpointError(f"{where}, line {number}: not JSON ({e})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+      raise errors.CheckpointError(f"{where}, line {number}: not a metrics row (no integer step)")
+    rows.append(row)
+  return rows
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Every complete row of WORKDIR/metrics.jsonl, in order; [] when the run logged nothing yet."""
+  where = path(workdir, METRICS)
+  return parse_metrics(paths.read_text(where), where) if paths.exists(where) else []
+
+
+def latest(rows: list[dict[str, Any]], keys: tuple[str, ...],
+           until_step: int | None = None) -> dict[str, Any]:
+  """The newest value of each of `keys` in rows at or before `until_step` (default: all)."""
+  found: dict[str, Any] = {}
+  for row in rows:
+    if until_step is None or row["step"] <= until_step:
+      found.update({k: row[k] for k in keys if k in row})
+  return found
