@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nanollama_jax import attention, errors, evaluate, model, optim, sharding, targets, train
+from nanollama_jax import attention, errors, evaluate, model, sharding, targets
+from nanollama_jax import step as step_lib
 from nanollama_jax import config as config_lib
 
 PROGRAMS = ("train_step", "eval_step", "prefill", "decode")
@@ -151,7 +152,7 @@ def devices(target: targets.Target) -> tuple[Any, ...]:
 def _lower_eval(cfg, mesh, attn_target, abstract, shardings):
   step = evaluate.make_eval_step(model.graph(cfg.model, attn_target), mesh)
   params = sharding.abstract(abstract.params, shardings.params)
-  return step.trace(params, train.abstract_batch(cfg, mesh)).lower(
+  return step.trace(params, step_lib.abstract_batch(cfg, mesh)).lower(
     lowering_platforms=(attn_target.platform,))
 
 
@@ -238,14 +239,14 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
   except config_lib.ConfigError as e:
     report.error = f"{e} ({target.devices} devices on {target.name})"
     return report
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  abstract, shardings = train.state_sharding(cfg, tx, mesh)
+  built = step_lib.build(cfg, mesh, attn_target)
+  abstract, shardings = built.abstract, built.shardings
   # Beside evaluation and sampling the loop keeps the rest of the train state on the device.
   beside = (sharding.bytes_per_device(shardings, abstract)
             - sharding.bytes_per_device(shardings.params, abstract.params))
   _, prompt = sampling_shape(cfg)
   lowerers = {
-    "train_step": (lambda: train.lower_train_step(cfg, mesh, attn_target), 0),
+    "train_step": (lambda: step_lib.lower_train_step(cfg, mesh, attn_target), 0),
     "eval_step": (lambda: _lower_eval(cfg, mesh, attn_target, abstract, shardings), beside),
     "prefill": (lambda: _lower_sampling(cfg, mesh, attn_target, abstract, shardings, prompt),
                 beside),

@@ -211,13 +211,35 @@ def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any
 # --- The manager -------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Meta:
+  """The train state's counters, saved beside its arrays in meta/ (with their fingerprints)."""
+  step: int  # batches consumed, skipped ones included
+  tokens_seen: int
+  bad_run: int = 0  # consecutive non-finite steps up to `step`
+  skipped: int = 0  # non-finite steps skipped in the whole run
+  rng: tuple[int, int] = (0, 0)  # the run's RNG key data
+
+  def to_json(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "rng": [int(x) for x in self.rng]}
+
+  @classmethod
+  def from_json(cls, saved: dict[str, Any]) -> Meta:
+    """The counters of a saved meta/ item (its fingerprints are read separately)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kept = {k: v for k, v in saved.items() if k in fields}
+    if "rng" in kept:
+      kept["rng"] = tuple(int(x) for x in kept["rng"])
+    return cls(**kept)
+
+
 @dataclasses.dataclass
 class Restored:
   step: int
   params: Any
   opt_state: Any | None
   data_state: Any
-  meta: dict[str, Any]
+  meta: Meta
   config: dict[str, Any]
 
 
@@ -278,24 +300,24 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, params: Any, opt_state: Any, data_state: Any,
-           meta: dict[str, Any], config_json: str) -> bool:
-    """Starts writing checkpoint `step`; returns False (and saves nothing) for a non-finite state.
+  def save(self, params: Any, opt_state: Any, data_state: Any, meta: Meta,
+           config_json: str) -> bool:
+    """Starts writing checkpoint `meta.step`; returns False (saving nothing) for a non-finite state.
 
     Returns once the arrays are copied off the device; with asynchronous saving the files are
     written in the background. `last_blocking_s` holds how long the call blocked.
     """
     start = time.perf_counter()
+    step = meta.step
     hashes, finite = fingerprint({"params": params, "opt_state": opt_state})
     if not finite:
       logging.error("not saving step %d: the parameters or optimizer state are not finite", step)
       return False
-    meta = {**meta, "step": step, "fingerprint": hashes}
     self._manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
       data=ProcessJsonSave(data_state),
-      meta=ocp.args.JsonSave(meta),
+      meta=ocp.args.JsonSave({**meta.to_json(), "fingerprint": hashes}),
       config=ocp.args.JsonSave(json.loads(config_json)),
     ), force=True)
     self.last_blocking_s = time.perf_counter() - start
@@ -328,7 +350,8 @@ class Checkpointer:
       raise CheckpointError(f"the values read back differ from the ones saved in {bad[:3]}"
                             f"{' and others' if len(bad) > 3 else ''}")
     return Restored(step=step, params=r["params"], opt_state=r.get("opt_state"),
-                    data_state=r.get("data"), meta=r["meta"], config=r["config"])
+                    data_state=r.get("data"), meta=Meta.from_json(r["meta"]),
+                    config=r["config"])
 
   def restore(self, abstract_params: Any, abstract_opt_state: Any | None, model_cfg: Any
               ) -> Restored | None:

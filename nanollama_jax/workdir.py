@@ -71,3 +71,31 @@ def latest(rows: list[dict[str, Any]], keys: tuple[str, ...],
     if until_step is None or row["step"] <= until_step:
       found.update({k: row[k] for k in keys if k in row})
   return found
+
+
+class FailedStart:
+  """Removes what a run created in its workdir when it fails before its first step.
+
+  A workdir left with a config and a tokenizer but no step would be taken for a run by the next
+  command (which would reuse a tokenizer trained for a run that never happened). Set `started`
+  once the first step ran. Only process 0 removes anything.
+  """
+
+  def __init__(self, workdir: str, process_index: int = 0):
+    self.workdir = workdir
+    self.process_index = process_index
+    self.existed = paths.isdir(workdir)
+    self.before = set(paths.listdir(workdir))
+    self.started = False
+
+  def __enter__(self) -> FailedStart:
+    return self
+
+  def __exit__(self, kind, error, tb) -> None:
+    if kind is None or self.started or self.process_index != 0:
+      return
+    if not self.existed:
+      paths.remove(self.workdir)
+      return
+    for name in set(paths.listdir(self.workdir)) - self.before:
+      paths.remove(path(self.workdir, name))

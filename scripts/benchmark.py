@@ -85,7 +85,9 @@ if ARGS is not None and not ARGS.system_malloc:
 import jax  # pylint: disable=wrong-import-position
 
 from nanollama_jax import config as config_lib  # pylint: disable=wrong-import-position
-from nanollama_jax import model, sharding, train  # pylint: disable=wrong-import-position
+from nanollama_jax import model, sharding  # pylint: disable=wrong-import-position
+from nanollama_jax import step as step_lib  # pylint: disable=wrong-import-position
+from nanollama_jax.data import pipeline  # pylint: disable=wrong-import-position
 from nanollama_jax.data import sample_dir  # pylint: disable=wrong-import-position
 
 
@@ -136,7 +138,7 @@ def compile_depth(unrolled_max: int) -> dict:
         continue
       cfg = _bench_cfg(n_layers=depth, scan_layers=scan)
       start = time.perf_counter()
-      train.lower_train_step(cfg, mesh).compile()
+      step_lib.lower_train_step(cfg, mesh).compile()
       seconds = time.perf_counter() - start
       out["scan" if scan else "unrolled"][str(depth)] = round(seconds, 3)
       _progress(f"compile {'scan' if scan else 'unrolled'} {depth} layers: {seconds:.2f}s")
@@ -152,7 +154,7 @@ def remat_memory() -> dict:
   out: dict = {"shape": "8 layers, dim 256, 8/4 heads, FFN 704, vocab 4096, batch 8 x 256, "
                         "float32, one device", "peak_mib": {}, "temp_mib": {}}
   for remat in config_lib.REMAT_POLICIES:
-    memory = train.lower_train_step(_bench_cfg(n_layers=8, remat=remat),
+    memory = step_lib.lower_train_step(_bench_cfg(n_layers=8, remat=remat),
                                     mesh).compile().memory_analysis()
     out["peak_mib"][remat] = round(_peak(memory) / 2**20, 1)
     out["temp_mib"][remat] = round(memory.temp_size_in_bytes / 2**20, 1)
@@ -185,7 +187,7 @@ def recipes() -> dict:
       row[label] = {}
       for prefix, variant in variants.items():
         start = time.perf_counter()
-        memory = train.lower_train_step(variant, mesh).compile().memory_analysis()
+        memory = step_lib.lower_train_step(variant, mesh).compile().memory_analysis()
         row[label].update({f"{prefix}peak_gib": round(_peak(memory) / 2**30, 2),
                            f"{prefix}temp_gib": round(memory.temp_size_in_bytes / 2**30, 2),
                            f"{prefix}compile_s": round(time.perf_counter() - start, 2)})
@@ -216,25 +218,16 @@ def _median_step_seconds(step: Callable[[], float], warmup: int, steps: int) -> 
 
 def _random_batch(vocab_size: int, batch: int, seq_len: int, rng) -> dict:
   """A batch of random tokens, one document per row."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  seq = rng.integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
-  return {"inputs": seq[:, :-1], "targets": seq[:, 1:],
-          "segment_ids": np.ones((batch, seq_len), np.int32),
-          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                       (batch, seq_len)).copy(),
-          "loss_mask": np.ones((batch, seq_len), np.float32)}
+  return pipeline.single_document_rows(rng.integers(0, vocab_size, (batch, seq_len + 1)))
 
 
 def _jax_step_fn(cfg, batch_np: dict):
   """Our train step as train.py builds it, on a one-device mesh; returns a blocking closure."""
-  from nanollama_jax import optim  # pylint: disable=import-outside-toplevel
   mesh = _one_device_mesh()
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  _, shardings = train.state_sharding(cfg, tx, mesh)
-  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
-                               optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+  built = step_lib.build(cfg, mesh)
+  step = built.train_step
   params = model.init_params(cfg.model, cfg.train.seed)
-  state = jax.device_put(train.init_state(params, tx.init(params), cfg.train.seed), shardings)
+  state = built.fresh_state(cfg, params)
   batch = sharding.global_batch(batch_np, sharding.batch_sharding(mesh))
   holder = [state]
 

@@ -94,10 +94,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanollama_jax import attention, metrics, model, optim, sharding, train
+from nanollama_jax import attention, metrics, sharding, train
+from nanollama_jax import step as step_lib
+from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.attention import pallas
 from nanollama_jax.data import pipeline, sample_dir
-from nanollama_jax.data.tokenizer import WORKDIR_NAME, Tokenizer
+from nanollama_jax.data.tokenizer import Tokenizer
 # pylint: enable=wrong-import-position
 
 
@@ -198,13 +200,10 @@ def _step_tokens_per_s(cfg, workdir: str, steps: int) -> float:
   """Tokens/s of the train step alone, on one batch of the sample, with nothing else between
   steps: what the device does when the input pipeline keeps up."""
   mesh = sharding.make_mesh(cfg.mesh)
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  _, shardings = train.state_sharding(cfg, tx, mesh)
-  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
-                               optim.lr_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
-  params = model.init_params(cfg.model, cfg.train.seed)
-  state = jax.device_put(train.init_state(params, tx.init(params), cfg.train.seed), shardings)
-  batches = pipeline.train_batches(cfg.data, Tokenizer(os.path.join(workdir, WORKDIR_NAME)))
+  built = step_lib.build(cfg, mesh)
+  step, state = built.train_step, built.fresh_state(cfg)
+  batches = pipeline.train_batches(cfg.data, Tokenizer(workdir_lib.path(workdir,
+                                                                        workdir_lib.TOKENIZER)))
   batch = sharding.global_batch(next(batches), sharding.batch_sharding(mesh))
   for _ in range(2):  # compilation, then one step more
     state, _ = step(state, batch)
@@ -235,8 +234,7 @@ def training(sizes: Sizes) -> dict:
       step_only = _step_tokens_per_s(cfg, workdir, sizes.steps)
     except Exception as e:  # pylint: disable=broad-except
       return {**out, **_error(e)}
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f]
+    rows = workdir_lib.read_metrics(workdir)
   peak_flops, peak_source = metrics.device_peak_flops()
   flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.data.seq_len)
 

@@ -12,6 +12,7 @@ from nanollama_jax import attention as attention_lib
 from nanollama_jax.attention import pallas, splash
 from nanollama_jax.attention import xla as xla_lib
 from nanollama_jax.attention.xla import xla_attention
+from nanollama_jax import step as step_lib
 
 
 def inputs(T, H, K, D, dtype, seed=0):
@@ -318,7 +319,7 @@ def test_splash_blocks_per_generation_and_length():
 
 @pytest.mark.slow
 def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_path, monkeypatch):
-  from nanollama_jax import config, model, optim, train
+  from nanollama_jax import config, model, optim
   from nanollama_jax.data import pipeline
   from nanollama_jax.data.tokenizer import Tokenizer
   monkeypatch.setenv(pallas.INTERPRET_ENV, "1")
@@ -334,9 +335,9 @@ def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_pa
   for impl in ("xla", "pallas", "splash"):
     cfg.model.attention = impl
     tx = optim.make_optimizer(cfg.optim, 3)
-    step = train.make_train_step(cfg, model.graph(cfg.model), tx, optim.lr_schedule(cfg.optim, 3))
+    step = step_lib.make_train_step(cfg, model.graph(cfg.model), tx, optim.lr_schedule(cfg.optim, 3))
     params = model.init_params(cfg.model, 0)
-    state = train.init_state(params, tx.init(params), 0)
+    state = step_lib.init_state(params, tx.init(params), 0)
     losses[impl] = []
     for batch in batches:
       state, metrics = step(state, batch)

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from helpers import REPO
 from nanollama_jax import checkpoint, config, model, optim, sharding, train
 from nanollama_jax.data import pipeline
+from nanollama_jax import step as step_lib
 
 
 def small_config(sample_dir, tokenizer_path, **train_overrides):
@@ -177,7 +178,7 @@ def test_values_that_read_back_different_are_caught_by_the_fingerprint(
                           sharding.abstract(jax.eval_shape(tx.init, params), _one_device()),
                           cfg.model)
   ckpt.close()
-  assert restored.step == 4 and restored.meta["step"] == 4
+  assert restored.step == 4 and restored.meta.step == 4
   assert checkpoint.steps_on_disk(str(tmp_path)) == [4]
 
 
@@ -283,9 +284,9 @@ def test_skipped_update_leaves_the_state_unchanged(sample_dir, tokenizer_path):
   cfg = small_config(sample_dir, tokenizer_path)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   params = model.init_params(cfg.model, 0)
-  state = train.init_state(params, tx.init(params), seed=0)
+  state = step_lib.init_state(params, tx.init(params), seed=0)
   before = jax.device_get(state)
-  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
+  step = step_lib.make_train_step(cfg, model.graph(cfg.model), tx,
                                optim.lr_schedule(cfg.optim, cfg.train.steps))
   from nanollama_jax.data.tokenizer import Tokenizer
   batch = next(poison(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))), {1}))
@@ -329,8 +330,8 @@ def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, 
   sharded_params = place(params, fsdp, ("fsdp",))
   assert sharded_params["embed_VxD"].sharding.spec == P("fsdp", None)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
-  ckpt.save(7, sharded_params, place(opt_state, fsdp, ("fsdp",)), {"position": 3},
-            {"tokens_seen": 0, "bad_run": 0, "skipped": 0, "rng": [0, 0]}, config.to_json(cfg))
+  ckpt.save(sharded_params, place(opt_state, fsdp, ("fsdp",)), {"position": 3},
+            checkpoint.Meta(step=7, tokens_seen=0), config.to_json(cfg))
   ckpt.wait()
 
   grid = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))

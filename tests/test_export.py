@@ -13,6 +13,7 @@ from helpers import (LLAMA31, model_cfg, our_logits, random_params, run_script,
 from nanollama_jax import config, export, model, sharding
 from nanollama_jax.data import CHAT_SAMPLE, chat, sources
 from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
+from nanollama_jax import step as step_lib
 
 torch.set_num_threads(2)
 
@@ -158,7 +159,7 @@ def test_a_tokenizer_without_chat_tokens_exports_no_chat_template(sample_dir, tm
 @pytest.mark.slow
 def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path):
   """Our train step (model, loss, AdamW, schedule, clipping) against transformers + torch.optim."""
-  from nanollama_jax import optim, train
+  from nanollama_jax import optim
   cfg = config.get_default_config()
   cfg.model.update(model_cfg(n_kv_heads=2, vocab_size=512).to_dict())
   cfg.optim.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, b1=0.9, b2=0.95,
@@ -171,8 +172,8 @@ def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path)
 
   schedule = optim.lr_schedule(cfg.optim, steps)
   tx = optim.make_optimizer(cfg.optim, steps)
-  step_fn = train.make_train_step(cfg, model.graph(cfg.model), tx, schedule)
-  state = train.init_state(params, tx.init(params), 0)
+  step_fn = step_lib.make_train_step(cfg, model.graph(cfg.model), tx, schedule)
+  state = step_lib.init_state(params, tx.init(params), 0)
 
   decay = [p for n, p in hf.named_parameters() if "norm" not in n]
   no_decay = [p for n, p in hf.named_parameters() if "norm" in n]

@@ -17,11 +17,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import REPO, cpu_env
-from nanollama_jax import config, model, optim, sharding, train
+from nanollama_jax import config, model, optim, sharding
 from nanollama_jax.attention import Target
 from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax import step as step_lib
 
 
 def mesh_cfg(data=1, fsdp=1, tensor=1):
@@ -112,14 +113,14 @@ def test_a_sharded_step_equals_the_single_device_step(sample_dir, tokenizer_path
   batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
 
   params = model.init_params(cfg.model, 0)
-  one = train.make_train_step(cfg, graphdef, tx, schedule)
-  want, want_metrics = one(train.init_state(params, tx.init(params), 0), batch)
+  one = step_lib.make_train_step(cfg, graphdef, tx, schedule)
+  want, want_metrics = one(step_lib.init_state(params, tx.init(params), 0), batch)
 
   mesh = sharding.make_mesh(cfg.mesh)
-  _, shardings = train.state_sharding(cfg, tx, mesh)
-  state = jax.jit(lambda: train.init_state(p := model.init_params(cfg.model, 0), tx.init(p), 0),
+  _, shardings = step_lib.state_sharding(cfg, tx, mesh)
+  state = jax.jit(lambda: step_lib.init_state(p := model.init_params(cfg.model, 0), tx.init(p), 0),
                   out_shardings=shardings)()
-  step = train.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+  step = step_lib.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
   got, got_metrics = step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)))
 
   assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
@@ -151,13 +152,13 @@ def test_gradient_accumulation_on_a_mesh_matches_one_big_batch(sample_dir, token
   batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
   batch["loss_mask"][5, 7:] = 0.0  # uneven token counts across micro-batches
   mesh = sharding.make_mesh(cfg.mesh)
-  _, shardings = train.state_sharding(cfg, tx, mesh)
+  _, shardings = step_lib.state_sharding(cfg, tx, mesh)
   results = []
   for accum in (1, 2):
     cfg.optim.grad_accum = accum
-    state = jax.jit(lambda: train.init_state(p := model.init_params(cfg.model, 0), tx.init(p),
+    state = jax.jit(lambda: step_lib.init_state(p := model.init_params(cfg.model, 0), tx.init(p),
                                              0), out_shardings=shardings)()
-    step = train.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    step = step_lib.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
     results.append(step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh))))
   (s1, m1), (s2, m2) = results
   assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
@@ -216,10 +217,10 @@ def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
   tok = Tokenizer(str(tokenizer_path))
   shares = [pipeline.train_batches(cfg.data, tok, i, 2) for i in range(2)]
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  step = train.make_train_step(cfg, model.graph(cfg.model), tx,
+  step = step_lib.make_train_step(cfg, model.graph(cfg.model), tx,
                                optim.lr_schedule(cfg.optim, cfg.train.steps))
   params = model.init_params(cfg.model, cfg.train.seed)
-  state = train.init_state(params, tx.init(params), cfg.train.seed)
+  state = step_lib.init_state(params, tx.init(params), cfg.train.seed)
   for row in rows[:6]:
     local = [next(it) for it in shares]
     state, got = step(state, {k: np.concatenate([b[k] for b in local]) for k in local[0]})
@@ -272,9 +273,9 @@ def test_published_recipes_compile_sharded_over_8_devices(name):
   cfg = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
   mesh = sharding.make_mesh(cfg.mesh)  # fsdp=-1: all 8 devices
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-  memory = train.lower_train_step(cfg, mesh).compile().memory_analysis()
+  memory = step_lib.lower_train_step(cfg, mesh).compile().memory_analysis()
   n = model.param_count_formula(cfg.model)
-  abstract, shardings = train.state_sharding(
+  abstract, shardings = step_lib.state_sharding(
     cfg, optim.make_optimizer(cfg.optim, cfg.train.steps), mesh)
   held = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
              for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract)))
@@ -305,7 +306,7 @@ def test_accelerator_recipes_lower_with_their_attention_kernels(name, gpu, calls
   target, custom_call = {"cuda": (Target("cuda", gpu), "__gpu$xla.gpu.triton"),
                          "tpu": (Target("tpu", "v5e"), "tpu_custom_call")}[platform]
   try:
-    text = train.lower_train_step(cfg, sharding.make_mesh(cfg.mesh), target).as_text()
+    text = step_lib.lower_train_step(cfg, sharding.make_mesh(cfg.mesh), target).as_text()
   except RuntimeError as e:
     if "Triton compilation handler" not in str(e):
       raise

@@ -18,6 +18,7 @@ from helpers import REPO, tiny_config
 from nanollama_jax import evaluate, model, optim, train
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax import step as step_lib
 
 
 @pytest.mark.slow
@@ -62,8 +63,8 @@ def test_gradient_accumulation_matches_one_big_batch(sample_dir, tokenizer_path)
     graphdef = model.graph(cfg.model)
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
     params = model.init_params(cfg.model, 0)
-    state = train.init_state(params, tx.init(params), seed=0)
-    step = train.make_train_step(cfg, graphdef, tx, optim.lr_schedule(cfg.optim, 80))
+    state = step_lib.init_state(params, tx.init(params), seed=0)
+    step = step_lib.make_train_step(cfg, graphdef, tx, optim.lr_schedule(cfg.optim, 80))
     state, metrics = step(state, jax.device_put(batch))
     results.append((metrics, state.params))
   (m1, p1), (m4, p4) = results
@@ -197,12 +198,12 @@ def test_published_recipe_compiles_and_donates_its_state():
   graphdef = model.graph(cfg.model)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   params = model.abstract_params(cfg.model)
-  state = jax.eval_shape(lambda p: train.init_state(p, tx.init(p), seed=0), params)
+  state = jax.eval_shape(lambda p: step_lib.init_state(p, tx.init(p), seed=0), params)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
            for k in ("inputs", "targets", "segment_ids", "positions")}
   batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
-  step = train.make_train_step(cfg, graphdef, tx, optim.lr_schedule(cfg.optim, cfg.train.steps))
+  step = step_lib.make_train_step(cfg, graphdef, tx, optim.lr_schedule(cfg.optim, cfg.train.steps))
   memory = step.lower(state, batch).compile().memory_analysis()
   state_bytes = 49_849_344 * 4 * 3  # float32 parameters, Adam's mu and nu
   batch_bytes = 5 * 128 * 128 * 4

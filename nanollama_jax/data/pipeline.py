@@ -50,7 +50,27 @@ from nanollama_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # tokens, trained, ends, epochs
-KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# Every batch of the pipeline: these arrays, each [batch rows, data.seq_len].
+DTYPES = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
+          "positions": np.int32, "loss_mask": np.float32}
+KEYS = tuple(DTYPES)
+
+
+def batch_shapes(data_cfg: ml_collections.ConfigDict, rows: int | None = None
+                 ) -> dict[str, tuple[tuple[int, int], np.dtype]]:
+  """(shape, dtype) of each array of a batch of `rows` (default: the global batch_size)."""
+  shape = (data_cfg.batch_size if rows is None else rows, data_cfg.seq_len)
+  return {key: (shape, np.dtype(dtype)) for key, dtype in DTYPES.items()}
+
+
+def single_document_rows(tokens_BxT1: np.ndarray) -> Batch:
+  """A batch whose every row is one whole document, from B rows of T + 1 tokens."""
+  B, T = tokens_BxT1.shape[0], tokens_BxT1.shape[1] - 1
+  return {"inputs": tokens_BxT1[:, :-1].astype(DTYPES["inputs"]),
+          "targets": tokens_BxT1[:, 1:].astype(DTYPES["targets"]),
+          "segment_ids": np.ones((B, T), DTYPES["segment_ids"]),
+          "positions": np.broadcast_to(np.arange(T, dtype=DTYPES["positions"]), (B, T)).copy(),
+          "loss_mask": np.ones((B, T), DTYPES["loss_mask"])}
 
 
 # Documents per grain element: tokenising them together amortises the cost of handing elements
