@@ -130,6 +130,11 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
   (tmp_path / "story.jsonl").write_text('{"story": "Once upon a time"}\n')
   (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n\xff\xfe\n")
   (tmp_path / "blank.jsonl").write_text("\n\n")
+  (tmp_path / "broken.py").write_text("def get_config(:\n  pass\n")
+  gpt2 = tmp_path / "gpt2"  # a Hugging Face directory of another architecture
+  gpt2.mkdir()
+  (gpt2 / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+  (gpt2 / "model.safetensors").write_bytes(b"")
   cpu = os.path.join(REPO, "configs/tinystories_cpu.py")
   files = ["--config.data.source=files", f"--config.data.eval_files={sample_dir / 'validation.jsonl'}"]
   cases = {
@@ -146,6 +151,10 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
       "--config", cpu, *files, "--config.data.train_files=latin1.txt"],
     "data error: blank.jsonl: no training document to read": [
       "--config", cpu, *files, "--config.data.train_files=blank.jsonl"],
+    "config error: broken.py, line 1: SyntaxError: invalid syntax": ["--config", "broken.py"],
+    "checkpoint error: not a Llama model: model_type='gpt2'": [
+      "--config", cpu, *files, f"--config.data.train_files={sample_dir / 'train.jsonl'}",
+      *SMALL, f"--config.train.init_from={gpt2}"],
   }
   procs = {expected: subprocess.Popen(
     [sys.executable, "-m", "nanollama_jax.train", "--workdir", "run", *args], cwd=tmp_path,
