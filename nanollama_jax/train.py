@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from nanollama_jax import checkpoint
 from nanollama_jax import config as config_lib
+from nanollama_jax import loss as loss_lib
 from nanollama_jax import metrics as metrics_lib
 from nanollama_jax import attention, evaluate, generate, hostmem, hub, model, optim, paths
 from nanollama_jax import sharding
@@ -66,7 +67,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
 
   def sums_and_grads(params: dict, batch: Batch):
     (loss_sum, count), grads = jax.value_and_grad(
-      functools.partial(model.loss_sums, graphdef), has_aux=True)(params, batch)
+      functools.partial(loss_lib.loss_sums, graphdef), has_aux=True)(params, batch)
     return loss_sum, count, grads
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
