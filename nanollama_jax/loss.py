@@ -22,22 +22,22 @@ from nanollama_jax import model
 CHUNKED_LOSS_MIN_VOCAB = 16384
 
 
-def chunked_loss(cfg: ml_collections.ConfigDict) -> bool:
-  """Whether the loss of `cfg` (the model group) runs in chunks (model.chunked_loss)."""
-  if cfg.chunked_loss == "auto":
-    return cfg.vocab_size >= CHUNKED_LOSS_MIN_VOCAB
-  return cfg.chunked_loss == "on"
+def chunked_loss(model_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the loss of `model_cfg` (the model group) runs in chunks (model.chunked_loss)."""
+  if model_cfg.chunked_loss == "auto":
+    return model_cfg.vocab_size >= CHUNKED_LOSS_MIN_VOCAB
+  return model_cfg.chunked_loss == "on"
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
   """A packed batch's summed next-token loss over its unmasked targets, and their number."""
   llama = nnx.merge(graphdef, params)
   x_BxTxD = llama.features(batch["inputs"], batch["segment_ids"], batch["positions"])
-  cfg = llama.cfg
-  if chunked_loss(cfg):
+  model_cfg = llama.model_cfg
+  if chunked_loss(model_cfg):
     return chunked_cross_entropy(x_BxTxD, llama.head(), batch["targets"], batch["loss_mask"],
-                                 cfg.loss_chunk_len, jnp.dtype(cfg.dtype))
-  logits_BxTxV = model.output_logits(x_BxTxD, llama.head(), jnp.dtype(cfg.dtype))
+                                 model_cfg.loss_chunk_len, jnp.dtype(model_cfg.dtype))
+  logits_BxTxV = model.output_logits(x_BxTxD, llama.head(), jnp.dtype(model_cfg.dtype))
   return cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
 
 

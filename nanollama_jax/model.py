@@ -106,17 +106,18 @@ def apply_rope(x_BxTxNxE: jax.Array, sin_BxTxE2: jax.Array, cos_BxTxE2: jax.Arra
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
-    D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_kv_heads, config_lib.head_dim(cfg)
-    std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
-    self.dtype, self.impl, self.target = jnp.dtype(cfg.dtype), cfg.attention, target
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
+    D, H, K = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads
+    E = config_lib.head_dim(model_cfg)
+    std, pd = model_cfg.init_std, jnp.dtype(model_cfg.param_dtype)
+    self.dtype, self.impl, self.target = jnp.dtype(model_cfg.dtype), model_cfg.attention, target
     self.wq_DxHxE = _param(rngs, std, (D, H, E), ("embed", "heads", "head_dim"), pd)
     self.wk_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
     self.wv_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
-    out_std = std / math.sqrt(2 * cfg.n_layers)
+    out_std = std / math.sqrt(2 * model_cfg.n_layers)
     self.wo_HxExD = _param(rngs, out_std, (H, E, D), ("heads", "head_dim", "embed"), pd)
-    self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
-    self.k_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
+    self.q_norm = RMSNorm(E, model_cfg.norm_eps, "head_dim", pd) if model_cfg.qk_norm else None
+    self.k_norm = RMSNorm(E, model_cfg.norm_eps, "head_dim", pd) if model_cfg.qk_norm else None
 
   def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
     """With `cache` (k_BxSxKxE, v_BxSxKxE, slot, mask_BxTxS), the new keys and values are
@@ -153,13 +154,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: (silu(x W_gate) * x W_up) W_down."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    D, F = cfg.dim, cfg.ffn_dim
-    std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
-    self.dtype = jnp.dtype(cfg.dtype)
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    D, F = model_cfg.dim, model_cfg.ffn_dim
+    std, pd = model_cfg.init_std, jnp.dtype(model_cfg.param_dtype)
+    self.dtype = jnp.dtype(model_cfg.dtype)
     self.w_gate_DxF = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
     self.w_up_DxF = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
-    out_std = std / math.sqrt(2 * cfg.n_layers)
+    out_std = std / math.sqrt(2 * model_cfg.n_layers)
     self.w_down_FxD = _param(rngs, out_std, (F, D), ("mlp", "embed"), pd)
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -172,12 +173,12 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
-    pd = jnp.dtype(cfg.param_dtype)
-    self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
-    self.attn = Attention(cfg, rngs, target)
-    self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
-    self.mlp = MLP(cfg, rngs)
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
+    pd = jnp.dtype(model_cfg.param_dtype)
+    self.attn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps, "embed", pd)
+    self.attn = Attention(model_cfg, rngs, target)
+    self.mlp_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps, "embed", pd)
+    self.mlp = MLP(model_cfg, rngs)
 
   def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
     attn_out = self.attn(self.attn_norm(x_BxTxD), sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache)
@@ -198,21 +199,23 @@ class Llama(nnx.Module):
   devices, looked up when the model is traced.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
                target: Target | None = None):
-    self.cfg = ml_collections.FrozenConfigDict(cfg)  # later edits of `cfg` cannot leak in
-    pd = jnp.dtype(cfg.param_dtype)
-    self.embed_VxD = _param(rngs, cfg.init_std, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
+    # a frozen copy: later edits of the caller's `model_cfg` cannot leak in
+    self.model_cfg = ml_collections.FrozenConfigDict(model_cfg)
+    pd = jnp.dtype(model_cfg.param_dtype)
+    V, D = model_cfg.vocab_size, model_cfg.dim
+    self.embed_VxD = _param(rngs, model_cfg.init_std, (V, D), ("vocab", "embed"), pd)
 
-    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.split_rngs(splits=model_cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-      return DecoderLayer(cfg, rngs, target)
+      return DecoderLayer(model_cfg, rngs, target)
 
     self.layers = make_layers(rngs)
-    self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
-    self.lm_head_DxV = None if cfg.tie_embeddings else _param(
-      rngs, cfg.init_std, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pd)
+    self.final_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps, "embed", pd)
+    self.lm_head_DxV = None if model_cfg.tie_embeddings else _param(
+      rngs, model_cfg.init_std, (D, V), ("embed", "vocab"), pd)
 
   def __call__(
     self,
@@ -234,10 +237,10 @@ class Llama(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if cache is None:
       x_BxTxD = self.features(tokens_BxT, segment_ids_BxT, positions_BxT)
-      return output_logits(x_BxTxD, self.head(), jnp.dtype(self.cfg.dtype))
+      return output_logits(x_BxTxD, self.head(), jnp.dtype(self.model_cfg.dtype))
     sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT,
-                                        max(self.cfg.max_seq_len, T, cache["k"].shape[2]))
-    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+                                        max(self.model_cfg.max_seq_len, T, cache["k"].shape[2]))
+    x_BxTxD = self._embed(tokens_BxT)
     x_BxTxD, cache = self._layers_with_cache(x_BxTxD, sin_BxTxE2, cos_BxTxE2, cache)
     return self._logits(x_BxTxD), cache
 
@@ -250,16 +253,17 @@ class Llama(nnx.Module):
     barrier does not stop it: XLA drops the barrier before fusing. Positions are exact in
     float32 below 2^24, so the table's angles are the same numbers as per-token ones.
     """
-    cfg = self.cfg
-    rope_scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
-    inv_freq_E2 = rope_frequencies(config_lib.head_dim(cfg), cfg.rope_theta, rope_scaling)
+    model_cfg = self.model_cfg
+    rope_scaling = None if model_cfg.rope_scaling is None else dict(model_cfg.rope_scaling)
+    inv_freq_E2 = rope_frequencies(config_lib.head_dim(model_cfg), model_cfg.rope_theta,
+                                   rope_scaling)
     angles_PxE2 = jnp.arange(n_positions, dtype=jnp.float32)[:, None] * inv_freq_E2
     return (jnp.take(jnp.sin(angles_PxE2), positions_BxT, axis=0),
             jnp.take(jnp.cos(angles_PxE2), positions_BxT, axis=0))
 
   def _layers(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT) -> jax.Array:
     """The decoder stack for training and evaluation: a scan or a loop, remat as configured."""
-    cfg = self.cfg
+    model_cfg = self.model_cfg
     layer_def, layer_state = nnx.split(self.layers)
 
     def layer_step(x_BxTxD, state):
@@ -267,11 +271,11 @@ class Llama(nnx.Module):
       x_BxTxD = layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT)
       return sharding.constrain(x_BxTxD, _RESIDUAL), None
 
-    if cfg.remat != "none":
-      layer_step = jax.checkpoint(layer_step, policy=_REMAT_SAVES[cfg.remat])
-    if cfg.scan_layers:
+    if model_cfg.remat != "none":
+      layer_step = jax.checkpoint(layer_step, policy=_REMAT_SAVES[model_cfg.remat])
+    if model_cfg.scan_layers:
       return jax.lax.scan(layer_step, x_BxTxD, layer_state)[0]
-    for i in range(cfg.n_layers):
+    for i in range(model_cfg.n_layers):
       x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
     return x_BxTxD
 
@@ -297,18 +301,21 @@ class Llama(nnx.Module):
   def features(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array,
                positions_BxT: jax.Array) -> jax.Array:
     """The final-normed residual stream of a packed batch: what the output layer reads."""
-    sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT, max(self.cfg.max_seq_len,
+    sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT, max(self.model_cfg.max_seq_len,
                                                             tokens_BxT.shape[1]))
-    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    x_BxTxD = sharding.constrain(x_BxTxD, _RESIDUAL)
+    x_BxTxD = sharding.constrain(self._embed(tokens_BxT), _RESIDUAL)
     return self.final_norm(self._layers(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT))
+
+  def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
+    """The tokens' embeddings in the compute dtype."""
+    return jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(jnp.dtype(self.model_cfg.dtype))
 
   def head(self) -> jax.Array:
     """The output projection head_DxV (the embedding, transposed, when tied)."""
     return self.embed_VxD[...].T if self.lm_head_DxV is None else self.lm_head_DxV[...]
 
   def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
-    return output_logits(self.final_norm(x_BxTxD), self.head(), jnp.dtype(self.cfg.dtype))
+    return output_logits(self.final_norm(x_BxTxD), self.head(), jnp.dtype(self.model_cfg.dtype))
 
 
 def output_logits(x_BxTxD: jax.Array, head_DxV: jax.Array, dtype: Any) -> jax.Array:
@@ -322,43 +329,44 @@ def param_count(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def param_count_formula(cfg: ml_collections.ConfigDict) -> int:
+def param_count_formula(model_cfg: ml_collections.ConfigDict) -> int:
   """The closed-form parameter count of a model config (no model is built)."""
-  D, F, L = cfg.dim, cfg.ffn_dim, cfg.n_layers
-  E = config_lib.head_dim(cfg)
-  attn = D * cfg.n_heads * E * 2 + D * cfg.n_kv_heads * E * 2 + (2 * E if cfg.qk_norm else 0)
+  D, F, L = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_layers
+  E = config_lib.head_dim(model_cfg)
+  H, K = model_cfg.n_heads, model_cfg.n_kv_heads
+  attn = D * H * E * 2 + D * K * E * 2 + (2 * E if model_cfg.qk_norm else 0)
   layer = attn + 3 * D * F + 2 * D
-  return embedding_param_count(cfg) + L * layer + D
+  return embedding_param_count(model_cfg) + L * layer + D
 
 
-def embedding_param_count(cfg: ml_collections.ConfigDict) -> int:
+def embedding_param_count(model_cfg: ml_collections.ConfigDict) -> int:
   """Parameters in the token embedding and, when untied, the output projection."""
-  return cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+  return model_cfg.vocab_size * model_cfg.dim * (1 if model_cfg.tie_embeddings else 2)
 
 
-def _abstract(cfg: ml_collections.ConfigDict, target: Target | None = None) -> Llama:
-  return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(params=0), target))
+def _abstract(model_cfg: ml_collections.ConfigDict, target: Target | None = None) -> Llama:
+  return nnx.eval_shape(lambda: Llama(model_cfg, nnx.Rngs(params=0), target))
 
 
-def graph(cfg: ml_collections.ConfigDict, target: Target | None = None) -> nnx.GraphDef:
+def graph(model_cfg: ml_collections.ConfigDict, target: Target | None = None) -> nnx.GraphDef:
   """The static structure of the model for `target` (default: the running devices), to pass to
   `apply`; builds no arrays."""
-  return nnx.graphdef(_abstract(cfg, target))
+  return nnx.graphdef(_abstract(model_cfg, target))
 
 
-def logical_axes(cfg: ml_collections.ConfigDict) -> dict:
+def logical_axes(model_cfg: ml_collections.ConfigDict) -> dict:
   """A tree like the parameters holding each parameter's logical axis names."""
-  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(_abstract(cfg))))
+  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(_abstract(model_cfg))))
 
 
-def init_params(cfg: ml_collections.ConfigDict, seed: int) -> dict:
+def init_params(model_cfg: ml_collections.ConfigDict, seed: int) -> dict:
   """Initialised parameters as a nested dict of arrays, created inside jit."""
-  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(params=seed)))))()
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(model_cfg, nnx.Rngs(params=seed)))))()
 
 
-def abstract_params(cfg: ml_collections.ConfigDict) -> dict:
+def abstract_params(model_cfg: ml_collections.ConfigDict) -> dict:
   """The parameters' shapes and dtypes (ShapeDtypeStructs); nothing is computed or allocated."""
-  return jax.eval_shape(lambda: init_params(cfg, 0))
+  return jax.eval_shape(lambda: init_params(model_cfg, 0))
 
 
 def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
@@ -368,12 +376,12 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
   return nnx.merge(graphdef, params)(tokens_BxT, segment_ids_BxT, positions_BxT)
 
 
-def init_cache(cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> dict:
+def init_cache(model_cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> dict:
   """An empty KV cache for len(valid_BxS) rows of S slots; valid_BxS marks the slots that may
   be attended to (False for left padding of shorter prompts)."""
   B, S = valid_BxS.shape
-  shape = (cfg.n_layers, B, S, cfg.n_kv_heads, config_lib.head_dim(cfg))
-  zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+  shape = (model_cfg.n_layers, B, S, model_cfg.n_kv_heads, config_lib.head_dim(model_cfg))
+  zeros = jnp.zeros(shape, jnp.dtype(model_cfg.dtype))
   return {"k": zeros, "v": zeros, "slot": jnp.zeros((), jnp.int32), "valid_BxS": valid_BxS}
 
 
