@@ -144,8 +144,8 @@ def _fingerprints(tree: Any) -> tuple[list[jax.Array], jax.Array]:
 def fingerprint(tree: Any) -> tuple[dict[str, int], bool]:
   """Per-leaf uint32 hashes of a tree of arrays, keyed by path, and whether all are finite."""
   hashes, finite = jax.device_get(_fingerprints(tree))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return {p: int(h) for p, h in zip(paths, hashes)}, bool(finite)
+  keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return {k: int(h) for k, h in zip(keys, hashes)}, bool(finite)
 
 
 # --- Config compatibility ----------------------------------------------------------------------

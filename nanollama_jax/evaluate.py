@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 
+from nanollama_jax import loss as loss_lib
 from nanollama_jax import metrics, model, sharding
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
@@ -22,7 +23,7 @@ EvalStep = Callable[[dict, dict], tuple[jax.Array, jax.Array]]
 
 def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None) -> EvalStep:
   """Returns eval_step(params, batch) -> (loss sum, token count), jitted."""
-  return jax.jit(sharding.under_mesh(functools.partial(model.loss_sums, graphdef), mesh))
+  return jax.jit(sharding.under_mesh(functools.partial(loss_lib.loss_sums, graphdef), mesh))
 
 
 def mean_loss(eval_step: EvalStep, params: dict, batches: Sequence[dict],

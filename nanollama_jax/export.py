@@ -51,20 +51,19 @@ class ExportError(errors.CheckpointError):
 def hf_config(model_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,
               dtype: str) -> dict[str, Any]:
   """The config.json of the Hugging Face Llama equivalent of `model_cfg`."""
-  m = model_cfg
-  if m.qk_norm:
+  if model_cfg.qk_norm:
     raise ExportError("model.qk_norm=True has no Hugging Face Llama equivalent (LlamaForCausalLM "
                       "has no per-head q/k norm); export a model trained without QK-norm")
-  rope = {"rope_type": "default", "rope_theta": float(m.rope_theta)}
+  rope = {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)}
   legacy_scaling = None
-  if m.rope_scaling is not None:
-    rs = dict(m.rope_scaling)
+  if model_cfg.rope_scaling is not None:
+    rs = dict(model_cfg.rope_scaling)
     legacy_scaling = {"rope_type": "llama3", "factor": float(rs["factor"]),
                       "low_freq_factor": float(rs["low_freq_factor"]),
                       "high_freq_factor": float(rs["high_freq_factor"]),
                       "original_max_position_embeddings": int(
                         rs["original_max_position_embeddings"])}
-    rope = {**legacy_scaling, "rope_theta": float(m.rope_theta)}
+    rope = {**legacy_scaling, "rope_theta": float(model_cfg.rope_theta)}
   ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
   if tokenizer is not None:
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
@@ -72,24 +71,24 @@ def hf_config(model_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,
   return {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
-    "vocab_size": m.vocab_size,
-    "hidden_size": m.dim,
-    "intermediate_size": m.ffn_dim,
-    "num_hidden_layers": m.n_layers,
-    "num_attention_heads": m.n_heads,
-    "num_key_value_heads": m.n_kv_heads,
-    "head_dim": config_lib.head_dim(m),
+    "vocab_size": model_cfg.vocab_size,
+    "hidden_size": model_cfg.dim,
+    "intermediate_size": model_cfg.ffn_dim,
+    "num_hidden_layers": model_cfg.n_layers,
+    "num_attention_heads": model_cfg.n_heads,
+    "num_key_value_heads": model_cfg.n_kv_heads,
+    "head_dim": config_lib.head_dim(model_cfg),
     "hidden_act": "silu",
-    "max_position_embeddings": m.max_seq_len,
-    "rms_norm_eps": float(m.norm_eps),
-    "tie_word_embeddings": bool(m.tie_embeddings),
+    "max_position_embeddings": model_cfg.max_seq_len,
+    "rms_norm_eps": float(model_cfg.norm_eps),
+    "tie_word_embeddings": bool(model_cfg.tie_embeddings),
     "attention_bias": False,
     "mlp_bias": False,
     "attention_dropout": 0.0,
-    "initializer_range": float(m.init_std),
+    "initializer_range": float(model_cfg.init_std),
     # transformers >= 5 reads rope_parameters; earlier versions rope_theta and rope_scaling.
     "rope_parameters": rope,
-    "rope_theta": float(m.rope_theta),
+    "rope_theta": float(model_cfg.rope_theta),
     "rope_scaling": legacy_scaling,
     "torch_dtype": dtype,
     "use_cache": True,
@@ -99,12 +98,12 @@ def hf_config(model_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,
 
 def to_hf_tensors(params: dict, model_cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """Our parameter tree as Hugging Face Llama state-dict arrays (float32 numpy)."""
-  m = model_cfg
-  D, H, K, E = m.dim, m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
+  D, H, K = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads
+  E = config_lib.head_dim(model_cfg)
   out = {"model.embed_tokens.weight": np.asarray(params["embed_VxD"], np.float32),
          "model.norm.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
   layers = params["layers"]
-  for i in range(m.n_layers):
+  for i in range(model_cfg.n_layers):
     at = {k: np.asarray(v[i], np.float32) for k, v in layers["attn"].items()}
     mlp = {k: np.asarray(v[i], np.float32) for k, v in layers["mlp"].items()}
     pre = f"model.layers.{i}."
@@ -118,7 +117,7 @@ def to_hf_tensors(params: dict, model_cfg: ml_collections.ConfigDict) -> dict[st
     out[pre + "input_layernorm.weight"] = np.asarray(layers["attn_norm"]["scale"][i], np.float32)
     out[pre + "post_attention_layernorm.weight"] = np.asarray(
       layers["mlp_norm"]["scale"][i], np.float32)
-  if not m.tie_embeddings:
+  if not model_cfg.tie_embeddings:
     out["lm_head.weight"] = np.asarray(params["lm_head_DxV"], np.float32).T
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
@@ -126,9 +125,8 @@ def to_hf_tensors(params: dict, model_cfg: ml_collections.ConfigDict) -> dict[st
 def from_hf_tensors(tensors: dict[str, np.ndarray], model_cfg: ml_collections.ConfigDict,
                     dtype: Any = np.float32) -> dict:
   """Hugging Face Llama state-dict arrays as our parameter tree (the inverse of to_hf_tensors)."""
-  m = model_cfg
-  D, H, K, L = m.dim, m.n_heads, m.n_kv_heads, m.n_layers
-  E = config_lib.head_dim(m)
+  D, H, K, L = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.n_layers
+  E = config_lib.head_dim(model_cfg)
 
   def get(name: str) -> np.ndarray:
     if name not in tensors:
@@ -157,7 +155,7 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], model_cfg: ml_collections.Co
       "mlp_norm": {"scale": stack(lambda p: get(p + "post_attention_layernorm.weight"))},
     },
   }
-  if not m.tie_embeddings:
+  if not model_cfg.tie_embeddings:
     params["lm_head_DxV"] = get("lm_head.weight").T.astype(dtype)
   return params
 
@@ -256,7 +254,7 @@ def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
 
   if dtype not in _DTYPES:
     raise ExportError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
-  cfg = hf_config(model_cfg, tokenizer, dtype)
+  hf_cfg = hf_config(model_cfg, tokenizer, dtype)
   tensors = to_hf_tensors(params, model_cfg)
   os.makedirs(out_dir, exist_ok=True)
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -265,10 +263,10 @@ def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
              for k, v in tensors.items()}, weights, metadata={"format": "pt"})
   _ordinary_permissions(weights)  # safetensors writes through a private (0600) temporary file
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(cfg, f, indent=2)
+    json.dump(hf_cfg, f, indent=2)
   with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-    json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
-               "pad_token_id": cfg["pad_token_id"]}, f, indent=2)
+    json.dump({"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
+               "pad_token_id": hf_cfg["pad_token_id"]}, f, indent=2)
   if tokenizer is not None:
     write_tokenizer(tokenizer, out_dir, model_cfg.max_seq_len)
 
@@ -284,27 +282,27 @@ def model_config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       raise ExportError(f"{key}=True: our Llama has no biases")
   if hf.get("hidden_act", "silu") != "silu":
     raise ExportError(f"hidden_act={hf['hidden_act']!r}: only silu (SwiGLU) is supported")
-  m = config_lib.get_default_config().model
-  m.vocab_size = hf["vocab_size"]
-  m.dim = hf["hidden_size"]
-  m.n_layers = hf["num_hidden_layers"]
-  m.n_heads = hf["num_attention_heads"]
-  m.n_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-  if hf.get("head_dim") not in (None, config_lib.head_dim(m)):
+  model_cfg = config_lib.get_default_config().model
+  model_cfg.vocab_size = hf["vocab_size"]
+  model_cfg.dim = hf["hidden_size"]
+  model_cfg.n_layers = hf["num_hidden_layers"]
+  model_cfg.n_heads = hf["num_attention_heads"]
+  model_cfg.n_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+  if hf.get("head_dim") not in (None, config_lib.head_dim(model_cfg)):
     raise ExportError(f"head_dim={hf['head_dim']} differs from hidden_size / heads")
-  m.ffn_dim = hf["intermediate_size"]
-  m.norm_eps = hf.get("rms_norm_eps", 1e-6)
-  m.max_seq_len = hf.get("max_position_embeddings", 2048)
-  m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+  model_cfg.ffn_dim = hf["intermediate_size"]
+  model_cfg.norm_eps = hf.get("rms_norm_eps", 1e-6)
+  model_cfg.max_seq_len = hf.get("max_position_embeddings", 2048)
+  model_cfg.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
   rope = dict(hf.get("rope_parameters") or {})
   scaling = rope if rope.get("rope_type") not in (None, "default") else hf.get("rope_scaling")
-  m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  model_cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
   if scaling:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "llama3":
       raise ExportError(f"rope scaling {kind!r}: only llama3 (Llama 3.1) scaling is supported")
-    m.rope_scaling = {k: scaling[k] for k in config_lib.ROPE_SCALING_KEYS}
-  return m
+    model_cfg.rope_scaling = {k: scaling[k] for k in config_lib.ROPE_SCALING_KEYS}
+  return model_cfg
 
 
 def load_hf(directory: str, dtype: Any = np.float32) -> tuple[ml_collections.ConfigDict, dict]:

@@ -41,18 +41,18 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg_json", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "return_logits"))
-def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, cfg_json, max_new_tokens,
+@functools.partial(jax.jit, static_argnames=("model_cfg_json", "max_new_tokens", "temperature",
+                                             "top_k", "top_p", "return_logits"))
+def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, model_cfg_json, max_new_tokens,
             temperature, top_k, top_p, return_logits):
-  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  model_cfg = ml_collections.ConfigDict(json.loads(model_cfg_json))
   rng = jax.random.key(seed)
-  graphdef = model.graph(cfg)
+  graphdef = model.graph(model_cfg)
   B, P = tokens_BxP.shape
   S = P + max_new_tokens
   pad_B = P - lengths_B
   valid_BxS = jnp.arange(S)[None, :] >= pad_B[:, None]
-  cache = model.init_cache(cfg, valid_BxS)
+  cache = model.init_cache(model_cfg, valid_BxS)
   positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
   logits_BxPxV, cache = model.apply_with_cache(graphdef, params, tokens_BxP, positions_BxP, cache)
   V = logits_BxPxV.shape[-1]
@@ -88,7 +88,7 @@ def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, cfg_json, max_new_to
   return out_BxN, seen_BxNxV
 
 
-def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Sequence[int]],
+def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | Sequence[int] | None = 2, pad_id: int = 3,
              return_logits: bool = False, pad_to: int = 0):
@@ -108,9 +108,9 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
     raise errors.UsageError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
                      f"top_k={top_k} >= 0")
   P = max(pad_to, *(len(p) for p in prompts))
-  if P + max_new_tokens > cfg.max_seq_len:
+  if P + max_new_tokens > model_cfg.max_seq_len:
     raise errors.UsageError(f"prompt ({P} tokens with padding) + max_new_tokens={max_new_tokens} "
-                     f"exceeds the model's max_seq_len={cfg.max_seq_len}")
+                            f"exceeds the model's max_seq_len={model_cfg.max_seq_len}")
   tokens = np.full((len(prompts), P), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, P - len(p):] = p
@@ -126,7 +126,7 @@ def generate(cfg: ml_collections.ConfigDict, params: dict, prompts: Sequence[Seq
       return jax.make_array_from_process_local_data(replicated, np.asarray(x))
   out, logits = _decode(params, put(tokens), put(lengths), put(np.uint32(seed)),
                         put(np.array(stops or [-1], np.int32)),
-                        cfg_json=json.dumps(cfg.to_dict(), sort_keys=True),
+                        model_cfg_json=json.dumps(model_cfg.to_dict(), sort_keys=True),
                         max_new_tokens=max_new_tokens, temperature=float(temperature),
                         top_k=int(top_k), top_p=float(top_p), return_logits=return_logits)
   if jax.process_count() > 1:

@@ -46,10 +46,11 @@ def _latest_losses(workdir: str, step: int) -> dict[str, float]:
 
 def model_card(repo_id: str, cfg, step: int, latest: dict[str, float]) -> str:
   """The README.md of a pushed checkpoint: what was trained, on what, and how far."""
-  m = cfg.model
-  data = (f"Hub dataset `{cfg.data.hf_path}`" if cfg.data.source == "hf" and not cfg.data.mixture
-          else f"mixture `{cfg.data.mixture}`" if cfg.data.mixture
-          else f"files `{cfg.data.train_files}`")
+  model_cfg, data_cfg = cfg.model, cfg.data
+  trained_on = (f"Hub dataset `{data_cfg.hf_path}`"
+                if data_cfg.source == "hf" and not data_cfg.mixture
+                else f"mixture `{data_cfg.mixture}`" if data_cfg.mixture
+                else f"files `{data_cfg.train_files}`")
   numbers = [f"- step: {step:,} of {cfg.train.steps:,}"]
   names = {"tokens_seen": "tokens seen", "loss": "train loss", "eval_loss": "validation loss",
            "eval_perplexity": "validation perplexity"}
@@ -62,11 +63,12 @@ def model_card(repo_id: str, cfg, step: int, latest: dict[str, float]) -> str:
     f"# {repo_id}", "",
     "A LLaMA-style model pretrained from scratch with nanollama_jax; this is the Hugging Face",
     "export of one of its checkpoints (load it with `LlamaForCausalLM.from_pretrained`).", "",
-    f"- shape: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads / {m.n_kv_heads} KV heads, "
-    f"FFN {m.ffn_dim}, vocabulary {m.vocab_size}, context {m.max_seq_len}",
-    f"- data: {data}",
-    f"- optimizer: AdamW, peak lr {cfg.optim.lr}, batch {cfg.data.batch_size} x "
-    f"{cfg.data.seq_len} tokens", *numbers, "",
+    f"- shape: dim {model_cfg.dim}, {model_cfg.n_layers} layers, {model_cfg.n_heads} heads / "
+    f"{model_cfg.n_kv_heads} KV heads, FFN {model_cfg.ffn_dim}, vocabulary "
+    f"{model_cfg.vocab_size}, context {model_cfg.max_seq_len}",
+    f"- data: {trained_on}",
+    f"- optimizer: AdamW, peak lr {cfg.optim.lr}, batch {data_cfg.batch_size} x "
+    f"{data_cfg.seq_len} tokens", *numbers, "",
   ])
 
 

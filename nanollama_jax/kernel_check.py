@@ -81,14 +81,6 @@ class Entry:
     return dict(dataclasses.asdict(self), ok=self.ok)
 
 
-def gpu_for(generation: str) -> str:
-  """The GPU (a targets.GPUS name) a generation is compiled for: the first the table lists.
-
-  Shared memory per block and instructions are the generation's, the same on each of its GPUs.
-  """
-  return next(name for name, gpu in targets.GPUS.items() if gpu.generation == generation)
-
-
 def lower_attention(dtype: str, head_dim: int, generation: str, backward: bool = True,
                     tiles: pallas.Tiles | None = None,
                     device: jax.Device | None = None) -> jax.stages.Lowered:
@@ -175,7 +167,7 @@ def _alone(kernel: str, dtype: str, head_dim: int, generation: str, tiles: palla
 def check_entry(generation: str, dtype: str, head_dim: int,
                 tiles: pallas.Tiles | None = None) -> Entry:
   """One entry (its table tiles, or `tiles`) compiled by XLA for a GPU of `generation`."""
-  gpu = gpu_for(generation)
+  gpu = targets.gpu_of_generation(generation)
   device = aot.devices(targets.parse(gpu))[0]
   tiles = tiles or pallas.choose_tiles(head_dim, dtype, False, generation)
   about = (generation, gpu, dtype, head_dim, tiles, targets.shared_memory_limit(generation))

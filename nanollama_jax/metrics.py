@@ -43,12 +43,12 @@ def model_flops_per_token(model_cfg, seq_len: int) -> float:
   key) pair forward, and with causal masking a query sees (T + 1) / 2 keys on average. The
   masked half that the XLA path computes anyway is not counted.
   """
-  m = model_cfg
-  E = config_lib.head_dim(m)
-  attn_proj = 2 * m.dim * m.n_heads * E + 2 * m.dim * m.n_kv_heads * E
-  layer_matmuls = attn_proj + 3 * m.dim * m.ffn_dim
-  dense = 6 * (m.n_layers * layer_matmuls + m.dim * m.vocab_size)
-  attention = 3 * m.n_layers * 4 * m.dim * (seq_len + 1) / 2
+  D, H, K, L = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.n_layers
+  E, F, V = config_lib.head_dim(model_cfg), model_cfg.ffn_dim, model_cfg.vocab_size
+  attn_proj = 2 * D * H * E + 2 * D * K * E
+  layer_matmuls = attn_proj + 3 * D * F
+  dense = 6 * (L * layer_matmuls + D * V)
+  attention = 3 * L * 4 * D * (seq_len + 1) / 2
   return dense + attention
 
 

@@ -16,7 +16,6 @@ Layout decisions that export and checkpoints rely on:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -108,17 +106,18 @@ def apply_rope(x_BxTxNxE: jax.Array, sin_BxTxE2: jax.Array, cos_BxTxE2: jax.Arra
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
-    D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_kv_heads, config_lib.head_dim(cfg)
-    std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
-    self.dtype, self.impl, self.target = jnp.dtype(cfg.dtype), cfg.attention, target
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
+    D, H, K = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads
+    E = config_lib.head_dim(model_cfg)
+    std, pd = model_cfg.init_std, jnp.dtype(model_cfg.param_dtype)
+    self.dtype, self.impl, self.target = jnp.dtype(model_cfg.dtype), model_cfg.attention, target
     self.wq_DxHxE = _param(rngs, std, (D, H, E), ("embed", "heads", "head_dim"), pd)
     self.wk_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
     self.wv_DxKxE = _param(rngs, std, (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
-    out_std = std / math.sqrt(2 * cfg.n_layers)
+    out_std = std / math.sqrt(2 * model_cfg.n_layers)
     self.wo_HxExD = _param(rngs, out_std, (H, E, D), ("heads", "head_dim", "embed"), pd)
-    self.q_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
-    self.k_norm = RMSNorm(E, cfg.norm_eps, "head_dim", pd) if cfg.qk_norm else None
+    self.q_norm = RMSNorm(E, model_cfg.norm_eps, "head_dim", pd) if model_cfg.qk_norm else None
+    self.k_norm = RMSNorm(E, model_cfg.norm_eps, "head_dim", pd) if model_cfg.qk_norm else None
 
   def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
     """With `cache` (k_BxSxKxE, v_BxSxKxE, slot, mask_BxTxS), the new keys and values are
@@ -155,13 +154,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: (silu(x W_gate) * x W_up) W_down."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    D, F = cfg.dim, cfg.ffn_dim
-    std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
-    self.dtype = jnp.dtype(cfg.dtype)
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    D, F = model_cfg.dim, model_cfg.ffn_dim
+    std, pd = model_cfg.init_std, jnp.dtype(model_cfg.param_dtype)
+    self.dtype = jnp.dtype(model_cfg.dtype)
     self.w_gate_DxF = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
     self.w_up_DxF = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
-    out_std = std / math.sqrt(2 * cfg.n_layers)
+    out_std = std / math.sqrt(2 * model_cfg.n_layers)
     self.w_down_FxD = _param(rngs, out_std, (F, D), ("mlp", "embed"), pd)
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -174,12 +173,12 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
-    pd = jnp.dtype(cfg.param_dtype)
-    self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
-    self.attn = Attention(cfg, rngs, target)
-    self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
-    self.mlp = MLP(cfg, rngs)
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
+    pd = jnp.dtype(model_cfg.param_dtype)
+    self.attn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps, "embed", pd)
+    self.attn = Attention(model_cfg, rngs, target)
+    self.mlp_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps, "embed", pd)
+    self.mlp = MLP(model_cfg, rngs)
 
   def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
     attn_out = self.attn(self.attn_norm(x_BxTxD), sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache)
@@ -191,9 +190,6 @@ class DecoderLayer(nnx.Module):
 
 
 _RESIDUAL = ("batch", "length", "embed")  # the residual stream's logical axes
-# model.chunked_loss="auto" computes the loss in chunks from this vocabulary size on, where the
-# float32 logits (B x T x V x 4 bytes, and as much again for their gradient) dominate memory.
-CHUNKED_LOSS_MIN_VOCAB = 16384
 
 
 class Llama(nnx.Module):
@@ -203,21 +199,23 @@ class Llama(nnx.Module):
   devices, looked up when the model is traced.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
                target: Target | None = None):
-    self.cfg = ml_collections.FrozenConfigDict(cfg)  # later edits of `cfg` cannot leak in
-    pd = jnp.dtype(cfg.param_dtype)
-    self.embed_VxD = _param(rngs, cfg.init_std, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
+    # a frozen copy: later edits of the caller's `model_cfg` cannot leak in
+    self.model_cfg = ml_collections.FrozenConfigDict(model_cfg)
+    pd = jnp.dtype(model_cfg.param_dtype)
+    V, D = model_cfg.vocab_size, model_cfg.dim
+    self.embed_VxD = _param(rngs, model_cfg.init_std, (V, D), ("vocab", "embed"), pd)
 
-    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.split_rngs(splits=model_cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-      return DecoderLayer(cfg, rngs, target)
+      return DecoderLayer(model_cfg, rngs, target)
 
     self.layers = make_layers(rngs)
-    self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", pd)
-    self.lm_head_DxV = None if cfg.tie_embeddings else _param(
-      rngs, cfg.init_std, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pd)
+    self.final_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps, "embed", pd)
+    self.lm_head_DxV = None if model_cfg.tie_embeddings else _param(
+      rngs, model_cfg.init_std, (D, V), ("embed", "vocab"), pd)
 
   def __call__(
     self,
@@ -239,10 +237,10 @@ class Llama(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if cache is None:
       x_BxTxD = self.features(tokens_BxT, segment_ids_BxT, positions_BxT)
-      return output_logits(x_BxTxD, self.head(), jnp.dtype(self.cfg.dtype))
+      return output_logits(x_BxTxD, self.head(), jnp.dtype(self.model_cfg.dtype))
     sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT,
-                                        max(self.cfg.max_seq_len, T, cache["k"].shape[2]))
-    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+                                        max(self.model_cfg.max_seq_len, T, cache["k"].shape[2]))
+    x_BxTxD = self._embed(tokens_BxT)
     x_BxTxD, cache = self._layers_with_cache(x_BxTxD, sin_BxTxE2, cos_BxTxE2, cache)
     return self._logits(x_BxTxD), cache
 
@@ -255,16 +253,17 @@ class Llama(nnx.Module):
     barrier does not stop it: XLA drops the barrier before fusing. Positions are exact in
     float32 below 2^24, so the table's angles are the same numbers as per-token ones.
     """
-    cfg = self.cfg
-    rope_scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
-    inv_freq_E2 = rope_frequencies(config_lib.head_dim(cfg), cfg.rope_theta, rope_scaling)
+    model_cfg = self.model_cfg
+    rope_scaling = None if model_cfg.rope_scaling is None else dict(model_cfg.rope_scaling)
+    inv_freq_E2 = rope_frequencies(config_lib.head_dim(model_cfg), model_cfg.rope_theta,
+                                   rope_scaling)
     angles_PxE2 = jnp.arange(n_positions, dtype=jnp.float32)[:, None] * inv_freq_E2
     return (jnp.take(jnp.sin(angles_PxE2), positions_BxT, axis=0),
             jnp.take(jnp.cos(angles_PxE2), positions_BxT, axis=0))
 
   def _layers(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT) -> jax.Array:
     """The decoder stack for training and evaluation: a scan or a loop, remat as configured."""
-    cfg = self.cfg
+    model_cfg = self.model_cfg
     layer_def, layer_state = nnx.split(self.layers)
 
     def layer_step(x_BxTxD, state):
@@ -272,11 +271,11 @@ class Llama(nnx.Module):
       x_BxTxD = layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT)
       return sharding.constrain(x_BxTxD, _RESIDUAL), None
 
-    if cfg.remat != "none":
-      layer_step = jax.checkpoint(layer_step, policy=_REMAT_SAVES[cfg.remat])
-    if cfg.scan_layers:
+    if model_cfg.remat != "none":
+      layer_step = jax.checkpoint(layer_step, policy=_REMAT_SAVES[model_cfg.remat])
+    if model_cfg.scan_layers:
       return jax.lax.scan(layer_step, x_BxTxD, layer_state)[0]
-    for i in range(cfg.n_layers):
+    for i in range(model_cfg.n_layers):
       x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
     return x_BxTxD
 
@@ -302,18 +301,21 @@ class Llama(nnx.Module):
   def features(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array,
                positions_BxT: jax.Array) -> jax.Array:
     """The final-normed residual stream of a packed batch: what the output layer reads."""
-    sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT, max(self.cfg.max_seq_len,
+    sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT, max(self.model_cfg.max_seq_len,
                                                             tokens_BxT.shape[1]))
-    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    x_BxTxD = sharding.constrain(x_BxTxD, _RESIDUAL)
+    x_BxTxD = sharding.constrain(self._embed(tokens_BxT), _RESIDUAL)
     return self.final_norm(self._layers(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT))
+
+  def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
+    """The tokens' embeddings in the compute dtype."""
+    return jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(jnp.dtype(self.model_cfg.dtype))
 
   def head(self) -> jax.Array:
     """The output projection head_DxV (the embedding, transposed, when tied)."""
     return self.embed_VxD[...].T if self.lm_head_DxV is None else self.lm_head_DxV[...]
 
   def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
-    return output_logits(self.final_norm(x_BxTxD), self.head(), jnp.dtype(self.cfg.dtype))
+    return output_logits(self.final_norm(x_BxTxD), self.head(), jnp.dtype(self.model_cfg.dtype))
 
 
 def output_logits(x_BxTxD: jax.Array, head_DxV: jax.Array, dtype: Any) -> jax.Array:
@@ -327,43 +329,44 @@ def param_count(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def param_count_formula(cfg: ml_collections.ConfigDict) -> int:
+def param_count_formula(model_cfg: ml_collections.ConfigDict) -> int:
   """The closed-form parameter count of a model config (no model is built)."""
-  D, F, L = cfg.dim, cfg.ffn_dim, cfg.n_layers
-  E = config_lib.head_dim(cfg)
-  attn = D * cfg.n_heads * E * 2 + D * cfg.n_kv_heads * E * 2 + (2 * E if cfg.qk_norm else 0)
+  D, F, L = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_layers
+  E = config_lib.head_dim(model_cfg)
+  H, K = model_cfg.n_heads, model_cfg.n_kv_heads
+  attn = D * H * E * 2 + D * K * E * 2 + (2 * E if model_cfg.qk_norm else 0)
   layer = attn + 3 * D * F + 2 * D
-  return embedding_param_count(cfg) + L * layer + D
+  return embedding_param_count(model_cfg) + L * layer + D
 
 
-def embedding_param_count(cfg: ml_collections.ConfigDict) -> int:
+def embedding_param_count(model_cfg: ml_collections.ConfigDict) -> int:
   """Parameters in the token embedding and, when untied, the output projection."""
-  return cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+  return model_cfg.vocab_size * model_cfg.dim * (1 if model_cfg.tie_embeddings else 2)
 
 
-def _abstract(cfg: ml_collections.ConfigDict, target: Target | None = None) -> Llama:
-  return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(params=0), target))
+def _abstract(model_cfg: ml_collections.ConfigDict, target: Target | None = None) -> Llama:
+  return nnx.eval_shape(lambda: Llama(model_cfg, nnx.Rngs(params=0), target))
 
 
-def graph(cfg: ml_collections.ConfigDict, target: Target | None = None) -> nnx.GraphDef:
+def graph(model_cfg: ml_collections.ConfigDict, target: Target | None = None) -> nnx.GraphDef:
   """The static structure of the model for `target` (default: the running devices), to pass to
   `apply`; builds no arrays."""
-  return nnx.graphdef(_abstract(cfg, target))
+  return nnx.graphdef(_abstract(model_cfg, target))
 
 
-def logical_axes(cfg: ml_collections.ConfigDict) -> dict:
+def logical_axes(model_cfg: ml_collections.ConfigDict) -> dict:
   """A tree like the parameters holding each parameter's logical axis names."""
-  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(_abstract(cfg))))
+  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(_abstract(model_cfg))))
 
 
-def init_params(cfg: ml_collections.ConfigDict, seed: int) -> dict:
+def init_params(model_cfg: ml_collections.ConfigDict, seed: int) -> dict:
   """Initialised parameters as a nested dict of arrays, created inside jit."""
-  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(params=seed)))))()
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(model_cfg, nnx.Rngs(params=seed)))))()
 
 
-def abstract_params(cfg: ml_collections.ConfigDict) -> dict:
+def abstract_params(model_cfg: ml_collections.ConfigDict) -> dict:
   """The parameters' shapes and dtypes (ShapeDtypeStructs); nothing is computed or allocated."""
-  return jax.eval_shape(lambda: init_params(cfg, 0))
+  return jax.eval_shape(lambda: init_params(model_cfg, 0))
 
 
 def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
@@ -373,12 +376,12 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
   return nnx.merge(graphdef, params)(tokens_BxT, segment_ids_BxT, positions_BxT)
 
 
-def init_cache(cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> dict:
+def init_cache(model_cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> dict:
   """An empty KV cache for len(valid_BxS) rows of S slots; valid_BxS marks the slots that may
   be attended to (False for left padding of shorter prompts)."""
   B, S = valid_BxS.shape
-  shape = (cfg.n_layers, B, S, cfg.n_kv_heads, config_lib.head_dim(cfg))
-  zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+  shape = (model_cfg.n_layers, B, S, model_cfg.n_kv_heads, config_lib.head_dim(model_cfg))
+  zeros = jnp.zeros(shape, jnp.dtype(model_cfg.dtype))
   return {"k": zeros, "v": zeros, "slot": jnp.zeros((), jnp.int32), "valid_BxS": valid_BxS}
 
 
@@ -386,103 +389,3 @@ def apply_with_cache(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array
                      positions_BxT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
   """Runs `tokens_BxT` at `positions_BxT` against `cache`; returns (float32 logits, cache)."""
   return nnx.merge(graphdef, params)(tokens_BxT, None, positions_BxT, cache)
-
-
-def chunked_loss(cfg: ml_collections.ConfigDict) -> bool:
-  """Whether the loss of `cfg` (the model group) runs in chunks (model.chunked_loss)."""
-  if cfg.chunked_loss == "auto":
-    return cfg.vocab_size >= CHUNKED_LOSS_MIN_VOCAB
-  return cfg.chunked_loss == "on"
-
-
-def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """A packed batch's summed next-token loss over its unmasked targets, and their number."""
-  llama = nnx.merge(graphdef, params)
-  x_BxTxD = llama.features(batch["inputs"], batch["segment_ids"], batch["positions"])
-  cfg = llama.cfg
-  if chunked_loss(cfg):
-    return chunked_cross_entropy(x_BxTxD, llama.head(), batch["targets"], batch["loss_mask"],
-                                 cfg.loss_chunk_len, jnp.dtype(cfg.dtype))
-  logits_BxTxV = output_logits(x_BxTxD, llama.head(), jnp.dtype(cfg.dtype))
-  return cross_entropy(logits_BxTxV, batch["targets"], batch["loss_mask"])
-
-
-def _chunks(x_BxT: jax.Array, n: int, size: int) -> jax.Array:
-  """[B, T, ...] as [n, B, size, ...]: T padded with zeros to n * size, then cut."""
-  pad = n * size - x_BxT.shape[1]
-  x_BxT = jnp.pad(x_BxT, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT.ndim - 2))
-  return jnp.moveaxis(x_BxT.reshape(x_BxT.shape[0], n, size, *x_BxT.shape[2:]), 1, 0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_ce(x_BxTxD, head_DxV, targets_BxT, mask_BxT, size, dtype):
-  return _chunked_ce_fwd(x_BxTxD, head_DxV, targets_BxT, mask_BxT, size, dtype)[0]
-
-
-def _chunked_ce_fwd(x_BxTxD, head_DxV, targets_BxT, mask_BxT, size, dtype):
-  n = -(-x_BxTxD.shape[1] // size)
-  xs = (_chunks(x_BxTxD, n, size), _chunks(targets_BxT, n, size), _chunks(mask_BxT, n, size))
-
-  def chunk(total, c):
-    x_BxCxD, targets_BxC, mask_BxC = c
-    logits_BxCxV = output_logits(x_BxCxD, head_DxV, dtype)
-    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    return total + jnp.sum((lse_BxC - target_BxC) * mask_BxC), lse_BxC
-
-  loss, lse_NxBxC = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs)
-  return loss, (x_BxTxD, head_DxV, targets_BxT, mask_BxT, lse_NxBxC)
-
-
-def _chunked_ce_bwd(size, dtype, residuals, g):
-  x_BxTxD, head_DxV, targets_BxT, mask_BxT, lse_NxBxC = residuals
-  B, T, D = x_BxTxD.shape
-  n = lse_NxBxC.shape[0]
-  xs = (_chunks(x_BxTxD, n, size), _chunks(targets_BxT, n, size), _chunks(mask_BxT, n, size),
-        lse_NxBxC)
-  head = head_DxV.astype(dtype)
-
-  def chunk(dhead_DxV, c):
-    x_BxCxD, targets_BxC, mask_BxC, lse_BxC = c
-    logits_BxCxV = output_logits(x_BxCxD, head_DxV, dtype)
-    # d loss / d logits = (softmax - one-hot) per unmasked target, times the incoming g.
-    probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
-    onehot_BxCxV = jax.nn.one_hot(targets_BxC, probs_BxCxV.shape[-1], dtype=jnp.float32)
-    dlogits_BxCxV = ((probs_BxCxV - onehot_BxCxV) * (mask_BxC * g)[..., None]).astype(dtype)
-    dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head,
-                          preferred_element_type=jnp.float32)
-    dhead_DxV = dhead_DxV + jnp.einsum("bcd,bcv->dv", x_BxCxD.astype(dtype), dlogits_BxCxV,
-                                       preferred_element_type=jnp.float32)
-    return dhead_DxV, dx_BxCxD
-
-  dhead_DxV, dx_NxBxCxD = jax.lax.scan(chunk, jnp.zeros(head_DxV.shape, jnp.float32), xs)
-  dx_BxTxD = jnp.moveaxis(dx_NxBxCxD, 0, 1).reshape(B, n * size, D)[:, :T]
-  return (dx_BxTxD.astype(x_BxTxD.dtype), dhead_DxV.astype(head_DxV.dtype), None, None)
-
-
-_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
-
-
-def chunked_cross_entropy(x_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
-                          mask_BxT: jax.Array, chunk_len: int,
-                          dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
-  """`cross_entropy` of the output layer's logits, `chunk_len` positions at a time.
-
-  A custom VJP recomputes each chunk's logits in the backward pass from the saved log-sum-exp,
-  so the float32 [B, T, V] logits and their gradient never exist whole: the peak is one chunk's
-  [B, chunk_len, V]. Same numbers as the plain path (the same matmuls, per chunk).
-  """
-  mask_BxT = mask_BxT.astype(jnp.float32)
-  size = min(chunk_len, x_BxTxD.shape[1])
-  loss = _chunked_ce(x_BxTxD, head_DxV, targets_BxT.astype(jnp.int32), mask_BxT, size,
-                     jnp.dtype(dtype))
-  return loss, jnp.sum(mask_BxT)
-
-
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
-                  mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns the masked sum of next-token losses and the number of tokens it covers."""
-  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
-    logits_BxTxV.astype(jnp.float32), targets_BxT)
-  mask_BxT = mask_BxT.astype(jnp.float32)
-  return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)

@@ -8,13 +8,13 @@ import ml_collections
 import optax
 
 
-def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def lr_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at the last step.
 
   Steps count from 0: step `warmup_steps - 1` runs at the peak and step `total_steps - 1` at
   `min_lr`; the first step already has a non-zero rate (lr / warmup_steps).
   """
-  peak, floor, warmup = cfg.lr, cfg.min_lr, cfg.warmup_steps
+  peak, floor, warmup = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_steps
   decay_steps = max(1, total_steps - 1 - warmup)
 
   def schedule(step: jax.Array) -> jax.Array:
@@ -34,12 +34,13 @@ def decay_mask(params: dict) -> dict:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """The optax chain for `cfg` (the optim group) and a run of `total_steps` steps."""
+def make_optimizer(optim_cfg: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
+  """The optax chain for `optim_cfg` (the optim group) and a run of `total_steps` steps."""
   adamw = optax.adamw(
-    lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-    weight_decay=cfg.weight_decay, mask=decay_mask,
+    lr_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+    weight_decay=optim_cfg.weight_decay, mask=decay_mask,
   )
-  if cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  if optim_cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
   return adamw

@@ -72,20 +72,21 @@ def count_label(n: int) -> str:
   return str(n)
 
 
-def scaled_model(base: ml_collections.ConfigDict, dim: int) -> ml_collections.ConfigDict:
-  """The base model config scaled to width `dim` (see the module docstring)."""
-  head_dim = base.dim // base.n_heads
+def scaled_model(model_cfg: ml_collections.ConfigDict, dim: int) -> ml_collections.ConfigDict:
+  """The base recipe's model group `model_cfg` scaled to width `dim` (see the module docstring)."""
+  head_dim = model_cfg.dim // model_cfg.n_heads
   if dim < head_dim or dim % head_dim:
-    raise config_lib.ConfigError(f"size {dim}: must be a multiple of the base recipe's head dimension "
-                     f"{head_dim} (model.dim / model.n_heads = {base.dim} / {base.n_heads})")
-  m = dim / base.dim
+    raise config_lib.ConfigError(f"size {dim}: must be a multiple of the base recipe's head "
+                                 f"dimension {head_dim} (model.dim / model.n_heads = "
+                                 f"{model_cfg.dim} / {model_cfg.n_heads})")
+  m = dim / model_cfg.dim
   n_heads = dim // head_dim
-  per_kv = base.n_heads // base.n_kv_heads
-  out = ml_collections.ConfigDict(base.to_dict())
-  out.update(dict(dim=dim, n_heads=n_heads, n_layers=max(1, round(m * base.n_layers)),
+  per_kv = model_cfg.n_heads // model_cfg.n_kv_heads
+  out = ml_collections.ConfigDict(model_cfg.to_dict())
+  out.update(dict(dim=dim, n_heads=n_heads, n_layers=max(1, round(m * model_cfg.n_layers)),
                   n_kv_heads=max(k for k in range(1, max(1, n_heads // per_kv) + 1)
                                  if n_heads % k == 0),
-                  ffn_dim=max(8, 8 * round(m * base.ffn_dim / 8))))
+                  ffn_dim=max(8, 8 * round(m * model_cfg.ffn_dim / 8))))
   return out
 
 
@@ -168,10 +169,10 @@ def final_eval_loss(workdir: str, cfg: ml_collections.ConfigDict) -> float | Non
 
 def shared_tokenizer(base: ml_collections.ConfigDict, out_dir: str, train_files: str) -> str:
   """OUT/tokenizer.model, trained once on the training files (or the base recipe's own)."""
-  data = ml_collections.ConfigDict(base.data.to_dict())
-  if not data.tokenizer:
-    data.update(dict(source="files", train_files=train_files, mixture=""))
-  tokenizer_lib.load_or_train_tokenizer(data, base.model.vocab_size, out_dir)
+  data_cfg = ml_collections.ConfigDict(base.data.to_dict())
+  if not data_cfg.tokenizer:
+    data_cfg.update(dict(source="files", train_files=train_files, mixture=""))
+  tokenizer_lib.load_or_train_tokenizer(data_cfg, base.model.vocab_size, out_dir)
   return os.path.abspath(os.path.join(out_dir, workdir_lib.TOKENIZER))
 
 
@@ -212,13 +213,16 @@ def sweep(base: ml_collections.ConfigDict, dims: Sequence[int], budgets: Sequenc
 
 def record(run: Run, workdir: str, loss: float, seconds: float | None) -> dict[str, Any]:
   """One run's row of scaling.json."""
-  m = run.cfg.model
-  return {"name": run.name, "workdir": workdir, "dim": m.dim, "n_layers": m.n_layers,
-          "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "ffn_dim": m.ffn_dim,
-          "params_non_embedding": run.params, "params_total": model.param_count_formula(m),
+  model_cfg = run.cfg.model
+  return {"name": run.name, "workdir": workdir, "dim": model_cfg.dim,
+          "n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads,
+          "n_kv_heads": model_cfg.n_kv_heads, "ffn_dim": model_cfg.ffn_dim,
+          "params_non_embedding": run.params,
+          "params_total": model.param_count_formula(model_cfg),
           "tokens": run.tokens, "steps": run.cfg.train.steps,
           "warmup_steps": run.cfg.optim.warmup_steps, "compute_6ND": run.compute,
-          "flops_model": metrics.model_flops_per_token(m, run.cfg.data.seq_len) * run.tokens,
+          "flops_model": (metrics.model_flops_per_token(model_cfg, run.cfg.data.seq_len)
+                          * run.tokens),
           "eval_loss": loss, "train_s": seconds}
 
 

@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 from nanollama_jax import attention, checkpoint, model, optim, sharding
+from nanollama_jax import loss as loss_lib
 from nanollama_jax.data import pipeline
 
 Batch = dict[str, Any]
@@ -58,7 +59,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, graphdef, tx: optax.Gradient
 
   def sums_and_grads(params: dict, batch: Batch):
     (loss_sum, count), grads = jax.value_and_grad(
-      functools.partial(model.loss_sums, graphdef), has_aux=True)(params, batch)
+      functools.partial(loss_lib.loss_sums, graphdef), has_aux=True)(params, batch)
     return loss_sum, count, grads
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -62,6 +62,9 @@ GPU_GENERATIONS: dict[str, GpuGeneration] = {
   "sm_100": GpuGeneration(10, 0, 232_448, 233_472, 2048, accelerated=True),
   "sm_120": GpuGeneration(12, 0, 101_376, 102_400, 1536),
 }
+# Compute capabilities that behave as a generation of the table: Jetson Orin (8.7) has A100's
+# shared memory and instructions; B300 (10.3) is a B200; GB10 (12.1) is a consumer Blackwell.
+GPU_GENERATION_ALIASES = {"sm_87": "sm_80", "sm_103": "sm_100", "sm_121": "sm_120"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +276,27 @@ def gpu_target_config(gpu: Gpu) -> str:
   return ("gpu_device_info {\n" + "\n".join(lines) + "\n}\n" + 'platform_name: "CUDA"\n'
           "dnn_version_info { major: 9 minor: 8 patch: 0 }\n"
           f'device_description_str: "{gpu.kind}"\n')
+
+
+def gpu_generation(compute_capability: str | None) -> str:
+  """The GPU generation ('sm_86') of a CUDA compute capability ('8.6', as a jax.Device reports
+  it); 'sm_80' when the runtime does not say."""
+  text = "8.0" if compute_capability is None else str(compute_capability)
+  major, minor = (int(x) for x in text.split(".")[:2])
+  return f"sm_{major}{minor}"
+
+
+def known_gpu_generation(generation: str) -> str | None:
+  """The generation of GPU_GENERATIONS that `generation` ('sm_87') is or behaves as ('sm_80');
+  None for one the table does not know."""
+  generation = GPU_GENERATION_ALIASES.get(generation, generation)
+  return generation if generation in GPU_GENERATIONS else None
+
+
+def gpu_of_generation(generation: str) -> str:
+  """A GPU (a GPUS name) of `generation`: the first the table lists. Shared memory per block and
+  instructions are the generation's, the same on each of its GPUs."""
+  return next(name for name, gpu in GPUS.items() if gpu.generation == generation)
 
 
 def shared_memory_limit(generation: str) -> int:

@@ -86,6 +86,7 @@ import jax  # pylint: disable=wrong-import-position
 
 from nanollama_jax import config as config_lib  # pylint: disable=wrong-import-position
 from nanollama_jax import model, sharding  # pylint: disable=wrong-import-position
+from nanollama_jax import loss as loss_lib  # pylint: disable=wrong-import-position
 from nanollama_jax import step as step_lib  # pylint: disable=wrong-import-position
 from nanollama_jax.data import pipeline  # pylint: disable=wrong-import-position
 from nanollama_jax.data import sample_dir  # pylint: disable=wrong-import-position
@@ -171,7 +172,7 @@ def recipes() -> dict:
   for name in RECIPES:
     cfg = runpy.run_path(os.path.join(_ROOT, "configs", f"{name}.py"))["get_config"]()
     row = {"parameters": model.param_count_formula(cfg.model),
-           "chunked_loss": model.chunked_loss(cfg.model)}
+           "chunked_loss": loss_lib.chunked_loss(cfg.model)}
     # A recipe with the chunked loss is compiled a second time with the plain one, to show
     # what the chunks save.
     variants = {"": cfg}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nanollama_jax import config, model
+from nanollama_jax import loss as loss_lib
 from nanollama_jax.attention import attention
 
 
@@ -173,7 +174,7 @@ def loss_and_grads(variant):
 
   def loss(p):
     out = model.apply(graphdef, p, tokens)
-    return model.cross_entropy(out[:, :-1], tokens[:, 1:], jnp.ones((2, 7)))[0]
+    return loss_lib.cross_entropy(out[:, :-1], tokens[:, 1:], jnp.ones((2, 7)))[0]
 
   return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -201,7 +202,7 @@ def remat_temp_bytes(remat: str) -> int:
   tokens = jax.ShapeDtypeStruct((4, 512), jnp.int32)
 
   def loss(p, t):
-    return model.cross_entropy(model.apply(graphdef, p, t), t, jnp.ones(t.shape))[0]
+    return loss_lib.cross_entropy(model.apply(graphdef, p, t), t, jnp.ones(t.shape))[0]
 
   compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
   return compiled.memory_analysis().temp_size_in_bytes
@@ -299,7 +300,7 @@ def _loss_and_grads(cfg, params, batch):
   graphdef = model.graph(cfg)
 
   def mean_loss(p):
-    total, count = model.loss_sums(graphdef, p, batch)
+    total, count = loss_lib.loss_sums(graphdef, p, batch)
     return total / count
   return jax.jit(jax.value_and_grad(mean_loss))(params)
 
@@ -339,10 +340,10 @@ def test_chunked_loss_never_holds_the_whole_logits():
   for mode in ("off", "on"):
     cfg = tiny_cfg(vocab_size=V, max_seq_len=T, chunked_loss=mode, loss_chunk_len=32)
     graph = model.graph(cfg)
-    step = jax.jit(jax.grad(lambda p, b, g=graph: model.loss_sums(g, p, b)[0]))
+    step = jax.jit(jax.grad(lambda p, b, g=graph: loss_lib.loss_sums(g, p, b)[0]))
     compiled = step.lower(model.abstract_params(cfg), batch).compile()
     temps[mode] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = B * T * V * 4
   assert temps["on"] < temps["off"] - logits_bytes, (temps, logits_bytes)
-  assert not model.chunked_loss(tiny_cfg(vocab_size=10000))  # auto: TinyStories stays plain
-  assert model.chunked_loss(tiny_cfg(vocab_size=32000))
+  assert not loss_lib.chunked_loss(tiny_cfg(vocab_size=10000))  # auto: TinyStories stays plain
+  assert loss_lib.chunked_loss(tiny_cfg(vocab_size=32000))

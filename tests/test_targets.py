@@ -108,6 +108,18 @@ def test_a_gpu_program_may_use_jax_preallocated_share(monkeypatch):
   assert targets.parse("v5e-8").usable_memory() == int(16 * 2**30 * 0.97)
 
 
+def test_gpu_generations_of_compute_capabilities_and_their_gpus():
+  assert [targets.gpu_generation(c) for c in ("8.6", "9.0", "10.3", "12.0", None)] == [
+    "sm_86", "sm_90", "sm_103", "sm_120", "sm_80"]  # None: a runtime that does not say
+  assert [targets.known_gpu_generation(g) for g in ("sm_80", "sm_87", "sm_103", "sm_121",
+                                                    "sm_110")] == [
+    "sm_80", "sm_80", "sm_100", "sm_120", None]
+  # kernel_check compiles each generation for the first of its GPUs
+  assert {g: targets.gpu_of_generation(g) for g in targets.GPU_GENERATIONS} == {
+    "sm_80": "a100_40gb", "sm_86": "rtx3090", "sm_89": "rtx4090", "sm_90": "h100_sxm",
+    "sm_100": "b200", "sm_120": "rtx5090"}
+
+
 @pytest.mark.slow
 def test_list_targets_and_usage_errors_need_no_extra():
   listed = run_script("aot_compile.py", "--list-targets", "--json")

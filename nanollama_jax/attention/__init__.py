@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 
 import jax
@@ -56,7 +55,8 @@ class Target:
                        "capability as 'sm_XY', e.g. 'sm_80' (A100), 'sm_86' (RTX 3090), "
                        "'sm_90' (H100)")
     if self.platform == "tpu" and not self.generation:
-      raise errors.ConfigError("target generation None for tpu: name one, e.g. 'v4', 'v5e', 'v5p', 'v6e'")
+      raise errors.ConfigError("target generation None for tpu: name one, e.g. "
+                               + ", ".join(repr(g) for g in targets.TPUS))
     if self.platform in ("cpu", "rocm") and self.generation is not None:
       raise errors.ConfigError(f"target generation {self.generation!r} for {self.platform}: must be None")
 
@@ -69,8 +69,7 @@ class Target:
     if device.platform == "gpu":
       if "rocm" in device.client.platform_version:
         return cls("rocm")
-      from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
-      return cls("cuda", pallas.device_generation(device))
+      return cls("cuda", targets.gpu_generation(getattr(device, "compute_capability", None)))
     return cls(device.platform)
 
   @classmethod
@@ -81,7 +80,7 @@ class Target:
 
 def _interpret_requested() -> bool:
   from nanollama_jax.attention import pallas  # pylint: disable=import-outside-toplevel
-  return os.environ.get(pallas.INTERPRET_ENV) == "1"
+  return pallas.interpret_requested()
 
 
 def resolve(impl: str, target: Target) -> str:

@@ -66,11 +66,10 @@ class Tiles:
     return math.lcm(*(n for b in (self.fwd, self.dq, self.dkv) for n in (b.block_q, b.block_k)))
 
 
-# The GPU generations with a row in the table: those targets.GPU_GENERATIONS describes.
+# The GPU generations with a row in the table: those targets.GPU_GENERATIONS describes (other
+# compute capabilities are served by the row of the generation they behave as, see
+# targets.known_gpu_generation).
 GENERATIONS = tuple(targets.GPU_GENERATIONS)
-# Compute capabilities served by a row of another generation: Jetson Orin (8.7) has A100's
-# shared memory and instructions; B300 (10.3) is a B200; GB10 (12.1) is a consumer Blackwell.
-_ALIASES = {"sm_87": "sm_80", "sm_103": "sm_100", "sm_121": "sm_120"}
 
 
 def _tiles(fwd, dq, dkv):
@@ -155,12 +154,6 @@ def fallback_tiles(dtype: str, head_dim: int) -> Tiles:
 _INTERPRET_TILES = Tiles(*[Blocks(64, 64, 4, 1)] * 3)
 
 
-def device_generation(device: jax.Device) -> str:
-  """The GPU generation of `device` as "sm_XY" (its compute capability X.Y)."""
-  major, minor = (int(x) for x in str(getattr(device, "compute_capability", "8.0")).split(".")[:2])
-  return f"sm_{major}{minor}"
-
-
 def table_row(generation: str) -> str | None:
   """The table row serving GPU `generation` ("sm_86"), or None for an unknown newer GPU."""
   if not (generation.startswith("sm_") and generation[3:].isdigit()):
@@ -169,8 +162,7 @@ def table_row(generation: str) -> str | None:
   if int(generation[3:]) < 80:
     raise errors.ConfigError(f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
                      ": use model.attention='xla'")
-  generation = _ALIASES.get(generation, generation)
-  return generation if generation in GENERATIONS else None
+  return targets.known_gpu_generation(generation)
 
 
 def _dtype_key(dtype) -> str:
@@ -186,7 +178,8 @@ def choose_tiles(head_dim: int, dtype, interpret: bool, generation: str | None =
     return _INTERPRET_TILES
   if head_dim not in HEAD_DIMS:
     raise errors.ConfigError(f"head dim {head_dim}: the pallas kernel supports {HEAD_DIMS}")
-  generation = generation or device_generation(jax.devices()[0])
+  generation = generation or targets.gpu_generation(
+    getattr(jax.devices()[0], "compute_capability", None))
   row = table_row(generation)
   if row is None:
     warnings.warn(f"no pallas attention tiles for GPU generation {generation} (known: "
@@ -196,8 +189,13 @@ def choose_tiles(head_dim: int, dtype, interpret: bool, generation: str | None =
   return _TABLE[(row, _dtype_key(dtype), head_dim)]
 
 
+def interpret_requested() -> bool:
+  """Whether $NANOLLAMA_PALLAS_INTERPRET asks for the kernels in Pallas interpret mode."""
+  return os.environ.get(INTERPRET_ENV) == "1"
+
+
 def _interpret_mode() -> bool:
-  if os.environ.get(INTERPRET_ENV) == "1":
+  if interpret_requested():
     return True
   if jax.default_backend() != "gpu":
     raise errors.ConfigError(

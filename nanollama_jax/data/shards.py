@@ -34,8 +34,8 @@ FORMAT = "nanollama-tokens"
 VERSION = 1
 
 
-def sha256(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
+def sha256(blob: bytes) -> str:
+  return hashlib.sha256(blob).hexdigest()
 
 
 def is_dataset(path: str) -> bool:

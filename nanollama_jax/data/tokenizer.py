@@ -116,11 +116,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tok
   # Lines, not whole documents, are the training sentences: sentencepiece skips sentences over
   # max_sentence_length, and "\n" is left to byte fallback (<0x0A>), as in Llama's tokenizer.
   lines = [line for text in texts for line in text.split("\n") if line]
-  model = io.BytesIO()
+  model_bytes = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines),
-      model_writer=model,
+      model_writer=model_bytes,
       model_type="bpe",
       vocab_size=vocab_size,
       hard_vocab_limit=True,
@@ -144,7 +144,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tok
       f"cannot train a tokenizer with vocab_size={vocab_size} on {len(lines)} lines of text: "
       f"{reason}"
     ) from None
-  paths.write(out_path, model.getvalue())
+  paths.write(out_path, model_bytes.getvalue())
   return Tokenizer(out_path)
 
 
