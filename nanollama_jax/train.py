@@ -29,7 +29,7 @@ from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
 from nanollama_jax import attention, evaluate, generate, hostmem, hub, model, optim, paths
 from nanollama_jax import sharding
-from nanollama_jax.data import DataError, HubUnreachable, pipeline
+from nanollama_jax.data import DataError, HubUnreachable, holdout, pipeline
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 Batch = dict[str, Any]
@@ -284,8 +284,8 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
 def _eval_set(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
               batch_sharding: jax.sharding.NamedSharding) -> list[Batch]:
   """The fixed evaluation batches as global arrays; none without an eval split."""
-  if cfg.data.source != "hf" and not cfg.data.eval_files:
-    logging.info("data.eval_files is empty: no evaluation in this run")
+  if not holdout.has_eval_split(cfg.data):
+    logging.info("data.eval_files is empty and data.holdout_fraction 0: no evaluation in this run")
     return []
   return [sharding.global_batch(sharding.process_rows(b, batch_sharding), batch_sharding)
           for b in pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)]

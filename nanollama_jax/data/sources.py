@@ -35,6 +35,7 @@ from absl import logging
 
 from nanollama_jax import config
 from nanollama_jax.data import DataError, HubUnreachable, shards
+from nanollama_jax.data.holdout import Holdout, for_split, kept
 
 SPLITS = ("train", "eval")
 JSON_EXTENSIONS = (".jsonl", ".json")
@@ -292,24 +293,34 @@ def _data_files(spec: str | Sequence[str] | None):
   return list(spec) or None if spec is not None else None
 
 
+def _kept_texts(batch: dict[str, list], field: str, holdout: Holdout) -> list[bool]:
+  """`datasets` filter: which texts of a batch the hold-out keeps (an empty one reads as '')."""
+  return [holdout.keeps(text or "") for text in batch[field]]
+
+
 def hf_documents(
   path: str, name: str | None, split: str, text_key: str,
   data_files: str | Sequence[str] | None = None, doc_format: str = "text",
-  skipped: collections.Counter | None = None,
+  skipped: collections.Counter | None = None, holdout: Holdout | None = None,
 ) -> Sequence[Document]:
   """Returns the documents of a (downloaded) Hugging Face dataset split: its texts, memory-mapped,
-  or its conversations, read and checked at once (skipped ones counted in `skipped`)."""
+  or its conversations, read and checked at once (skipped ones counted in `skipped`); with a
+  `holdout`, only those it keeps."""
   dataset = load_hub_dataset(path, name, split, _data_files(data_files), streaming=False)
   field, _ = _field(text_key, doc_format)
   if field not in dataset.column_names:
     raise DataError(f"{_field_named(text_key, doc_format)} is not a column of {path} ({split}); "
                      f"columns: {', '.join(dataset.column_names)}")
   if doc_format == "text":
-    return _Column(dataset.select_columns([field]), field)
+    dataset = dataset.select_columns([field])
+    if holdout is not None:  # hashed once; `datasets` caches the kept rows by the call's inputs
+      dataset = dataset.filter(_kept_texts, batched=True, batch_size=10_000,
+                               fn_kwargs={"field": field, "holdout": holdout})
+    return _Column(dataset, field)
   skipped = collections.Counter() if skipped is None else skipped
   docs = (_conversation_or_skip(value, f"{path} ({split}), row {row}", skipped)
           for row, value in enumerate(dataset[field], 1))
-  return [doc for doc in docs if doc is not None]
+  return list(kept((doc for doc in docs if doc is not None), holdout))
 
 
 class HubStream(grain.IterDataset):
@@ -317,16 +328,19 @@ class HubStream(grain.IterDataset):
 
   With `repeat`, the stream starts over at its end and the epoch counts up. With
   `process_count` > 1 each process reads a disjoint share (whole files where the split has
-  enough of them, else every n-th record). The iterator's state is the `datasets` stream's own
-  position, so a restore continues without reading the stream again from its start.
+  enough of them, else every n-th record). With a `holdout`, only the documents it keeps. The
+  iterator's state is the `datasets` stream's own position, so a restore continues without
+  reading the stream again from its start.
   """
 
   def __init__(self, path: str, name: str | None, split: str, text_key: str,
                data_files: str | Sequence[str] | None = None, repeat: bool = False,
-               process_index: int = 0, process_count: int = 1, doc_format: str = "text"):
+               process_index: int = 0, process_count: int = 1, doc_format: str = "text",
+               holdout: Holdout | None = None):
     super().__init__()
     self.path, self.name, self.split, self.text_key = path, name, split, text_key
     self.doc_format = doc_format
+    self.holdout = holdout
     self.data_files = _data_files(data_files)
     self.repeat = repeat
     self.process_index, self.process_count = process_index, process_count
@@ -378,7 +392,8 @@ class _HubStreamIterator(grain.DatasetIterator):
       except StopIteration:
         if not s.repeat or not self._records_this_epoch:
           if not self._records_this_epoch and self._epoch == 0:
-            raise DataError(f"{s.path} ({s.split}): the stream has no documents") from None
+            among = f" among {s.holdout}" if s.holdout else ""
+            raise DataError(f"{s.path} ({s.split}): the stream has no documents{among}") from None
           raise
         self._epoch += 1
         self._records_this_epoch = 0
@@ -390,7 +405,7 @@ class _HubStreamIterator(grain.DatasetIterator):
                          f"({s.split}); fields: {', '.join(sorted(record))}")
       doc = _document_or_skip(record[field], f"{s.path} ({s.split})", field, s.doc_format,
                               s.skipped)
-      if doc is not None:
+      if doc is not None and (s.holdout is None or s.holdout.keeps(doc)):
         self._records_this_epoch += 1
         return doc, self._epoch
 
@@ -418,8 +433,8 @@ class Documents:
     return isinstance(self.docs, shards.TokenDocuments)
 
 
-def _open_globs(globs: str, key: str, text_key: str, separator: str,
-                doc_format: str) -> Documents:
+def _open_globs(globs: str, key: str, text_key: str, separator: str, doc_format: str,
+                holdout: Holdout | None) -> Documents:
   paths = config.expand_globs(globs, key)
   datasets_ = [p for p in paths if os.path.isdir(p)]
   if datasets_ and doc_format == "chat":
@@ -434,9 +449,9 @@ def _open_globs(globs: str, key: str, text_key: str, separator: str,
       raise config.ConfigError(f"{key}={globs!r}: matches both pretokenized datasets and text "
                                "files; use one kind per split (or a data.mixture)")
     docs = shards.TokenDocuments(datasets_)
-    return Documents(globs, docs=docs)
+    return Documents(globs, docs=docs if holdout is None else docs.select(holdout.keeps))
   skipped: collections.Counter = collections.Counter()
-  docs = list(read_files(paths, text_key, separator, skipped, doc_format))
+  docs = list(kept(read_files(paths, text_key, separator, skipped, doc_format), holdout))
   return Documents(globs, docs=docs, skipped=skipped)
 
 
@@ -446,22 +461,25 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
   globs or a Hub dataset "hf:...").
 
   Only a Hub stream uses the process index and count (it splits itself); the pipeline splits
-  random-access documents.
+  random-access documents. With data.holdout_fraction, training skips the held-out documents
+  and evaluation reads only those, of the training source (data/holdout.py).
   """
   if split not in SPLITS:
     raise ValueError(f"split={split!r}: allowed: {', '.join(SPLITS)}")
+  holdout = for_split(data_cfg, split)
   if globs is not None and globs.startswith(config.HUB_PREFIX):
     hub = config.parse_hub_source(globs)
     found = Documents(globs, stream=HubStream(
       hub.path, hub.name, hub.split, hub.text_key or data_cfg.text_key, repeat=split == "train",
-      process_index=process_index, process_count=process_count, doc_format=data_cfg.format))
+      process_index=process_index, process_count=process_count, doc_format=data_cfg.format,
+      holdout=holdout))
   elif globs is not None:
     found = _open_globs(globs, "data.mixture", data_cfg.text_key, data_cfg.text_separator,
-                        data_cfg.format)
+                        data_cfg.format, holdout)
   elif data_cfg.source == "files":
-    key = "train_files" if split == "train" else "eval_files"
+    key = "train_files" if split == "train" or holdout is not None else "eval_files"
     found = _open_globs(data_cfg[key], f"data.{key}", data_cfg.text_key,
-                        data_cfg.text_separator, data_cfg.format)
+                        data_cfg.text_separator, data_cfg.format, holdout)
   elif data_cfg.source == "hf":
     hf_split = data_cfg.hf_train_split if split == "train" else data_cfg.hf_eval_split
     name = f"{data_cfg.hf_path} ({hf_split})"
@@ -469,17 +487,18 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
       found = Documents(name, stream=HubStream(
         data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key,
         data_cfg.hf_data_files, repeat=split == "train", process_index=process_index,
-        process_count=process_count, doc_format=data_cfg.format))
+        process_count=process_count, doc_format=data_cfg.format, holdout=holdout))
     else:
       skipped: collections.Counter = collections.Counter()
       found = Documents(name, skipped=skipped, docs=hf_documents(
         data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key,
-        data_cfg.hf_data_files, data_cfg.format, skipped))
+        data_cfg.hf_data_files, data_cfg.format, skipped, holdout))
   else:
     raise config.ConfigError(
       f"data.source={data_cfg.source!r}: allowed: {', '.join(config.DATA_SOURCES)}")
   if found.docs is not None and not len(found.docs):
-    raise DataError(f"the {split} split ({found.name}) has no documents")
+    among = f" among {holdout}" if holdout else ""
+    raise DataError(f"the {split} split ({found.name}) has no documents{among}")
   if found.skipped:
     logging.warning("%s: skipped %s", found.name,
                     ", ".join(f"{n} {what}" for what, n in sorted(found.skipped.items())))
@@ -528,8 +547,9 @@ def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[Documen
     raise DataError("the training data is pretokenized: set data.tokenizer to the model it was "
                      "prepared with (its tokenizer.model)")
   skipped: collections.Counter = collections.Counter()
-  docs = list(itertools.islice(
-    read_files(paths, data_cfg.text_key, data_cfg.text_separator, skipped, data_cfg.format), n))
+  docs = list(itertools.islice(kept(read_files(
+    paths, data_cfg.text_key, data_cfg.text_separator, skipped, data_cfg.format),
+    for_split(data_cfg, "train")), n))
   if not docs:
     counts = ", ".join(f"{count} {what}" for what, count in sorted(skipped.items()))
     raise DataError(f"{', '.join(paths)}: no training document to read"
