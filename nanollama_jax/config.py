@@ -382,10 +382,23 @@ def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
 
 
 def _check_holdout(d: ml_collections.ConfigDict) -> None:
-  """The share of a single-split source held out for evaluation."""
+  """Evaluation never reads training documents: a split that both read needs a hold-out."""
   f = d.holdout_fraction
   if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 0.5:
     _fail("data.holdout_fraction", f, "must be a number in [0, 0.5] (0: off)")
+  hf = d.source == "hf"
+  key, train_key = ("hf_eval_split", "hf_train_split") if hf else ("eval_files", "train_files")
+  if not f and d[key] and d[key] == d[train_key]:
+    _fail(f"data.{key}", d[key], f"is also data.{train_key}, so evaluation would read training "
+          "documents: set data.holdout_fraction (e.g. 0.005) to evaluate on a share held out of "
+          f"training{'' if hf else ' (and leave eval_files empty)'}")
+  if f and (d[key] != d[train_key] if hf else d.eval_files):
+    _fail("data.holdout_fraction", f, f"holds evaluation documents out of data.{train_key}, but "
+          f"data.{key}={d[key]!r} is an eval split of its own: set the fraction to 0, or "
+          + (f"data.{key} to data.{train_key}" if hf else "leave eval_files empty"))
+  if f and not d[train_key]:
+    _fail("data.holdout_fraction", f,
+          f"evaluates on documents held out of data.{train_key}, which is empty")
 
 
 def _check_optim(o: ml_collections.ConfigDict, steps: int) -> None:

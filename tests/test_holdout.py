@@ -9,11 +9,14 @@ import collections
 import itertools
 import json
 import math
+import os
 import pickle
+import runpy
 
 import numpy as np
 import pytest
 
+from helpers import REPO
 from nanollama_jax import config
 from nanollama_jax.data import CHAT_SAMPLE, holdout, pipeline, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
@@ -200,10 +203,40 @@ def test_pretokenized_chat_and_mixture_sources_hold_out_too(sample_dir, tok, tex
   assert found[0].docs == _split(texts)[0] and len(found[1].docs) == len(kept)
 
 
-@pytest.mark.parametrize("fraction", [0.7, -0.1])
-def test_config_refuses_a_fraction_out_of_range(sample_dir, fraction):
+@pytest.mark.parametrize("fields, message", [
+  (dict(source="hf", hf_eval_split="train", holdout_fraction=0.0),
+   "data.hf_eval_split='train': is also data.hf_train_split, so evaluation would read training "
+   "documents: set data.holdout_fraction"),
+  (dict(source="hf", hf_eval_split="validation", holdout_fraction=0.01),
+   "data.holdout_fraction=0.01: holds evaluation documents out of data.hf_train_split, but "
+   "data.hf_eval_split='validation' is an eval split of its own"),
+  (dict(train_files="web.jsonl", eval_files="web.jsonl", holdout_fraction=0.0),
+   "data.eval_files='web.jsonl': is also data.train_files, so evaluation would read training "
+   "documents: set data.holdout_fraction (e.g. 0.005) to evaluate on a share held out of "
+   "training (and leave eval_files empty)"),
+  (dict(eval_files="val.jsonl", holdout_fraction=0.01),
+   "data.holdout_fraction=0.01: holds evaluation documents out of data.train_files, but "
+   "data.eval_files='val.jsonl' is an eval split of its own: set the fraction to 0, or leave "
+   "eval_files empty"),
+  (dict(train_files="", mixture="a.jsonl=1"),
+   "data.holdout_fraction=0.2: evaluates on documents held out of data.train_files, which is "
+   "empty"),
+  (dict(holdout_fraction=0.7), "data.holdout_fraction=0.7: must be a number in [0, 0.5]"),
+  (dict(holdout_fraction=-0.1), "data.holdout_fraction=-0.1: must be a number in [0, 0.5]"),
+])
+def test_config_refuses_evaluating_on_training_documents(sample_dir, fields, message):
   cfg = config.get_default_config()
-  cfg.data = _cfg(sample_dir, holdout_fraction=fraction)
-  with pytest.raises(config.ConfigError,
-                     match=rf"data.holdout_fraction={fraction}: must be a number in \[0, 0.5\]"):
+  cfg.data = _cfg(sample_dir, **fields)
+  with pytest.raises(config.ConfigError) as err:
     config.validate(cfg, check_files=False)
+  assert message in str(err.value)
+
+
+@pytest.mark.parametrize("recipe", ["dense_180m", "tinyllama_1b", "llama3_2_1b", "llama3_1_8b"])
+def test_fineweb_recipes_evaluate_on_held_out_documents(recipe):
+  cfg = runpy.run_path(os.path.join(REPO, "configs", f"{recipe}.py"))["get_config"]()
+  config.validate(cfg, check_files=False)
+  d = cfg.data
+  assert (d.hf_path, d.hf_eval_split, d.holdout_fraction) == (
+    "HuggingFaceFW/fineweb-edu", d.hf_train_split, 0.005)
+  assert holdout.for_split(d, "eval") == holdout.Holdout(0.005, held_out=True)
