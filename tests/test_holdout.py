@@ -16,8 +16,8 @@ import runpy
 import numpy as np
 import pytest
 
-from helpers import REPO
-from nanollama_jax import config
+from helpers import REPO, tiny_config
+from nanollama_jax import config, evaluate, model, train
 from nanollama_jax.data import CHAT_SAMPLE, holdout, pipeline, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -135,6 +135,21 @@ def test_a_resumed_run_keeps_the_split(sample_dir, tok, texts):
   docs = set(_whole_docs(_rows(batches), tok))
   assert epoch == 1 and len(docs) > 40
   assert docs <= set(_ids(kept, tok)) and not docs & set(_ids(held, tok))
+
+
+@pytest.mark.slow
+def test_a_run_without_eval_files_evaluates_on_the_held_out_documents(sample_dir, tokenizer_path,
+                                                                      tok, texts, tmp_path):
+  cfg = tiny_config(sample_dir, tokenizer_path, steps=4, log_every=2, eval_every=4, eval_steps=2)
+  cfg.optim.warmup_steps = 1
+  cfg.data.update(eval_files="", holdout_fraction=FRACTION)
+  config.validate(cfg)
+  params, last = train.train(cfg, str(tmp_path))
+  expected = pipeline.eval_batches(cfg.data, tok, 2)
+  assert set(_whole_docs(_rows(expected), tok)) <= set(_ids(_split(texts)[1], tok))
+  result = evaluate.mean_loss(evaluate.make_eval_step(model.graph(cfg.model)), params, expected)
+  assert last["eval_tokens"] == result["tokens"] == sum(b["loss_mask"].sum() for b in expected)
+  assert last["eval_loss"] == pytest.approx(result["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("fraction, count", [(0.01, 11), (0.05, 68), (0.2, HELD), (0.5, 556)])
