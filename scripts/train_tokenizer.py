@@ -15,7 +15,7 @@ import sys
 import time
 
 from nanollama_jax import config
-from nanollama_jax.data import sources, tokenizer
+from nanollama_jax.data import records, tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
   try:
     files = config.expand_globs(args.input, "--input")
     docs = list(itertools.islice(
-      sources.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
-    texts = sources.texts(docs)
+      records.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
+    texts = records.texts(docs)
     tok = tokenizer.train_tokenizer(texts, args.vocab_size, args.out)
   except ValueError as e:
     sys.exit(f"error: {e}")

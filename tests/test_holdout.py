@@ -18,7 +18,7 @@ import pytest
 
 from helpers import REPO, tiny_config
 from nanollama_jax import config, evaluate, model, train
-from nanollama_jax.data import CHAT_SAMPLE, holdout, pipeline, shards, sources
+from nanollama_jax.data import CHAT_SAMPLE, holdout, pipeline, records, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 FRACTION = 0.2
@@ -34,7 +34,7 @@ def tok(tokenizer_path):
 @pytest.fixture(scope="module")
 def texts(sample_dir):
   """Every story of the sample's train.jsonl, in file order."""
-  return list(sources.read_files([str(sample_dir / "train.jsonl")], "text"))
+  return list(records.read_files([str(sample_dir / "train.jsonl")], "text"))
 
 
 def _cfg(sample_dir, **fields):
@@ -206,7 +206,7 @@ def test_pretokenized_chat_and_mixture_sources_hold_out_too(sample_dir, tok, tex
     assert [d.tolist() for d in docs] == [d.tolist() for d in expected]
     assert pickle.loads(pickle.dumps(docs))[len(docs) - 1].tolist() == expected[-1].tolist()
   # Conversations: hashed by their roles, reasoning and contents.
-  chats = list(sources.read_files([str(CHAT_SAMPLE / "train.jsonl")], "text", doc_format="chat"))
+  chats = list(records.read_files([str(CHAT_SAMPLE / "train.jsonl")], "text", doc_format="chat"))
   chat_cfg = _cfg(sample_dir, train_files=str(CHAT_SAMPLE / "train.jsonl"), format="chat")
   kept_chats, held_chats = _split(chats)
   assert len(held_chats) == HELD_CHATS and len(kept_chats) == len(chats) - HELD_CHATS
