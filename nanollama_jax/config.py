@@ -103,6 +103,12 @@ def _data_defaults() -> ml_collections.ConfigDict:
   # directories written by scripts/prepare_dataset.py (pretokenized shards).
   data.train_files = ""
   data.eval_files = ""  # same; empty with source="files" turns evaluation off
+  # For a source without an eval split (FineWeb-Edu has only "train"): this share of its
+  # documents, chosen by a hash of each one's content (data/holdout.py), is read by evaluation
+  # and skipped by training, on every host and across resumes. It applies where evaluation
+  # reads the training source: source="hf" with hf_eval_split == hf_train_split (required
+  # then), or source="files" with eval_files empty. 0: off.
+  data.holdout_fraction = 0.0
   data.text_separator = ""  # .txt files: "" = one document per line, else the separator
   # A weighted mixture of training sources instead of train_files: "SOURCE=WEIGHT;...", each
   # SOURCE file globs or pretokenized datasets (like train_files) or a Hub dataset streamed as
@@ -372,9 +378,30 @@ def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
     parse_mixture(d.mixture)
   if d.source == "hf" and not d.hf_path:
     _fail("data.hf_path", d.hf_path, "must name a Hub dataset when data.source='hf'")
+  _check_holdout(d)
   if isinstance(o.grad_accum, int) and o.grad_accum > 0 and d.batch_size % o.grad_accum:
     _fail("data.batch_size", d.batch_size,
           f"must be divisible by optim.grad_accum={o.grad_accum}")
+
+
+def _check_holdout(d: ml_collections.ConfigDict) -> None:
+  """Evaluation never reads training documents: a split that both read needs a hold-out."""
+  f = d.holdout_fraction
+  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 0.5:
+    _fail("data.holdout_fraction", f, "must be a number in [0, 0.5] (0: off)")
+  hf = d.source == "hf"
+  key, train_key = ("hf_eval_split", "hf_train_split") if hf else ("eval_files", "train_files")
+  if not f and d[key] and d[key] == d[train_key]:
+    _fail(f"data.{key}", d[key], f"is also data.{train_key}, so evaluation would read training "
+          "documents: set data.holdout_fraction (e.g. 0.005) to evaluate on a share held out of "
+          f"training{'' if hf else ' (and leave eval_files empty)'}")
+  if f and (d[key] != d[train_key] if hf else d.eval_files):
+    _fail("data.holdout_fraction", f, f"holds evaluation documents out of data.{train_key}, but "
+          f"data.{key}={d[key]!r} is an eval split of its own: set the fraction to 0, or "
+          + (f"data.{key} to data.{train_key}" if hf else "leave eval_files empty"))
+  if f and not d[train_key]:
+    _fail("data.holdout_fraction", f,
+          f"evaluates on documents held out of data.{train_key}, which is empty")
 
 
 def _check_optim(o: ml_collections.ConfigDict, steps: int) -> None:

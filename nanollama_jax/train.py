@@ -24,7 +24,7 @@ from nanollama_jax import sharding
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
 from nanollama_jax import workdir as workdir_lib
-from nanollama_jax.data import pipeline
+from nanollama_jax.data import holdout, pipeline
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from nanollama_jax.step import Batch, Built, TrainState, build, init_state
 
@@ -185,8 +185,8 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointe
 def _eval_set(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
               batch_sharding: jax.sharding.NamedSharding) -> list[Batch]:
   """The fixed evaluation batches as global arrays; none without an eval split."""
-  if cfg.data.source != "hf" and not cfg.data.eval_files:
-    logging.info("data.eval_files is empty: no evaluation in this run")
+  if not holdout.has_eval_split(cfg.data):
+    logging.info("data.eval_files is empty and data.holdout_fraction 0: no evaluation in this run")
     return []
   return [sharding.global_batch(sharding.process_rows(b, batch_sharding), batch_sharding)
           for b in pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)]

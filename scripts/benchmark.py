@@ -259,13 +259,13 @@ def data(data_dir: str, target_tokens: int) -> dict:
   import glob  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from nanollama_jax.data import shards, sources, tokenizer  # pylint: disable=import-outside-toplevel
+  from nanollama_jax.data import records, shards, tokenizer  # pylint: disable=import-outside-toplevel
 
   cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
   files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
   if not files:
     raise SystemExit(f"--data-dir {data_dir}: no .jsonl files")
-  texts = list(sources.read_files(files, "text"))
+  texts = list(records.read_files(files, "text"))
   out: dict = {"recipe": "tinystories_cpu", "seq_len": cfg.data.seq_len,
                "batch_size": cfg.data.batch_size, "cores": os.cpu_count()}
   with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ import os
 import re
 
 from nanollama_jax import data, errors
-from nanollama_jax.data import sources
+from nanollama_jax.data import records
 
 SYSTEMS = ("You are a storyteller for young children.",
            "You write short stories with simple words for small children.")
@@ -45,7 +45,7 @@ def conversation(i: int, story: str) -> list[dict[str, str]]:
     why = "I have to start with the sentence I was given and go on from there, in "
   answer = {"role": "assistant", "content": story}
   if i % 4 == 1:
-    answer[sources.REASONING_KEY] = why + _paragraphs(story) + "."
+    answer[records.REASONING_KEY] = why + _paragraphs(story) + "."
   messages += [{"role": "user", "content": ask}, answer]
   if character and i % 5 == 2:
     messages += [{"role": "user", "content": "Who is the story about?"},
@@ -55,7 +55,7 @@ def conversation(i: int, story: str) -> list[dict[str, str]]:
 
 def write_split(src: str, out: str, count: int, max_chars: int) -> dict[str, int]:
   """Writes `count` conversations made of the short stories of `src`; returns counts."""
-  stories = [s for s in sources.read_files([src], "text") if len(s) <= max_chars][:count]
+  stories = [s for s in records.read_files([src], "text") if len(s) <= max_chars][:count]
   if len(stories) < count:
     raise errors.DataError(f"{src}: only {len(stories)} stories of at most {max_chars} characters")
   convs = [conversation(i, story) for i, story in enumerate(stories)]
@@ -64,7 +64,7 @@ def write_split(src: str, out: str, count: int, max_chars: int) -> dict[str, int
       f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
   return {"conversations": len(convs), "bytes": os.path.getsize(out),
           "system": sum(m[0]["role"] == "system" for m in convs),
-          "reasoning": sum(sources.REASONING_KEY in m for c in convs for m in c),
+          "reasoning": sum(records.REASONING_KEY in m for c in convs for m in c),
           "multi_turn": sum(sum(m["role"] == "assistant" for m in c) > 1 for c in convs)}
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import tqdm
 
 from nanollama_jax import config, errors
-from nanollama_jax.data import shards, sources
+from nanollama_jax.data import hub_data, records, shards
 from nanollama_jax.data.tokenizer import Tokenizer
 
 _CHUNK = 256  # documents per tokenisation task
@@ -61,9 +61,9 @@ def _texts(args: argparse.Namespace, skipped: collections.Counter) -> Iterator[s
     if any(shards.is_dataset(f) for f in files):
       raise errors.UsageError(f"--input={args.input!r} matches a pretokenized dataset, not text "
                               "files")
-    return sources.read_files(files, args.text_key, args.text_separator, skipped)
-  stream = sources.HubStream(args.hf_path, args.hf_name, args.split, args.text_key,
-                             args.hf_data_files)
+    return records.read_files(files, args.text_key, args.text_separator, skipped)
+  stream = hub_data.HubStream(args.hf_path, args.hf_name, args.split, args.text_key,
+                              args.hf_data_files)
   stream.skipped = skipped
   return (text for text, _ in stream)
 

@@ -14,7 +14,7 @@ import json
 import time
 
 from nanollama_jax import config, errors
-from nanollama_jax.data import sources, tokenizer
+from nanollama_jax.data import records, tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
   start = time.perf_counter()
   files = config.expand_globs(args.input, "--input")
   docs = list(itertools.islice(
-    sources.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
-  texts = sources.texts(docs)
+    records.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
+  texts = records.texts(docs)
   tok = tokenizer.train_tokenizer(texts, args.vocab_size, args.out)
   seconds = time.perf_counter() - start
   sample = texts[0][:60] if texts else ""

@@ -45,10 +45,10 @@ def sample_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(sample_dir, tmp_path_factory) -> pathlib.Path:
   """A 512-piece tokenizer trained once on the sample's train.jsonl."""
-  from nanollama_jax.data import sources, tokenizer  # pylint: disable=g-import-not-at-top
+  from nanollama_jax.data import records, tokenizer  # pylint: disable=g-import-not-at-top
 
   path = tmp_path_factory.mktemp("tokenizer") / "tok512.model"
-  docs = list(sources.read_files([str(sample_dir / "train.jsonl")], "text"))
+  docs = list(records.read_files([str(sample_dir / "train.jsonl")], "text"))
   tokenizer.train_tokenizer(docs, 512, str(path))
   return path
 

@@ -7,10 +7,10 @@ import pytest
 
 from helpers import assistant_tokens, run_script
 from nanollama_jax import checkpoint, config, evaluate, generate, train
-from nanollama_jax.data import CHAT_SAMPLE, chat, sources
+from nanollama_jax.data import CHAT_SAMPLE, chat, records, sources
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
 
-M = sources.Message
+M = records.Message
 CONVERSATION = (M("system", "Be brief."), M("user", "Hi"), M("assistant", "Hello!", "Greet back."),
                 M("user", "Bye"), M("assistant", "Bye!"))
 
@@ -36,7 +36,7 @@ def test_conversation_ids_and_mask_by_hand(tok):
     + [0] * (1 + len(e("Bye")) + 1) + [0] + [1] * (len(e("Bye!")) + 1) + [0])
   assert (len(ids), int(trained.sum())) == (41, 19)
   assert ids.dtype.name == "int32"
-  assert sources.texts([CONVERSATION]) == ["Be brief.", "Hi", "Greet back.", "Hello!", "Bye",
+  assert records.texts([CONVERSATION]) == ["Be brief.", "Hi", "Greet back.", "Hello!", "Bye",
                                            "Bye!"]
 
 
@@ -59,7 +59,7 @@ def test_a_tokenizer_trained_on_chat_data_learns_the_message_texts(tmp_path):
   assert tok.has_chat_tokens and tok.vocab_size == 400
   docs = sources.first_documents(cfg, 100)
   assert len(docs) == 100 and all(isinstance(d, tuple) for d in docs)
-  same = train_tokenizer(sources.texts(docs), 400, str(tmp_path / "by_hand.model"))
+  same = train_tokenizer(records.texts(docs), 400, str(tmp_path / "by_hand.model"))
   assert tok.proto == same.proto
   # The stories' words are pieces, the JSON around them is not.
   assert [tok.decode([i]) for i in tok.encode("Once upon a time")] == ["Once", " upon", " a",

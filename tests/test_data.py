@@ -14,7 +14,7 @@ import pytest
 
 from helpers import assistant_tokens
 from nanollama_jax import config
-from nanollama_jax.data import pipeline, shards, sources
+from nanollama_jax.data import HubUnreachable, hub_data, pipeline, records, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 KEYS = pipeline.KEYS
@@ -49,7 +49,7 @@ def test_file_documents(sample_dir):
 
 def test_txt_files_one_document_per_non_empty_line(tmp_path):
   (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n", encoding="utf-8")
-  assert list(sources.read_files([str(tmp_path / "a.txt")], "text")) == ["first doc", "second doc"]
+  assert list(records.read_files([str(tmp_path / "a.txt")], "text")) == ["first doc", "second doc"]
 
 
 @pytest.mark.parametrize("name, content, error", [
@@ -63,7 +63,7 @@ def test_txt_files_one_document_per_non_empty_line(tmp_path):
 def test_file_errors_name_file_line_and_key(tmp_path, name, content, error):
   (tmp_path / name).write_text(content, encoding="utf-8")
   with pytest.raises(ValueError, match=error):
-    list(sources.read_files([str(tmp_path / name)], "text"))
+    list(records.read_files([str(tmp_path / name)], "text"))
 
 
 def test_unknown_split(sample_dir):
@@ -76,12 +76,12 @@ def test_hf_documents_from_local_json(sample_dir, tmp_path, monkeypatch):
 
   monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
   files = str(sample_dir / "validation.jsonl")
-  docs = sources.hf_documents("json", None, "train", "text", data_files=files)
+  docs = hub_data.hf_documents("json", None, "train", "text", data_files=files)
   expected = sources.documents(_data_cfg(sample_dir), "eval")
   assert len(docs) == 154
   assert (docs[0], docs[153]) == (expected[0], expected[153])
   with pytest.raises(ValueError, match="data.text_key='story' is not a column .* columns: text"):
-    sources.hf_documents("json", None, "train", "story", data_files=files)
+    hub_data.hf_documents("json", None, "train", "story", data_files=files)
 
 
 @pytest.fixture
@@ -131,15 +131,15 @@ def test_an_unreachable_hub_is_reported_as_the_network_at_once(sample_dir, monke
   cfg.source = "hf"
   for streaming in (True, False):
     cfg.hf_streaming = streaming
-    with pytest.raises(sources.HubUnreachable, match=f"cannot reach the Hugging Face Hub at "
+    with pytest.raises(HubUnreachable, match=f"cannot reach the Hugging Face Hub at "
                        f"http://127.0.0.1:{port} to read 'roneneldan/TinyStories'"):
       sources.open_split(cfg, "train")
   assert not calls  # datasets never started its retries
   # Local folders, packaged loaders and the offline cache need no network: never probed.
-  sources.check_hub_reachable("json")
-  sources.check_hub_reachable(str(sample_dir))
+  hub_data.check_hub_reachable("json")
+  hub_data.check_hub_reachable(str(sample_dir))
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-  sources.check_hub_reachable("roneneldan/TinyStories")
+  hub_data.check_hub_reachable("roneneldan/TinyStories")
 
 
 # Packing.
@@ -319,15 +319,15 @@ def test_parquet_txt_separator_and_skipped_records(tmp_path):
   (tmp_path / "b.txt").write_bytes(b"one\n<|sep|>\ntwo \xff broken<|sep|><|sep|>three\n<|sep|>\n")
   (tmp_path / "c.jsonl").write_bytes(b'{"body": "ok"}\n{"body": "bad \xc3"}\n{"body": ""}\n')
   skipped = collections.Counter()
-  docs = list(sources.read_files([str(tmp_path / n) for n in ("a.parquet", "b.txt", "c.jsonl")],
+  docs = list(records.read_files([str(tmp_path / n) for n in ("a.parquet", "b.txt", "c.jsonl")],
                                  "body", separator="<|sep|>", skipped=skipped))
   assert docs == ["first", "second", "one", "three", "ok"]
-  assert skipped == {sources.EMPTY: 4, sources.BAD_UTF8: 2}
+  assert skipped == {records.EMPTY: 4, records.BAD_UTF8: 2}
   with pytest.raises(ValueError, match=r"a.parquet: no column 'text' .*columns: body, id"):
-    list(sources.read_files([str(tmp_path / "a.parquet")], "text"))
+    list(records.read_files([str(tmp_path / "a.parquet")], "text"))
   (tmp_path / "d.parquet").write_text("not parquet")
   with pytest.raises(ValueError, match="d.parquet: not a readable Parquet file"):
-    list(sources.read_files([str(tmp_path / "d.parquet")], "text"))
+    list(records.read_files([str(tmp_path / "d.parquet")], "text"))
 
 
 def test_glob_without_match_and_mixed_kinds_are_config_errors(sample_dir, tok, tmp_path):
@@ -663,28 +663,28 @@ def test_hub_stream_shuffles_in_windows_and_restores(sample_dir, tok, tmp_path, 
 
 def test_hub_stream_hosts_and_bad_records(sample_dir, tok, tmp_path, monkeypatch):
   cfg = _hub_cfg(sample_dir, tmp_path, monkeypatch)
-  shares = [list(sources.HubStream("json", None, "train", "text", cfg.hf_data_files,
+  shares = [list(hub_data.HubStream("json", None, "train", "text", cfg.hf_data_files,
                                    process_index=i, process_count=2)) for i in range(2)]
   texts = sources.documents(_data_cfg(sample_dir), "eval")
   assert sorted(t for share in shares for t, _ in share) == sorted(texts)
   assert not {t for t, _ in shares[0]} & {t for t, _ in shares[1]}
   (tmp_path / "bad.jsonl").write_text('{"text": "a story"}\n{"text": ""}\n{"body": "x"}\n')
-  stream = sources.HubStream("json", None, "train", "text", str(tmp_path / "bad.jsonl"))
+  stream = hub_data.HubStream("json", None, "train", "text", str(tmp_path / "bad.jsonl"))
   assert list(stream) == [("a story", 0)]
-  assert stream.skipped == {sources.EMPTY: 2}  # "" and the record without text (null)
+  assert stream.skipped == {records.EMPTY: 2}  # "" and the record without text (null)
   (tmp_path / "other.jsonl").write_text('{"body": "x"}\n')
   with pytest.raises(ValueError, match=r"data.text_key='text' is not a field of json .*body"):
-    next(iter(sources.HubStream("json", None, "train", "text", str(tmp_path / "other.jsonl"))))
+    next(iter(hub_data.HubStream("json", None, "train", "text", str(tmp_path / "other.jsonl"))))
   (tmp_path / "empty.jsonl").write_text('{"text": " "}\n')
   with pytest.raises(ValueError, match="the stream has no documents"):
-    next(iter(sources.HubStream("json", None, "train", "text", str(tmp_path / "empty.jsonl"),
+    next(iter(hub_data.HubStream("json", None, "train", "text", str(tmp_path / "empty.jsonl"),
                                 repeat=True)))
 
 
 # The chat format.
 
 
-M = sources.Message
+M = records.Message
 # With the fake tokenizer, [1, 5, 20, 21, 7, 6, 8, 40, 9, 30, 31, 7, 2] and
 # [1, 4, 50, 7, 5, 22, 7, 6, 32, 7, 2]: the assistant writes 8 40 9 30 31 7 and 32 7.
 CHATS = [(M("user", "20 21"), M("assistant", "30 31", "40")),
@@ -763,10 +763,10 @@ def test_bad_chat_records_are_errors_naming_file_line_and_turn(sample_dir, tok, 
 
 def test_empty_and_assistantless_conversations_are_skipped_and_counted(sample_dir, tok, tmp_path,
                                                                        caplog):
-  records = [CHAT_OK, {"messages": []}, {"messages": None},
+  rows = [CHAT_OK, {"messages": []}, {"messages": None},
              {"messages": [{"role": "user", "content": "Hi"}]}, CHAT_OK]
   path = tmp_path / "chat.jsonl"
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   cfg = _data_cfg(sample_dir, eval_files=str(path), format="chat")
   with caplog.at_level("WARNING"):
     batches = pipeline.eval_batches(cfg, tok, max_batches=10)
@@ -813,12 +813,12 @@ def test_chat_from_parquet_equals_json_lines(sample_dir, tmp_path):
   from nanollama_jax.data import CHAT_SAMPLE  # pylint: disable=g-import-not-at-top
 
   path = CHAT_SAMPLE / "validation.jsonl"
-  records = [json.loads(line) for line in open(path, encoding="utf-8")]
-  pq.write_table(pa.Table.from_pylist(records), tmp_path / "chat.parquet")
-  from_json = list(sources.read_files([str(path)], "text", doc_format="chat"))
-  assert list(sources.read_files([str(tmp_path / "chat.parquet")], "text",
+  rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+  from_json = list(records.read_files([str(path)], "text", doc_format="chat"))
+  assert list(records.read_files([str(tmp_path / "chat.parquet")], "text",
                                  doc_format="chat")) == from_json
   bad = pa.table({"messages": [[{"role": "bot", "content": "x"}]]})
   pq.write_table(bad, tmp_path / "b.parquet")
   with pytest.raises(ValueError, match=r"b.parquet, row 1, message 1: role 'bot'"):
-    list(sources.read_files([str(tmp_path / "b.parquet")], "text", doc_format="chat"))
+    list(records.read_files([str(tmp_path / "b.parquet")], "text", doc_format="chat"))

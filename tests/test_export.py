@@ -11,7 +11,7 @@ import transformers
 from helpers import (LLAMA31, model_cfg, our_logits, random_params, run_script,
                      train_pre_chat_tokenizer)
 from nanollama_jax import config, export, model, sharding
-from nanollama_jax.data import CHAT_SAMPLE, chat, sources
+from nanollama_jax.data import CHAT_SAMPLE, chat, records
 from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
 from nanollama_jax import step as step_lib
 
@@ -126,11 +126,11 @@ def test_chat_template_gives_the_ids_of_our_format(tokenizer_path, tmp_path):
   # Conversations read as training reads them, so both sides see the same records.
   path = tmp_path / "chats.jsonl"
   sample = [json.loads(line) for line in open(CHAT_SAMPLE / "validation.jsonl", encoding="utf-8")]
-  records = [{"messages": m} for m in CHATS] + sample
-  path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-  conversations = list(sources.read_files([str(path)], "text", doc_format="chat"))
+  rows = [{"messages": m} for m in CHATS] + sample
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+  conversations = list(records.read_files([str(path)], "text", doc_format="chat"))
   equal = prompts = 0
-  for record, conversation in zip(records, conversations, strict=True):
+  for record, conversation in zip(rows, conversations, strict=True):
     messages = record["messages"]
     ours = chat.encode(tok, conversation)[0].tolist()
     assert _input_ids(hf.apply_chat_template(messages)) == ours

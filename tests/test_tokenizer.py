@@ -9,7 +9,7 @@ import pytest
 
 from helpers import run_script, train_pre_chat_tokenizer
 from nanollama_jax import config
-from nanollama_jax.data import sources, tokenizer
+from nanollama_jax.data import records, tokenizer
 from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
 
 
@@ -20,7 +20,7 @@ def tok(tokenizer_path):
 
 def _sample_docs(sample_dir):
   files = [str(sample_dir / "train.jsonl"), str(sample_dir / "validation.jsonl")]
-  return list(sources.read_files(files, "text"))
+  return list(records.read_files(files, "text"))
 
 
 def test_special_ids_and_exact_vocab_size(tok):

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from nanollama_jax.data import sources
+from nanollama_jax.data import records
 from nanollama_jax.data.tokenizer import (ASSISTANT_ID, BOS_ID, CHAT_TOKENS, END_OF_TURN_ID,
                                           END_THINK_ID, EOS_ID, SYSTEM_ID, THINK_ID, USER_ID,
                                           Tokenizer)
@@ -28,10 +28,10 @@ ROLE_IDS = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
 STOP_IDS = (END_OF_TURN_ID, EOS_ID)  # a generated reply ends with its turn (or the document)
 
 
-def assemble(conversation: sources.Conversation, encoded: Iterator[Sequence[int]],
+def assemble(conversation: records.Conversation, encoded: Iterator[Sequence[int]],
              add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """The ids of a conversation (int32) and its mask of trained tokens (uint8), from the ids of
-  `sources.texts([conversation])` in order.
+  `records.texts([conversation])` in order.
 
   With `add_generation_prompt`, the conversation ends with <|assistant|> instead of EOS: the
   prompt for the assistant's next turn.
@@ -49,18 +49,18 @@ def assemble(conversation: sources.Conversation, encoded: Iterator[Sequence[int]
   return np.array(ids, np.int32), np.array(trained, np.uint8)
 
 
-def encode(tokenizer: Tokenizer, conversation: sources.Conversation,
+def encode(tokenizer: Tokenizer, conversation: records.Conversation,
            add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """A conversation's ids and trained-token mask; see `assemble`."""
   tokenizer.require_chat_tokens()
-  encoded = iter(tokenizer.encode_batch(sources.texts([conversation])))
+  encoded = iter(tokenizer.encode_batch(records.texts([conversation])))
   return assemble(conversation, encoded, add_generation_prompt)
 
 
 def prompt(tokenizer: Tokenizer, user: str, system: str = "") -> list[int]:
   """The ids that ask for the assistant's reply to `user` (after a system turn if given)."""
-  turns = [sources.Message("system", system)] if system else []
-  ids, _ = encode(tokenizer, (*turns, sources.Message("user", user)), add_generation_prompt=True)
+  turns = [records.Message("system", system)] if system else []
+  ids, _ = encode(tokenizer, (*turns, records.Message("user", user)), add_generation_prompt=True)
   return ids.tolist()
 
 
@@ -77,7 +77,7 @@ def _template() -> str:
   """The format as a transformers chat template (Jinja), rendered to text that the exported
   tokenizer splits at the markers (special tokens) and encodes piece by piece."""
   system, user, assistant, end, think, end_think = CHAT_TOKENS
-  reasoning = "message['" + sources.REASONING_KEY + "']"
+  reasoning = "message['" + records.REASONING_KEY + "']"
   return (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}" + system +
@@ -85,7 +85,7 @@ def _template() -> str:
     "{% elif message['role'] == 'assistant' %}" + assistant +
     "{% if " + reasoning + " %}" + think + "{{ " + reasoning + " }}" + end_think + "{% endif %}"
     "{% else %}{{ raise_exception('unknown role ' ~ message['role'] ~ '; allowed: "
-    + ", ".join(sources.ROLES) + "') }}"
+    + ", ".join(records.ROLES) + "') }}"
     "{% endif %}{{ message['content'] }}" + end + "{% endfor %}"
     "{% if add_generation_prompt %}" + assistant + "{% else %}{{ eos_token }}{% endif %}"
   )

@@ -45,7 +45,7 @@ import numpy as np
 from absl import flags
 
 from nanollama_jax import config, errors
-from nanollama_jax.data import DataError, chat, shards, sources
+from nanollama_jax.data import DataError, chat, records, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -106,7 +106,7 @@ class _TokenizeChunk(grain.transforms.Map):
 
   def map(self, chunk: list[tuple[Any, int]]) -> Chunk:
     t = self._tokenizer
-    texts = sources.texts(doc for doc, _ in chunk if not isinstance(doc, np.ndarray))
+    texts = records.texts(doc for doc, _ in chunk if not isinstance(doc, np.ndarray))
     encoded = iter(t.encode_batch(texts) if texts else [])
     bos, eos = np.array([t.bos_id], np.int32), np.array([t.eos_id], np.int32)
     pieces, ends, epochs, total = [], [], [], 0

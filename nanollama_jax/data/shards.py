@@ -16,11 +16,12 @@ the per-host split are index arithmetic.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,7 @@ class TokenDocuments(Sequence[np.ndarray]):
     # Global document index -> shard: the first index of each shard.
     self._first = np.cumsum([0] + [len(o) - 1 for o in offsets])
     self._maps: list[np.memmap] | None = None
+    self._kept: np.ndarray | None = None  # the documents a `select` keeps, by global index
 
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
@@ -167,16 +169,28 @@ class TokenDocuments(Sequence[np.ndarray]):
     return self._maps
 
   def __len__(self) -> int:
-    return int(self._first[-1])
+    return int(self._first[-1]) if self._kept is None else len(self._kept)
 
   @property
   def num_tokens(self) -> int:
+    """The tokens of all the datasets' documents (those a `select` left out too)."""
     return sum(int(o[-1]) for o in self._offsets)
 
   def __getitem__(self, index: int) -> np.ndarray:
     if not 0 <= index < len(self):
       raise IndexError(f"document {index} of {len(self)}")
+    if self._kept is not None:
+      index = int(self._kept[index])
     shard = int(np.searchsorted(self._first, index, side="right")) - 1
     i = index - self._first[shard]
     start, end = self._offsets[shard][i], self._offsets[shard][i + 1]
     return np.asarray(self._open()[shard][start:end], dtype=np.int32)
+
+  def select(self, keep: Callable[[np.ndarray], bool]) -> TokenDocuments:
+    """A view of the documents whose token ids `keep` accepts, in order (read once, shard by
+    shard, in the shards' own dtype)."""
+    kept = [first + i for first, offsets, tokens in zip(self._first, self._offsets, self._open())
+            for i in range(len(offsets) - 1) if keep(tokens[offsets[i]:offsets[i + 1]])]
+    view = copy.copy(self)
+    view._kept = np.array(kept, np.int64)
+    return view

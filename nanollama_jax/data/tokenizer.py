@@ -13,7 +13,7 @@ from absl import logging
 
 from nanollama_jax import errors, paths
 from nanollama_jax import workdir as workdir_lib
-from nanollama_jax.data import DataError, sources
+from nanollama_jax.data import DataError, records, sources
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # The chat format's markers (data/chat.py), reserved in every tokenizer trained here with the ids
@@ -175,7 +175,7 @@ def load_or_train_tokenizer(
     return Tokenizer(dest)
   start = time.perf_counter()
   docs = sources.first_documents(data_cfg, data_cfg.tokenizer_train_docs)
-  tokenizer = train_tokenizer(sources.texts(docs), vocab_size, dest)
+  tokenizer = train_tokenizer(records.texts(docs), vocab_size, dest)
   logging.info(
     "Trained a %d-piece BPE tokenizer on %d documents in %.1f s -> %s",
     tokenizer.vocab_size, len(docs), time.perf_counter() - start, dest,
