@@ -6,7 +6,7 @@ A checkpoint is one orbax step folder with five items, none of them pickled:
   opt_state/  the optimizer state, likewise
   data/       the train iterator's position: process_<i>-of-<n>.json, one file per process
   meta/       JSON: step, tokens seen, skipped steps, the run's RNG key, and a fingerprint of
-              every array (see `fingerprint`)
+              every array (see fingerprints.py)
   config/     JSON: the resolved config of the run that wrote it
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when every item is
@@ -34,7 +34,7 @@ from absl import logging
 from etils import epath
 
 from nanollama_jax import config as config_lib
-from nanollama_jax import errors, model, paths, sharding
+from nanollama_jax import errors, fingerprints, model, paths, sharding
 from nanollama_jax import workdir as workdir_lib
 
 CHECKPOINT_DIR = workdir_lib.CHECKPOINTS
@@ -106,48 +106,6 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
   pass
 
 
-# --- Fingerprints ------------------------------------------------------------------------------
-
-
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-  """A uint32 hash of the bits of `x`: sum over elements of bits * (2 * flat_index + 1).
-
-  Integer sums wrap and are exact in any order, so the value does not depend on how `x` is
-  sharded; the odd multiplier means that changing any one element changes the hash.
-  """
-  if x.dtype.itemsize == 4:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  elif x.dtype.itemsize == 2:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-  elif x.dtype.itemsize == 1:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
-  else:
-    raise TypeError(f"no fingerprint for {x.dtype}")
-  index = jnp.zeros(x.shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(x.ndim)):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
-    stride = (stride * x.shape[axis]) % (1 << 32)
-  return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
-
-
-@jax.jit
-def _fingerprints(tree: Any) -> tuple[list[jax.Array], jax.Array]:
-  leaves = jax.tree.leaves(tree)
-  finite = jnp.array(True)
-  for x in leaves:
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      finite = finite & jnp.all(jnp.isfinite(x))
-  return [_leaf_fingerprint(x) for x in leaves], finite
-
-
-def fingerprint(tree: Any) -> tuple[dict[str, int], bool]:
-  """Per-leaf uint32 hashes of a tree of arrays, keyed by path, and whether all are finite."""
-  hashes, finite = jax.device_get(_fingerprints(tree))
-  keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return {k: int(h) for k, h in zip(keys, hashes)}, bool(finite)
-
-
 # --- Config compatibility ----------------------------------------------------------------------
 
 
@@ -162,12 +120,6 @@ def _refuse_other_shape(saved: dict[str, Any], model_cfg: Any, where: str,
   diff = shape_differences(saved, model_cfg)
   if diff:
     raise CheckpointError(f"{where} holds a model of another shape ({'; '.join(diff)}){advice}")
-
-
-def _mismatched(tree: Any, expected: dict[str, int]) -> list[str]:
-  """The paths of `tree` whose fingerprint differs from the one recorded at save time."""
-  hashes, _ = fingerprint(tree)
-  return [p for p, h in hashes.items() if expected.get(p) != h]
 
 
 class _DropReadOnlyNotice(std_logging.Filter):
@@ -202,7 +154,7 @@ def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any
   except Exception as e:  # pylint: disable=broad-except  # tensorstore's and orbax's many errors
     raise CheckpointError(f"{where}: step {step} could not be read, it is damaged: "
                           f"{type(e).__name__}: {e}") from e
-  if _mismatched({"params": r["params"]}, r["meta"]["fingerprint"]):
+  if fingerprints.mismatched({"params": r["params"]}, r["meta"]["fingerprint"]):
     raise CheckpointError(f"{where}: step {step} reads back different values than were saved: "
                           "it is damaged")
   return r["params"]
@@ -309,7 +261,7 @@ class Checkpointer:
     """
     start = time.perf_counter()
     step = meta.step
-    hashes, finite = fingerprint({"params": params, "opt_state": opt_state})
+    hashes, finite = fingerprints.fingerprint({"params": params, "opt_state": opt_state})
     if not finite:
       logging.error("not saving step %d: the parameters or optimizer state are not finite", step)
       return False
@@ -345,7 +297,7 @@ class Checkpointer:
     tree = {"params": r["params"]}
     if abstract_opt_state is not None:
       tree["opt_state"] = r["opt_state"]
-    bad = _mismatched(tree, r["meta"]["fingerprint"])
+    bad = fingerprints.mismatched(tree, r["meta"]["fingerprint"])
     if bad:
       raise CheckpointError(f"the values read back differ from the ones saved in {bad[:3]}"
                             f"{' and others' if len(bad) > 3 else ''}")

@@ -7,9 +7,7 @@ is compiled, with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import glob
 import json
 import os
 import traceback
@@ -20,7 +18,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from nanollama_jax import errors, paths
+from nanollama_jax import data_spec, errors, paths
 
 # model.attention: the implementations behind attention.attention() (attention/__init__.py).
 ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
@@ -244,73 +242,6 @@ def _check_known_keys(cfg: ml_collections.ConfigDict, default: ml_collections.Co
       _check_known_keys(cfg[key], default[key], name + ".")
 
 
-def expand_globs(patterns: str, key: str) -> list[str]:
-  """Returns the sorted files matching comma-separated globs; an error names the key if none."""
-  files: list[str] = []
-  for pattern in (p.strip() for p in patterns.split(",")):
-    if not pattern:
-      continue
-    matches = sorted(glob.glob(os.path.expanduser(pattern)))
-    if not matches:
-      raise ConfigError(f"{key}={patterns!r}: no file matches {pattern!r}")
-    files.extend(m for m in matches if m not in files)
-  if not files:
-    raise ConfigError(f"{key} is empty: give one or more comma-separated file globs")
-  return files
-
-
-HUB_PREFIX = "hf:"  # a data.mixture entry read from the Hugging Face Hub
-
-
-@dataclasses.dataclass(frozen=True)
-class HubSource:
-  """A Hub dataset in a mixture: "hf:PATH[:NAME][@SPLIT][#TEXT_KEY]"."""
-  path: str
-  name: str | None = None
-  split: str = "train"
-  text_key: str | None = None  # None: data.text_key
-
-
-def parse_hub_source(entry: str) -> HubSource:
-  """Parses a mixture entry "hf:PATH[:NAME][@SPLIT][#TEXT_KEY]", e.g.
-  "hf:HuggingFaceFW/fineweb-edu:sample-10BT@train#text"."""
-  body, has_key, text_key = entry.removeprefix(HUB_PREFIX).partition("#")
-  body, has_split, split = body.partition("@")
-  path, has_name, name = body.partition(":")
-  if not path or any(marker and not value for marker, value in
-                     ((has_name, name), (has_split, split), (has_key, text_key))):
-    raise ConfigError(f"data.mixture entry {entry!r} is not hf:PATH[:NAME][@SPLIT][#TEXT_KEY], "
-                      "e.g. 'hf:HuggingFaceFW/fineweb-edu:sample-10BT@train#text'")
-  return HubSource(path, name or None, split or "train", text_key or None)
-
-
-def parse_mixture(spec: str) -> list[tuple[str, float]]:
-  """Parses data.mixture, "SOURCE=WEIGHT;SOURCE=WEIGHT", into (source, weight) pairs.
-
-  A source is comma-separated file globs or pretokenized dataset directories (like
-  data.train_files), or a Hub dataset "hf:PATH[:NAME][@SPLIT][#TEXT_KEY]" (see HubSource).
-  """
-  parts = []
-  for entry in (e.strip() for e in spec.split(";")):
-    if not entry:
-      continue
-    globs, sep, weight = entry.rpartition("=")
-    try:
-      value = float(weight)
-    except ValueError:
-      value = -1.0
-    if not sep or not globs.strip() or not value > 0:
-      raise ConfigError(
-        f"data.mixture={spec!r}: entry {entry!r} is not SOURCE=WEIGHT with a weight > 0, "
-        "e.g. 'web/*.jsonl=0.7;hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.3'")
-    if globs.strip().startswith(HUB_PREFIX):
-      parse_hub_source(globs.strip())
-    parts.append((globs.strip(), value))
-  if not parts:
-    raise ConfigError(f"data.mixture={spec!r}: no entries")
-  return parts
-
-
 def _check_ints(values: dict[str, Any], minimum: int) -> None:
   """Each value must be an integer (not a bool) of at least `minimum`."""
   allowed = "must be a positive integer" if minimum == 1 else f"must be an integer >= {minimum}"
@@ -375,7 +306,7 @@ def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
   _check_choice("data.packing", d.packing, PACKINGS)
   _check_choice("data.format", d.format, FORMATS)
   if d.mixture:
-    parse_mixture(d.mixture)
+    data_spec.parse_mixture(d.mixture)
   if d.source == "hf" and not d.hf_path:
     _fail("data.hf_path", d.hf_path, "must name a Hub dataset when data.source='hf'")
   _check_holdout(d)
@@ -441,13 +372,13 @@ def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
 def _check_files(d: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> None:
   """The files and directories the config names exist."""
   if d.mixture:
-    for source, _ in parse_mixture(d.mixture):
-      if not source.startswith(HUB_PREFIX):
-        expand_globs(source, "data.mixture")
+    for source, _ in data_spec.parse_mixture(d.mixture):
+      if not source.startswith(data_spec.HUB_PREFIX):
+        data_spec.expand_globs(source, "data.mixture")
   elif d.source == "files":
-    expand_globs(d.train_files, "data.train_files")
+    data_spec.expand_globs(d.train_files, "data.train_files")
     if d.eval_files:
-      expand_globs(d.eval_files, "data.eval_files")
+      data_spec.expand_globs(d.eval_files, "data.eval_files")
   if d.tokenizer and not paths.exists(d.tokenizer):
     _fail("data.tokenizer", d.tokenizer, "no such file (leave empty to train one)")
   if t.init_from and not paths.isdir(t.init_from):

@@ -106,7 +106,7 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
     raise errors.UsageError(f"max_new_tokens={max_new_tokens}: must be >= 1")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise errors.UsageError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
-                     f"top_k={top_k} >= 0")
+                            f"top_k={top_k} >= 0")
   P = max(pad_to, *(len(p) for p in prompts))
   if P + max_new_tokens > model_cfg.max_seq_len:
     raise errors.UsageError(f"prompt ({P} tokens with padding) + max_new_tokens={max_new_tokens} "

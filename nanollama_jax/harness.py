@@ -100,11 +100,13 @@ class NanoLlamaLM(TemplateLM):
                max_batch_size: int | None = None, device: str | None = None):
     super().__init__()
     if str(batch_size) == "auto" or max_batch_size is not None:
-      raise errors.UsageError("batch_size='auto' and max_batch_size are not supported: give a number "
-                       "of rows, e.g. batch_size=16")
+      raise errors.UsageError(
+        "batch_size='auto' and max_batch_size are not supported: give a number "
+        "of rows, e.g. batch_size=16")
     if device is not None:
-      raise errors.UsageError(f"device={device!r}: the model runs on JAX's default device; choose it "
-                       "with JAX_PLATFORMS (e.g. JAX_PLATFORMS=cpu)")
+      raise errors.UsageError(
+        f"device={device!r}: the model runs on JAX's default device; choose it "
+        "with JAX_PLATFORMS (e.g. JAX_PLATFORMS=cpu)")
     self.batch_size = int(batch_size)
     if self.batch_size < 1:
       raise errors.UsageError(f"batch_size={batch_size}: must be >= 1")
@@ -147,8 +149,8 @@ class NanoLlamaLM(TemplateLM):
     rows = []
     for key, context, continuation in requests:
       if not continuation or len(continuation) > L:
-        raise ValueError(f"a continuation of {len(continuation)} tokens: it must have 1 to "
-                         f"max_seq_len={L} tokens (request {key!r})")
+        raise errors.DataError(f"a continuation of {len(continuation)} tokens: it must have 1 to "
+                               f"max_seq_len={L} tokens (request {key!r})")
       tokens = (context + continuation)[-(L + 1):]
       rows.append((tokens, len(continuation)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -215,8 +217,8 @@ class NanoLlamaLM(TemplateLM):
     max_new = int(settings["max_gen_toks"])
     room = self.max_length - max_new
     if room < 1:
-      raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in the model's "
-                       f"max_seq_len={self.max_length}")
+      raise errors.DataError(f"max_gen_toks={max_new} leaves no room for a prompt in the model's "
+                             f"max_seq_len={self.max_length}")
     sampling = {"temperature": float(settings.get("temperature") or 0.0),
                 "top_k": int(settings.get("top_k") or 0),
                 "top_p": float(settings.get("top_p") or 1.0)} if settings.get("do_sample") else {}
@@ -255,7 +257,7 @@ def evaluate(workdir: str, tasks: Sequence[str], limit: int | float | None = Non
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise errors.UsageError(f"unknown task(s) {', '.join(unknown)}: name tasks of lm-eval "
-                     "(lm_eval ls tasks) or define them in YAML under --include-path")
+                            "(lm_eval ls tasks) or define them in YAML under --include-path")
   lm = NanoLlamaLM(workdir, step, batch_size)
   return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                                  log_samples=log_samples)

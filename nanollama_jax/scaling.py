@@ -116,8 +116,9 @@ def run_config(base: ml_collections.ConfigDict, dim: int, tokens: int, tokenizer
   per_step = cfg.data.batch_size * cfg.data.seq_len
   steps = tokens // per_step
   if steps < 2:
-    raise config_lib.ConfigError(f"{count_label(tokens)} tokens is {steps} step(s) of {per_step:,} tokens "
-                     f"(data.batch_size x data.seq_len): give budgets of at least {2 * per_step}")
+    raise config_lib.ConfigError(
+      f"{count_label(tokens)} tokens is {steps} step(s) of {per_step:,} tokens "
+      f"(data.batch_size x data.seq_len): give budgets of at least {2 * per_step}")
   cfg.data.update(dict(source="files", train_files=train_files, eval_files=eval_files,
                        tokenizer=tokenizer, mixture=""))
   warmup = max(1, round(steps * base.optim.warmup_steps / base.train.steps))
@@ -158,8 +159,9 @@ def final_eval_loss(workdir: str, cfg: ml_collections.ConfigDict) -> float | Non
     now = json.loads(config_lib.to_json(cfg))
     diff = [f"{g}.{k}: {saved.get(g, {}).get(k)!r} -> {v!r}" for g, fields in now.items()
             for k, v in fields.items() if saved.get(g, {}).get(k) != v]
-    raise config_lib.ConfigError(f"{workdir} holds a run of another config ({'; '.join(diff[:4])}): use "
-                     "another --out, or delete that run")
+    raise config_lib.ConfigError(
+      f"{workdir} holds a run of another config ({'; '.join(diff[:4])}): use "
+      "another --out, or delete that run")
   if cfg.train.steps not in checkpoint.steps_on_disk(workdir):
     return None
   losses = [r["eval_loss"] for r in workdir_lib.read_metrics(workdir)

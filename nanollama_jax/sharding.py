@@ -152,8 +152,9 @@ def data_shard(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int
   start, stop = blocks[0][0], blocks[-1][1]
   rows = stop - start
   if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])) or batch_size % rows or start % rows:
-    raise errors.ConfigError(f"the batch rows of this process's devices, {blocks}, are not one block "
-                     f"that tiles the batch of {batch_size}: order the mesh's devices by process")
+    raise errors.ConfigError(
+      f"the batch rows of this process's devices, {blocks}, are not one block "
+      f"that tiles the batch of {batch_size}: order the mesh's devices by process")
   return start // rows, batch_size // rows
 
 

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 
 import tqdm
 
-from nanollama_jax import config, errors
+from nanollama_jax import data_spec
+from nanollama_jax import errors
 from nanollama_jax.data import hub_data, records, shards
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _texts(args: argparse.Namespace, skipped: collections.Counter) -> Iterator[str]:
   if args.input:
-    files = config.expand_globs(args.input, "--input")
+    files = data_spec.expand_globs(args.input, "--input")
     if any(shards.is_dataset(f) for f in files):
       raise errors.UsageError(f"--input={args.input!r} matches a pretokenized dataset, not text "
                               "files")

@@ -13,7 +13,7 @@ import itertools
 import json
 import time
 
-from nanollama_jax import config, errors
+from nanollama_jax import config, data_spec, errors
 from nanollama_jax.data import records, tokenizer
 
 
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   start = time.perf_counter()
-  files = config.expand_globs(args.input, "--input")
+  files = data_spec.expand_globs(args.input, "--input")
   docs = list(itertools.islice(
     records.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
   texts = records.texts(docs)

@@ -5,7 +5,7 @@ import runpy
 
 import pytest
 
-from nanollama_jax import config
+from nanollama_jax import config, data_spec
 
 
 def load(path):
@@ -39,7 +39,7 @@ def test_the_mixture_in_a_recipe_docstring_is_valid(recipe):
   cfg = load(recipe)
   cfg.data.mixture = override
   config.validate(cfg)  # every entry is a Hub source: nothing to find on disk
-  assert [w for _, w in config.parse_mixture(override)] == [0.7, 0.2, 0.1]
+  assert [w for _, w in data_spec.parse_mixture(override)] == [0.7, 0.2, 0.1]
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -107,5 +107,5 @@ def test_json_round_trip(cfg):
 
 def test_expand_globs_sorts_and_dedups(sample_dir):
   pattern = f"{sample_dir}/*.jsonl, {sample_dir}/train.jsonl"
-  files = config.expand_globs(pattern, "data.train_files")
+  files = data_spec.expand_globs(pattern, "data.train_files")
   assert [f.rsplit("/", 1)[1] for f in files] == ["train.jsonl", "validation.jsonl"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import assistant_tokens
-from nanollama_jax import config
+from nanollama_jax import config, data_spec
 from nanollama_jax.data import HubUnreachable, hub_data, pipeline, records, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -349,22 +349,22 @@ def test_glob_without_match_and_mixed_kinds_are_config_errors(sample_dir, tok, t
   (" ; ", "no entries")])
 def test_mixture_spec_errors(spec, error):
   with pytest.raises(config.ConfigError, match=error):
-    config.parse_mixture(spec)
-  assert config.parse_mixture("web/*.jsonl,b.txt=0.7; code=0.3") == [("web/*.jsonl,b.txt", 0.7),
+    data_spec.parse_mixture(spec)
+  assert data_spec.parse_mixture("web/*.jsonl,b.txt=0.7; code=0.3") == [("web/*.jsonl,b.txt", 0.7),
                                                                       ("code", 0.3)]
 
 
 def test_hub_mixture_entries_name_path_config_split_and_key():
   spec = "hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.7;hf:org/code@validation#content=0.2;d=0.1"
-  assert config.parse_mixture(spec) == [("hf:HuggingFaceFW/fineweb-edu:sample-10BT", 0.7),
+  assert data_spec.parse_mixture(spec) == [("hf:HuggingFaceFW/fineweb-edu:sample-10BT", 0.7),
                                         ("hf:org/code@validation#content", 0.2), ("d", 0.1)]
-  assert config.parse_hub_source("hf:HuggingFaceFW/fineweb-edu:sample-10BT") == config.HubSource(
+  assert data_spec.parse_hub_source("hf:HuggingFaceFW/fineweb-edu:sample-10BT") == data_spec.HubSource(
     "HuggingFaceFW/fineweb-edu", "sample-10BT", "train", None)
-  assert config.parse_hub_source("hf:org/code@validation#content") == config.HubSource(
+  assert data_spec.parse_hub_source("hf:org/code@validation#content") == data_spec.HubSource(
     "org/code", None, "validation", "content")
   for bad in ("hf:", "hf:org/x:", "hf:org/x@", "hf:org/x#"):
     with pytest.raises(config.ConfigError, match="is not hf:PATH"):
-      config.parse_mixture(f"{bad}=1")
+      data_spec.parse_mixture(f"{bad}=1")
 
 
 # Pretokenized datasets.

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, tiny_config
+from nanollama_jax import data_spec
 from nanollama_jax import config, evaluate, model, train
 from nanollama_jax.data import CHAT_SAMPLE, holdout, pipeline, records, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
@@ -214,7 +215,7 @@ def test_pretokenized_chat_and_mixture_sources_hold_out_too(sample_dir, tok, tex
   assert sources.documents(chat_cfg, "eval") == held_chats
   # A mixture: every source skips its held-out documents.
   cfg.mixture = f"{sample_dir / 'train.jsonl'}=0.7;{tmp_path / 'tokens'}=0.3"
-  found = [sources.open_split(cfg, "train", globs=g) for g, _ in config.parse_mixture(cfg.mixture)]
+  found = [sources.open_split(cfg, "train", globs=g) for g, _ in data_spec.parse_mixture(cfg.mixture)]
   assert found[0].docs == _split(texts)[0] and len(found[1].docs) == len(kept)
 
 

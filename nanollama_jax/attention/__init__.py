@@ -49,16 +49,19 @@ class Target:
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
-      raise errors.ConfigError(f"target platform {self.platform!r}: allowed: {', '.join(PLATFORMS)}")
+      raise errors.ConfigError(
+        f"target platform {self.platform!r}: allowed: {', '.join(PLATFORMS)}")
     if self.platform == "cuda" and not re.fullmatch(r"sm_\d+", str(self.generation)):
-      raise errors.ConfigError(f"target generation {self.generation!r} for cuda: give the GPU's compute "
-                       "capability as 'sm_XY', e.g. 'sm_80' (A100), 'sm_86' (RTX 3090), "
-                       "'sm_90' (H100)")
+      raise errors.ConfigError(
+        f"target generation {self.generation!r} for cuda: give the GPU's compute "
+        "capability as 'sm_XY', e.g. 'sm_80' (A100), 'sm_86' (RTX 3090), "
+        "'sm_90' (H100)")
     if self.platform == "tpu" and not self.generation:
       raise errors.ConfigError("target generation None for tpu: name one, e.g. "
                                + ", ".join(repr(g) for g in targets.TPUS))
     if self.platform in ("cpu", "rocm") and self.generation is not None:
-      raise errors.ConfigError(f"target generation {self.generation!r} for {self.platform}: must be None")
+      raise errors.ConfigError(
+        f"target generation {self.generation!r} for {self.platform}: must be None")
 
   @classmethod
   def of(cls, device: jax.Device) -> Target:
@@ -95,7 +98,7 @@ def resolve(impl: str, target: Target) -> str:
   if needs != target.platform and not interpreted:
     raise errors.ConfigError(f"model.attention={impl!r} is {_KERNEL_NAME[impl]} and the target is "
                      f"{target.platform}: use model.attention='xla' (or 'auto', which picks "
-                     f"{resolve('auto', target)!r} there)")
+                             f"{resolve('auto', target)!r} there)")
   return impl
 
 

@@ -157,18 +157,21 @@ _INTERPRET_TILES = Tiles(*[Blocks(64, 64, 4, 1)] * 3)
 def table_row(generation: str) -> str | None:
   """The table row serving GPU `generation` ("sm_86"), or None for an unknown newer GPU."""
   if not (generation.startswith("sm_") and generation[3:].isdigit()):
-    raise errors.ConfigError(f"GPU generation {generation!r}: expected sm_ and the compute capability's "
-                     "digits, like 'sm_90' for 9.0")
+    raise errors.ConfigError(
+      f"GPU generation {generation!r}: expected sm_ and the compute capability's "
+      "digits, like 'sm_90' for 9.0")
   if int(generation[3:]) < 80:
-    raise errors.ConfigError(f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
-                     ": use model.attention='xla'")
+    raise errors.ConfigError(
+      f"the pallas attention kernel needs an sm_80+ GPU; this one is {generation}"
+      ": use model.attention='xla'")
   return targets.known_gpu_generation(generation)
 
 
 def _dtype_key(dtype) -> str:
   name = jnp.dtype(dtype).name
   if name not in ("bfloat16", "float16", "float32"):
-    raise errors.ConfigError(f"the pallas kernel takes bfloat16, float16 or float32 inputs, got {name}")
+    raise errors.ConfigError(
+      f"the pallas kernel takes bfloat16, float16 or float32 inputs, got {name}")
   return "bfloat16" if name == "float16" else name  # float16 tiles are bfloat16's: same size
 
 

@@ -108,7 +108,7 @@ def hf_documents(
   field, _ = record_field(text_key, doc_format)
   if field not in dataset.column_names:
     raise DataError(f"{field_named(text_key, doc_format)} is not a column of {path} ({split}); "
-                     f"columns: {', '.join(dataset.column_names)}")
+                    f"columns: {', '.join(dataset.column_names)}")
   if doc_format == "text":
     dataset = dataset.select_columns([field])
     if holdout is not None:  # hashed once; `datasets` caches the kept rows by the call's inputs
@@ -200,7 +200,7 @@ class _HubStreamIterator(grain.DatasetIterator):
         continue
       if field not in record:
         raise DataError(f"{field_named(s.text_key, s.doc_format)} is not a field of {s.path} "
-                         f"({s.split}); fields: {', '.join(sorted(record))}")
+                        f"({s.split}); fields: {', '.join(sorted(record))}")
       doc = document_or_skip(record[field], f"{s.path} ({s.split})", field, s.doc_format,
                               s.skipped)
       if doc is not None and (s.holdout is None or s.holdout.keeps(doc)):

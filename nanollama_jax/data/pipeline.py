@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from nanollama_jax import config, errors
+from nanollama_jax import config, data_spec, errors
 from nanollama_jax.data import DataError, chat, records, shards, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -322,7 +322,7 @@ def _train_sources(data_cfg: ml_collections.ConfigDict, process_index: int,
   if not data_cfg.mixture:
     return [sources.open_split(data_cfg, "train", process_index=process_index,
                                process_count=process_count)], [1.0]
-  parts = config.parse_mixture(data_cfg.mixture)
+  parts = data_spec.parse_mixture(data_cfg.mixture)
   found = [sources.open_split(data_cfg, "train", process_index=process_index,
                               process_count=process_count, globs=globs) for globs, _ in parts]
   return found, [weight for _, weight in parts]
@@ -394,7 +394,7 @@ class Batches(Iterator[Batch]):
   def set_state(self, state: dict[str, Any]) -> None:
     if set(state) != {"pipeline", "epochs"} or len(state["epochs"]) != len(self.names):
       raise DataError("the checkpoint's data-iterator state does not match this pipeline (a "
-                       "checkpoint of an older version, or data.mixture changed)")
+                      "checkpoint of an older version, or data.mixture changed)")
     self._it.set_state(state["pipeline"])
     self.epochs = list(state["epochs"])
 

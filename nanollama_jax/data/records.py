@@ -199,11 +199,11 @@ def read_files(paths: Sequence[str], text_key: str, separator: str = "",
       yield from _json_lines(path, text_key, doc_format, skipped)
     elif ext in TEXT_EXTENSIONS and doc_format == "chat":
       raise DataError(f"{path}: data.format='chat' reads conversations from JSON lines or Parquet "
-                       "records with a 'messages' field, not from .txt files")
+                      "records with a 'messages' field, not from .txt files")
     elif ext in TEXT_EXTENSIONS:
       yield from _text_lines(path, separator, skipped)
     elif ext in PARQUET_EXTENSIONS:
       yield from _parquet(path, text_key, doc_format, skipped)
     else:
       raise DataError(f"{path}: unsupported file type {ext!r}; allowed: {', '.join(EXTENSIONS)}"
-                       " or a directory written by scripts/prepare_dataset.py")
+                      " or a directory written by scripts/prepare_dataset.py")

@@ -52,7 +52,7 @@ def read_index(path: str) -> dict[str, Any]:
     raise DataError(f"{path}: not a readable pretokenized dataset ({e})") from None
   if index.get("format") != FORMAT or index.get("version") != VERSION:
     raise DataError(f"{path}: {INDEX} is not a {FORMAT} v{VERSION} index; rewrite it with "
-                     "scripts/prepare_dataset.py")
+                    "scripts/prepare_dataset.py")
   return index
 
 
@@ -142,7 +142,7 @@ class TokenDocuments(Sequence[np.ndarray]):
     hashes = {i["tokenizer_sha256"] for i in self.indexes}
     if len(hashes) > 1:
       raise DataError(f"{', '.join(self.dirs)}: written with different tokenizers; prepare them "
-                       "with one")
+                      "with one")
     self.tokenizer_sha256 = hashes.pop()
     self.vocab_size = max(i["vocab_size"] for i in self.indexes)
     self._files: list[tuple[str, np.dtype]] = []

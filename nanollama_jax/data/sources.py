@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from nanollama_jax import config
+from nanollama_jax import config, data_spec
 from nanollama_jax.data import DataError, shards
 from nanollama_jax.data.holdout import Holdout, for_split, kept
 from nanollama_jax.data.hub_data import HubStream, hf_documents
@@ -45,7 +45,7 @@ class Documents:
 
 def _open_globs(globs: str, key: str, text_key: str, separator: str, doc_format: str,
                 holdout: Holdout | None) -> Documents:
-  paths = config.expand_globs(globs, key)
+  paths = data_spec.expand_globs(globs, key)
   datasets_ = [p for p in paths if os.path.isdir(p)]
   if datasets_ and doc_format == "chat":
     raise config.ConfigError(f"{key}={globs!r}: {datasets_[0]} is a pretokenized dataset, which "
@@ -77,8 +77,8 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
   if split not in SPLITS:
     raise ValueError(f"split={split!r}: allowed: {', '.join(SPLITS)}")
   holdout = for_split(data_cfg, split)
-  if globs is not None and globs.startswith(config.HUB_PREFIX):
-    hub = config.parse_hub_source(globs)
+  if globs is not None and globs.startswith(data_spec.HUB_PREFIX):
+    hub = data_spec.parse_hub_source(globs)
     found = Documents(globs, stream=HubStream(
       hub.path, hub.name, hub.split, hub.text_key or data_cfg.text_key, repeat=split == "train",
       process_index=process_index, process_count=process_count, doc_format=data_cfg.format,
@@ -127,11 +127,11 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[Docum
 def _local_train_paths(data_cfg: ml_collections.ConfigDict) -> list[str] | None:
   """The paths of the (first) local training source; None for a Hub dataset."""
   if data_cfg.mixture:
-    first = config.parse_mixture(data_cfg.mixture)[0][0]
-    return None if first.startswith(config.HUB_PREFIX) else config.expand_globs(
+    first = data_spec.parse_mixture(data_cfg.mixture)[0][0]
+    return None if first.startswith(data_spec.HUB_PREFIX) else data_spec.expand_globs(
       first, "data.mixture")
   if data_cfg.source == "files":
-    return config.expand_globs(data_cfg.train_files, "data.train_files")
+    return data_spec.expand_globs(data_cfg.train_files, "data.train_files")
   return None
 
 
@@ -147,7 +147,7 @@ def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[Documen
   """Returns the first `n` training documents (fewer if the split is smaller), in order."""
   paths = _local_train_paths(data_cfg)
   if paths is None:  # the Hub: data.source, or the mixture's first source
-    first = config.parse_mixture(data_cfg.mixture)[0][0] if data_cfg.mixture else None
+    first = data_spec.parse_mixture(data_cfg.mixture)[0][0] if data_cfg.mixture else None
     found = open_split(data_cfg, "train", globs=first)
     if found.stream is not None:
       it = iter(found.stream)
@@ -155,7 +155,7 @@ def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[Documen
     return [found.docs[i] for i in range(min(n, len(found.docs)))]
   if any(os.path.isdir(p) for p in paths):
     raise DataError("the training data is pretokenized: set data.tokenizer to the model it was "
-                     "prepared with (its tokenizer.model)")
+                    "prepared with (its tokenizer.model)")
   skipped: collections.Counter = collections.Counter()
   docs = list(itertools.islice(kept(read_files(
     paths, data_cfg.text_key, data_cfg.text_separator, skipped, data_cfg.format),
