@@ -253,6 +253,7 @@ def _ordinary_permissions(path: str) -> None:
 def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
             tokenizer: Tokenizer | None = None, dtype: str = "float32") -> None:
   """Writes a Hugging Face Llama directory: config.json, model.safetensors (+ tokenizer)."""
+  errors.require(errors.MODULES["hf"], "hf", "export to Hugging Face")
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
   if dtype not in _DTYPES:
@@ -316,6 +317,7 @@ def load_hf(directory: str, dtype: Any = np.float32) -> tuple[ml_collections.Con
   weights can then be evaluated, sampled or trained on. bfloat16 tensors come as ml_dtypes'
   bfloat16 (importing ml_dtypes gives numpy that name) and are widened exactly.
   """
+  errors.require(errors.MODULES["hf"], "hf", "reading a Hugging Face directory")
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
   path = os.path.join(directory, "config.json")

@@ -36,14 +36,17 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from nanollama_jax import errors
+
 try:
   import lm_eval
   from lm_eval import utils as lm_utils
   from lm_eval.api.model import TemplateLM
   from lm_eval.api.registry import register_model
   from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
-except ImportError as e:
-  raise ImportError(f"downstream evaluation needs lm-eval ({e}): pip install -e \".[eval]\"") from e
+except ImportError:
+  errors.require(errors.MODULES["eval"], "eval", "downstream evaluation")
+  raise  # lm-eval is installed but not the version pinned in the eval extra
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ import time
 
 from absl import logging
 
-from nanollama_jax import checkpoint, export, paths
+from nanollama_jax import checkpoint, errors, export, paths
 from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 CHECKPOINT_WAIT_S = 600.0  # how long a push waits for an asynchronous save to finish
@@ -82,6 +82,7 @@ def push(workdir: str, repo_id: str, step: int | None = None, wait_s: float = 0.
   Returns the commit URL. Raises CheckpointError for a missing or damaged checkpoint and
   huggingface_hub's errors for the network, the token or the repository.
   """
+  errors.require(errors.MODULES["hf"], "hf", "pushing to the Hub")
   import huggingface_hub  # pylint: disable=import-outside-toplevel
 
   if step is not None and wait_s:

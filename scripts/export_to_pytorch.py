@@ -4,8 +4,7 @@
       [--dtype float32|bfloat16]
 
 The result loads with transformers.LlamaForCausalLM.from_pretrained("hf_model") and
-AutoTokenizer.from_pretrained("hf_model"). Needs torch, transformers and safetensors
-(pip install -e ".[test]" has them).
+AutoTokenizer.from_pretrained("hf_model"). Needs the hf extra: pip install -e ".[hf]".
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import json
 import os
 import sys
 
-from nanollama_jax import checkpoint, export
+from nanollama_jax import checkpoint, errors, export
 from nanollama_jax.data.tokenizer import workdir_tokenizer
 
 
@@ -27,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   args = p.parse_args(argv)
+  errors.require(errors.MODULES["hf"], "hf", "export to Hugging Face")
   try:
     cfg, params, step = checkpoint.load_run(args.workdir, args.step)
     tok = workdir_tokenizer(args.workdir)
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

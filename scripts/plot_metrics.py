@@ -9,10 +9,11 @@ pip install -e ".[plot]".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
+
+from nanollama_jax import errors
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_metrics(args.workdir)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  if importlib.util.find_spec("matplotlib") is None:
-    sys.exit('error: plotting needs matplotlib: pip install -e ".[plot]"')
+  errors.require(errors.MODULES["plot"], "plot", "plotting")
   plot(rows, args.out, args.title or os.path.basename(os.path.normpath(args.workdir)))
   last = [r for r in rows if "loss" in r][-1]
   print(f"Wrote {args.out}: {sum('loss' in r for r in rows)} train and "
@@ -88,4 +88,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)
