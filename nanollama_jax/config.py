@@ -426,8 +426,32 @@ def _check_files(d: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> 
           "Hugging Face Llama directory)")
 
 
+def is_hf_directory(path: str) -> bool:
+  """Whether `path` is a Hugging Face model directory (config.json + safetensors), not a run."""
+  return paths.exists(paths.join(path, "config.json")) and any(
+    n.endswith((".safetensors", ".safetensors.index.json")) for n in paths.listdir(path))
+
+
+def _check_installed(t: ml_collections.ConfigDict) -> None:
+  """The extras the config's features import are installed, so a run does not stop midway."""
+  uses_hf = []
+  if t.push_to_hub:
+    uses_hf.append(("train.push_to_hub", t.push_to_hub, "pushing to the Hub"))
+  if t.init_from and is_hf_directory(t.init_from):
+    uses_hf.append(("train.init_from", t.init_from, "reading a Hugging Face directory"))
+  for key, value, feature in uses_hf:
+    try:
+      errors.require(errors.MODULES["hf"], "hf", feature)
+    except errors.InstallError as e:
+      _fail(key, value, str(e))
+
+
 def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
-  """Raises ConfigError naming the first key whose value cannot work."""
+  """Raises ConfigError naming the first key whose value cannot work.
+
+  `check_files`: also that the files the config names exist and the extras it uses are installed
+  (off where the config is only compiled, e.g. on another machine).
+  """
   _check_known_keys(cfg, get_default_config(), "")
   _check_model(cfg.model)
   _check_train(cfg.train)
@@ -436,6 +460,7 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
   _check_mesh(cfg.mesh)
   if check_files:
     _check_files(cfg.data, cfg.train)
+    _check_installed(cfg.train)
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

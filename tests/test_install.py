@@ -7,7 +7,7 @@ import re
 import pytest
 
 from helpers import REPO
-from nanollama_jax import errors
+from nanollama_jax import config, errors
 
 
 def _name(requirement: str) -> str:
@@ -61,3 +61,39 @@ def test_require_names_what_is_missing_and_the_pip_command(monkeypatch, capsys):
     errors.cli(lambda: errors.require(errors.MODULES["hf"], "hf", "export to Hugging Face"))
   assert stop.value.code == 2
   assert capsys.readouterr().err == f"install error: {e.value}\n"
+
+
+@pytest.fixture
+def sample_cfg(sample_dir):
+  cfg = config.get_default_config()
+  cfg.data.update(dict(train_files=str(sample_dir / "train.jsonl"),
+                       eval_files=str(sample_dir / "validation.jsonl")))
+  return cfg
+
+
+def test_validate_refuses_a_push_to_the_hub_without_the_hf_extra(sample_cfg, monkeypatch):
+  sample_cfg.train.push_to_hub = "me/run"
+  config.validate(sample_cfg)
+  _hide(monkeypatch, "safetensors", "transformers")
+  with pytest.raises(config.ConfigError) as e:
+    config.validate(sample_cfg)
+  assert str(e.value) == ("train.push_to_hub='me/run': pushing to the Hub needs safetensors, "
+                          f"transformers: {_pip_command('hf')}")
+  config.validate(sample_cfg, check_files=False)  # compiled on another machine: no extra needed
+
+
+def test_validate_refuses_init_from_a_hugging_face_directory_without_the_hf_extra(
+    sample_cfg, tmp_path, monkeypatch):
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text("{}")
+  (hf / "model.safetensors").write_bytes(b"")
+  (tmp_path / "run" / "checkpoints" / "5" / "params").mkdir(parents=True)
+  _hide(monkeypatch, "safetensors")
+  sample_cfg.train.init_from = str(hf)
+  with pytest.raises(config.ConfigError) as e:
+    config.validate(sample_cfg)
+  assert str(e.value) == (f"train.init_from='{hf}': reading a Hugging Face directory needs "
+                          f"safetensors: {_pip_command('hf')}")
+  sample_cfg.train.init_from = str(tmp_path / "run")  # an orbax workdir needs no extra
+  config.validate(sample_cfg)
