@@ -369,17 +369,12 @@ def resolve_init_from(path: str) -> tuple[str, int]:
                         f"{paths.join(path, CHECKPOINT_DIR, '<step>')} and {path}/<step>)")
 
 
-def is_hf_directory(path: str) -> bool:
-  return paths.exists(paths.join(path, workdir_lib.CONFIG)) and any(
-    n.endswith((".safetensors", ".safetensors.index.json")) for n in paths.listdir(path))
-
-
 def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, int]:
   """Reads only the parameters at `path`: a checkpoint (see `resolve_init_from`), or a Hugging
   Face Llama directory (config.json + safetensors, e.g. from scripts/export_to_pytorch.py), for
   which the returned step is 0. The parameters land on `abstract_params`' shardings."""
   where = f"train.init_from={path!r}"
-  if is_hf_directory(path):
+  if config_lib.is_hf_directory(path):
     from nanollama_jax import export  # pylint: disable=import-outside-toplevel
     hf_cfg, params = export.load_hf(path)
     _refuse_other_shape(hf_cfg.to_dict(), model_cfg, where)

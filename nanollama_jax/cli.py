@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from nanollama_jax import errors, hostmem, model, sharding, train
+from nanollama_jax import errors, hostmem, model, recipe, sharding, train
 from nanollama_jax import config as config_lib
 from nanollama_jax.data import HubUnreachable
 
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> None:
     raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (see --help)")
   if _Recipe.spec is None or _WORKDIR.value is None:
     raise errors.UsageError("both --config and --workdir are required (see --help)")
-  cfg = config_lib.load(_Recipe.spec, _Recipe.overrides)
+  cfg = recipe.load(_Recipe.spec, _Recipe.overrides)
   if _DRY_RUN.value:
     print(dry_run(cfg))
     return

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
 from nanollama_jax import data_spec, errors, paths
 
@@ -387,8 +383,32 @@ def _check_files(d: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> 
           "Hugging Face Llama directory)")
 
 
+def is_hf_directory(path: str) -> bool:
+  """Whether `path` is a Hugging Face model directory (config.json + safetensors), not a run."""
+  return paths.exists(paths.join(path, "config.json")) and any(
+    n.endswith((".safetensors", ".safetensors.index.json")) for n in paths.listdir(path))
+
+
+def _check_installed(t: ml_collections.ConfigDict) -> None:
+  """The extras the config's features import are installed, so a run does not stop midway."""
+  uses_hf = []
+  if t.push_to_hub:
+    uses_hf.append(("train.push_to_hub", t.push_to_hub, "pushing to the Hub"))
+  if t.init_from and is_hf_directory(t.init_from):
+    uses_hf.append(("train.init_from", t.init_from, "reading a Hugging Face directory"))
+  for key, value, feature in uses_hf:
+    try:
+      errors.require(errors.MODULES["hf"], "hf", feature)
+    except errors.InstallError as e:
+      _fail(key, value, str(e))
+
+
 def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
-  """Raises ConfigError naming the first key whose value cannot work."""
+  """Raises ConfigError naming the first key whose value cannot work.
+
+  `check_files`: also that the files the config names exist and the extras it uses are installed
+  (off where the config is only compiled, e.g. on another machine).
+  """
   _check_known_keys(cfg, get_default_config(), "")
   _check_model(cfg.model)
   _check_train(cfg.train)
@@ -397,6 +417,7 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
   _check_mesh(cfg.mesh)
   if check_files:
     _check_files(cfg.data, cfg.train)
+    _check_installed(cfg.train)
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -414,47 +435,3 @@ def from_json(text: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"unknown config key '{group}.{key}' in the saved config")
       cfg[group][key] = value
   return cfg
-
-
-def _in_file(error: BaseException, path: str) -> tuple[BaseException, int] | None:
-  """The error (or one it was raised from) and its line in the file `path`; None if none."""
-  seen: BaseException | None = error
-  while seen is not None:
-    if isinstance(seen, SyntaxError) and seen.filename and seen.lineno:
-      if os.path.abspath(seen.filename) == os.path.abspath(path):
-        return seen, seen.lineno
-    lines = [f.lineno for f in traceback.extract_tb(seen.__traceback__)
-             if os.path.abspath(f.filename) == os.path.abspath(path)]
-    if lines:
-      return seen, lines[-1]
-    seen = seen.__cause__ or seen.__context__
-  return None
-
-
-def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The recipe `spec` (FILE or FILE:ARG) with `--config.group.key=value` overrides applied.
-
-  Raises ConfigError for a missing file, an unknown key, a bad value, or a file that does not
-  import or whose get_config fails (naming the file and line). Not validated: call validate().
-  """
-  path = spec.split(":", 1)[0]
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config {spec}: no such file (the recipes are in configs/)")
-  for arg in overrides:
-    if not arg.startswith("--config."):
-      raise ConfigError(f"unexpected argument {arg!r}: overrides are --config.GROUP.KEY=VALUE")
-    check_key(arg[len("--config."):].split("=", 1)[0])
-  argv = ["nanollama_jax", f"--config={spec}", *overrides]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "the recipe", flag_values=values,
-                                  lock_config=True, sys_argv=argv)
-  try:
-    values(argv)
-    return values.config
-  except Exception as e:  # pylint: disable=broad-except  # the recipe's code or an override
-    found = _in_file(e, path)
-    if found is None:
-      raise ConfigError(" ".join(str(e).split())) from e  # an override's key or value
-    cause, line = found
-    message = cause.msg if isinstance(cause, SyntaxError) else str(cause)
-    raise ConfigError(f"{path}, line {line}: {type(cause).__name__}: {message}") from e

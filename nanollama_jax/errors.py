@@ -91,6 +91,12 @@ EXTRAS = {
   "gcs": "workdirs in Google Cloud Storage",
   "aot": "compiling for GPUs and TPUs without one",
 }
+# The modules each extra's features import; `require(MODULES[extra], ...)` checks for all of them.
+MODULES = {
+  "hf": ("safetensors", "tokenizers", "transformers", "huggingface_hub"),
+  "plot": ("matplotlib",),
+  "eval": ("lm_eval",),
+}
 
 
 def require(modules: tuple[str, ...], extra: str, feature: str) -> None:

@@ -33,6 +33,7 @@ import shutil
 from typing import Any
 
 import ml_collections
+import ml_dtypes
 import numpy as np
 
 from nanollama_jax import config as config_lib
@@ -41,7 +42,8 @@ from nanollama_jax.data import chat
 from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
 
 SAFETENSORS = "model.safetensors"
-_DTYPES = ("float32", "bfloat16")
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+_DTYPES = tuple(_NUMPY_DTYPES)
 
 
 class ExportError(errors.CheckpointError):
@@ -249,18 +251,19 @@ def _ordinary_permissions(path: str) -> None:
 def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
             tokenizer: Tokenizer | None = None, dtype: str = "float32") -> None:
   """Writes a Hugging Face Llama directory: config.json, model.safetensors (+ tokenizer)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  errors.require(errors.MODULES["hf"], "hf", "export to Hugging Face")
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
   if dtype not in _DTYPES:
     raise ExportError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
   hf_cfg = hf_config(model_cfg, tokenizer, dtype)
   tensors = to_hf_tensors(params, model_cfg)
   os.makedirs(out_dir, exist_ok=True)
-  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   weights = os.path.join(out_dir, SAFETENSORS)
-  save_file({k: torch.from_numpy(np.array(v)).to(torch_dtype).contiguous()
-             for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+  # ml_dtypes rounds float32 to bfloat16 to nearest even, as torch does: the same bytes.
+  # "format": "pt" tells transformers the tensors are in torch's layout.
+  save_file({k: v.astype(_NUMPY_DTYPES[dtype]) for k, v in tensors.items()}, weights,
+            metadata={"format": "pt"})
   _ordinary_permissions(weights)  # safetensors writes through a private (0600) temporary file
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_cfg, f, indent=2)
@@ -309,8 +312,10 @@ def load_hf(directory: str, dtype: Any = np.float32) -> tuple[ml_collections.Con
   """Reads a Hugging Face Llama directory (safetensors, one file or an index of shards).
 
   Returns our model config and parameter tree (numpy arrays); pretrained Llama-architecture
-  weights can then be evaluated, sampled or trained on.
+  weights can then be evaluated, sampled or trained on. bfloat16 tensors come as ml_dtypes'
+  bfloat16 (importing ml_dtypes gives numpy that name) and are widened exactly.
   """
+  errors.require(errors.MODULES["hf"], "hf", "reading a Hugging Face directory")
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
   path = os.path.join(directory, "config.json")
@@ -329,15 +334,5 @@ def load_hf(directory: str, dtype: Any = np.float32) -> tuple[ml_collections.Con
                       "pickled .bin weights are not read")
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    tensors.update(_load_safetensors(os.path.join(directory, name), load_file))
+    tensors.update(load_file(os.path.join(directory, name)))
   return model_cfg, from_hf_tensors(tensors, model_cfg, dtype)
-
-
-def _load_safetensors(path: str, load_file) -> dict[str, np.ndarray]:
-  try:
-    return load_file(path)
-  except (TypeError, ValueError):
-    # numpy has no bfloat16: read through torch and widen.
-    import torch  # pylint: disable=import-outside-toplevel
-    from safetensors.torch import load_file as load_torch  # pylint: disable=import-outside-toplevel
-    return {k: v.to(torch.float32).numpy() for k, v in load_torch(path).items()}

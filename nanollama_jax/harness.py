@@ -44,9 +44,9 @@ try:
   from lm_eval.api.model import TemplateLM
   from lm_eval.api.registry import register_model
   from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
-except ImportError as e:
-  raise errors.InstallError(f"downstream evaluation needs lm-eval ({e}): pip install -e "
-                            "\".[eval]\"") from e
+except ImportError:
+  errors.require(errors.MODULES["eval"], "eval", "downstream evaluation")
+  raise  # lm-eval is installed but not the version pinned in the eval extra
 
 import jax
 import jax.numpy as jnp

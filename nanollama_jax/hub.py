@@ -78,6 +78,7 @@ def push(workdir: str, repo_id: str, step: int | None = None, wait_s: float = 0.
   Returns the commit URL. Raises CheckpointError for a missing or damaged checkpoint and
   NetworkError when the Hub refuses or cannot be reached (the token, the repository, the network).
   """
+  errors.require(errors.MODULES["hf"], "hf", "pushing to the Hub")
   import huggingface_hub  # pylint: disable=import-outside-toplevel
 
   if step is not None and wait_s:

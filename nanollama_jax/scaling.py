@@ -40,7 +40,7 @@ import numpy as np
 import threadpoolctl
 from scipy import optimize
 
-from nanollama_jax import checkpoint, metrics, model
+from nanollama_jax import checkpoint, errors, metrics, model
 from nanollama_jax import config as config_lib
 from nanollama_jax import train as train_lib
 from nanollama_jax import workdir as workdir_lib
@@ -186,6 +186,7 @@ def sweep(base: ml_collections.ConfigDict, dims: Sequence[int], budgets: Sequenc
   Each run is an ordinary training run in OUT/<name> (rerunning resumes an interrupted run and
   skips finished ones). Returns the document written to OUT/scaling.json.
   """
+  errors.require(errors.MODULES["plot"], "plot", "the sweep's figure")  # before hours of training
   os.makedirs(out_dir, exist_ok=True)
   train_files, eval_files = (",".join(os.path.abspath(p) for p in files.split(","))
                              for files in (train_files, eval_files))
@@ -360,6 +361,7 @@ def fit_report(records: Sequence[dict[str, Any]], bootstrap: int = 100,
 def plot(records: Sequence[dict[str, Any]], report: dict[str, Any], out: str) -> None:
   """Final validation loss against compute (6ND) for every run, coloured by model size, with the
   fitted loss of each size and the fitted compute-optimal frontier."""
+  errors.require(errors.MODULES["plot"], "plot", "the sweep's figure")
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

@@ -37,7 +37,7 @@ import argparse
 import json
 import sys
 
-from nanollama_jax import aot, errors, targets
+from nanollama_jax import aot, errors, recipe, targets
 from nanollama_jax import config as config_lib
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     raise errors.UsageError(f"--programs {args.programs}: allowed {', '.join(aot.PROGRAMS)}")
   chosen = targets.parse_list(args.targets)
   targets.gpu_memory_fraction()  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION fails now
-  cfg = config_lib.load(args.config, overrides)
+  cfg = recipe.load(args.config, overrides)
   config_lib.validate(cfg, check_files=False)
   results = []
   for target in chosen:

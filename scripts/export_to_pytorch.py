@@ -4,8 +4,7 @@
       [--dtype float32|bfloat16]
 
 The result loads with transformers.LlamaForCausalLM.from_pretrained("hf_model") and
-AutoTokenizer.from_pretrained("hf_model"). Needs torch, transformers and safetensors
-(pip install -e ".[test]" has them).
+AutoTokenizer.from_pretrained("hf_model"). Needs the hf extra: pip install -e ".[hf]".
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   args = p.parse_args(argv)
+  errors.require(errors.MODULES["hf"], "hf", "export to Hugging Face")
   cfg, params, step = checkpoint.load_run(args.workdir, args.step)
   tok = workdir_tokenizer(args.workdir)
   export.save_hf(args.out, params, cfg.model, tok, args.dtype)

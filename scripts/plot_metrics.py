@@ -15,6 +15,7 @@ from nanollama_jax import errors
 from nanollama_jax import workdir as workdir_lib
 
 
+
 def read_metrics(workdir: str) -> list[dict]:
   """The run's metrics rows; CheckpointError if it is not a run or logged no loss yet."""
   path = workdir_lib.path(workdir, workdir_lib.METRICS)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--title", default=None, help="default: the workdir's name")
   args = p.parse_args(argv)
   rows = read_metrics(args.workdir)
-  errors.require(("matplotlib",), "plot", "plotting")
+  errors.require(errors.MODULES["plot"], "plot", "plotting")
   plot(rows, args.out, args.title or os.path.basename(os.path.normpath(args.workdir)))
   last = [r for r in rows if "loss" in r][-1]
   print(f"Wrote {args.out}: {sum('loss' in r for r in rows)} train and "

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from nanollama_jax import config, data, errors, scaling
+from nanollama_jax import data, errors, recipe, scaling
 
 
 def summary(doc: dict) -> str:
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dry-run", action="store_true",
                  help="print the grid of runs (layers, N, steps) and exit without training")
   args = p.parse_args(argv)
-  errors.require(("matplotlib",), "plot", "the sweep's figure")
-  base = config.load(args.base)
+  base = recipe.load(args.base)
   if args.batch_size is not None:
     base.data.batch_size = args.batch_size
   try:

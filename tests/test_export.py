@@ -258,3 +258,20 @@ def test_init_from_an_exported_directory_starts_from_its_weights(trained_run, tm
   final = json.loads(open(trained_run / "metrics.jsonl").read().splitlines()[-1])
   assert last["eval_loss"] < final["eval_loss"] + 0.05  # starts trained, not from scratch
   assert last["eval_loss"] < 5.0
+
+
+def test_bfloat16_export_rounds_like_torch_and_reads_back_exactly(tmp_path):
+  """The export writes bfloat16 without torch (ml_dtypes): the bytes torch's rounding gives."""
+  from safetensors.torch import load_file
+  cfg = model_cfg()
+  params = random_params(cfg)
+  export.save_hf(str(tmp_path), params, cfg, dtype="bfloat16")
+  written = load_file(str(tmp_path / export.SAFETENSORS))
+  wide = export.to_hf_tensors(params, cfg)
+  assert written.keys() == wide.keys() and len(wide) == 21
+  for name, value in wide.items():
+    assert written[name].dtype == torch.bfloat16
+    assert torch.equal(written[name], torch.tensor(value).to(torch.bfloat16)), name
+  _, back = export.load_hf(str(tmp_path))
+  for name, value in export.to_hf_tensors(back, cfg).items():
+    np.testing.assert_array_equal(value, written[name].float().numpy())

@@ -16,7 +16,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from helpers import REPO
-from nanollama_jax import checkpoint, generate, harness, model
+from nanollama_jax import checkpoint, errors, generate, harness, model
 from nanollama_jax.data.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
@@ -217,6 +217,6 @@ def test_script_writes_the_results_into_the_workdir(trained_run, tasks, tmp_path
   assert out["results"][GEN_TASK]["exact_match"] >= 0.6  # docs 0, 2, 4 are the model's own
   assert saved["config"]["step"] == 40 and "samples" not in saved
 
-  with pytest.raises(SystemExit) as exit_info:
+  with pytest.raises(errors.UsageError) as exit_info:
     main(["--workdir", "run", "--tasks", "nope", "--include-path", str(task_dir)])
-  assert str(exit_info.value).startswith("error: unknown task(s) nope")
+  assert exit_info.value.line().startswith("usage error: unknown task(s) nope")

@@ -196,9 +196,9 @@ def test_script_refuses_unknown_generations():
 
 def _main(argv):
   """scripts/check_gpu_kernels.py's main(argv) run in this process: its exit status."""
-  main = runpy.run_path(os.path.join(REPO, "scripts", "check_gpu_kernels.py"))["main"]
+  script = runpy.run_path(os.path.join(REPO, "scripts", "check_gpu_kernels.py"))
   with pytest.raises(SystemExit) as exit_:
-    main(argv)
+    script["errors"].cli(lambda: script["main"](argv))
   return exit_.value.code
 
 
@@ -218,7 +218,7 @@ def test_script_exits_2_in_one_line_when_the_compiler_is_unavailable(monkeypatch
   monkeypatch.setattr(aot, "devices", unavailable)
   assert _main(["--generations", "sm_86", "--head-dims", "32", "--dtypes", "bfloat16"]) == 2
   err = capsys.readouterr().err
-  assert err == 'error: cannot describe rtx3090 to a compiler: pip install -e ".[aot]"\n'
+  assert err == 'install error: cannot describe rtx3090 to a compiler: pip install -e ".[aot]"\n'
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
@@ -227,5 +227,5 @@ def test_script_exits_2_in_one_line_when_the_compiler_is_unavailable(monkeypatch
 def test_script_without_the_cuda_plugin_exits_2_naming_the_extra():
   done = run_script("check_gpu_kernels.py", "--generations", "sm_86")
   assert done.returncode == 2 and done.stdout == ""
-  assert done.stderr.startswith("error: cannot describe rtx3090 to a compiler")
+  assert done.stderr.startswith("install error: cannot describe rtx3090 to a compiler")
   assert done.stderr.count("\n") == 1 and 'pip install -e ".[aot]"' in done.stderr
