@@ -156,9 +156,14 @@ class Samples:
     self._new_tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - longest)
     self._model_cfg, self._tokenizer = cfg.model, tokenizer
 
+  @property
+  def enabled(self) -> bool:
+    """Whether there is anything to sample (prompts and train.sample_tokens > 0)."""
+    return bool(self.prompts) and self._new_tokens > 0
+
   def continue_prompts(self, params: dict) -> list[str]:
     """Each prompt followed by its greedy continuation; none when sampling is off."""
-    if not (self.prompts and self._new_tokens > 0):
+    if not self.enabled:
       return []
     tok = self._tokenizer
     stops = chat.STOP_IDS if self._chat else tok.eos_id

@@ -211,14 +211,13 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
       log.record(done, {f"eval_{k}": v for k, v in result.items()})
     hooks.append(Hook("eval", train_cfg.eval_every, run_eval))
   samples = generate.Samples(cfg, tokenizer)
-
-  def run_samples(done: int, state: TrainState) -> None:
-    texts = samples.continue_prompts(state.params)  # none when train.sample_tokens is 0
-    if texts:
+  if samples.enabled:
+    def run_samples(done: int, state: TrainState) -> None:
+      texts = samples.continue_prompts(state.params)
       log.writer.write_texts(done, "samples", texts)
-    for text in texts:
-      log.say(f"step {done} sample: {text!r}")
-  hooks.append(Hook("sample", train_cfg.eval_every, run_samples))
+      for text in texts:
+        log.say(f"step {done} sample: {text!r}")
+    hooks.append(Hook("sample", train_cfg.eval_every, run_samples))
   saved: set[int] = set()
 
   def run_save(done: int, state: TrainState) -> None:

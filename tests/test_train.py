@@ -271,3 +271,21 @@ def test_a_mixture_with_a_hub_source_trains_and_resumes_exactly(sample_dir, toke
   losses = [[json.loads(r)["loss"] for r in rows if "loss" in json.loads(r)]
             for rows in (first, again)]
   assert len(losses[0]) == 8 and losses[1] == losses[0]  # bitwise the same steps 5 to 8
+
+
+def test_a_hook_runs_every_n_steps_and_after_the_last():
+  def due(hook):
+    return [done for done in range(1, 11) if hook.due(done, 10)]
+  assert due(train.Hook("eval", 3, print)) == [3, 6, 9, 10]
+  assert due(train.Hook("save", 0, print)) == [10]  # every=0: only at the end
+  assert due(train.Hook("poll", 4, print, at_end=False)) == [4, 8]
+
+
+def test_step_metrics_reach_the_host_one_step_late():
+  pending = train.PendingMetrics()
+  assert pending.swap(1, {"loss": jnp.float32(3.5)}) == []  # nothing read at the first step
+  [(done, values)] = pending.swap(2, {"loss": jnp.float32(3.25)})
+  assert (done, float(values["loss"])) == (1, 3.5)
+  [(done, values)] = pending.flush()  # before a hook: read now
+  assert (done, float(values["loss"])) == (2, 3.25)
+  assert pending.flush() == []
