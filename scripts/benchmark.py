@@ -85,7 +85,7 @@ if ARGS is not None and not ARGS.system_malloc:
 import jax  # pylint: disable=wrong-import-position
 
 from nanollama_jax import config as config_lib  # pylint: disable=wrong-import-position
-from nanollama_jax import model, sharding  # pylint: disable=wrong-import-position
+from nanollama_jax import errors, model, sharding  # pylint: disable=wrong-import-position
 from nanollama_jax import loss as loss_lib  # pylint: disable=wrong-import-position
 from nanollama_jax import step as step_lib  # pylint: disable=wrong-import-position
 from nanollama_jax.data import pipeline  # pylint: disable=wrong-import-position
@@ -502,4 +502,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

@@ -94,7 +94,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanollama_jax import attention, metrics, sharding, train
+from nanollama_jax import attention, errors, metrics, sharding, train
 from nanollama_jax import step as step_lib
 from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.attention import pallas
@@ -255,10 +255,9 @@ def main() -> None:
   if ARGS.dry_run:
     os.environ[pallas.INTERPRET_ENV] = "1"
   elif target.platform != "cuda":
-    print(f"gpu_smoke.py: JAX sees no CUDA GPU here, only {target.platform} devices: run it on "
-          "the GPU machine (pip install -e '.[cuda]'), or add --dry-run to check the script on "
-          "a CPU", file=sys.stderr)
-    sys.exit(2)
+    raise errors.UsageError(
+      f"JAX sees no CUDA GPU here, only {target.platform} devices: run it on the GPU machine "
+      "(pip install -e '.[cuda]'), or add --dry-run to check the script on a CPU")
   device = jax.devices()[0]
   report: dict[str, Any] = {
     "dry_run": ARGS.dry_run, "jax": jax.__version__,
@@ -277,4 +276,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.cli(main)

@@ -21,7 +21,7 @@ def test_without_a_gpu_it_stops_in_one_line():
   ran = run()
   assert ran.returncode == 2 and ran.stdout == ""
   assert ran.stderr.strip().splitlines()[-1] == (
-    "gpu_smoke.py: JAX sees no CUDA GPU here, only cpu devices: run it on the GPU machine "
+    "usage error: JAX sees no CUDA GPU here, only cpu devices: run it on the GPU machine "
     "(pip install -e '.[cuda]'), or add --dry-run to check the script on a CPU")
 
 
