@@ -41,7 +41,8 @@ from nanollama_jax import errors
 from nanollama_jax.data import chat
 from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
 
-SAFETENSORS = "model.safetensors"
+# The files of a Hugging Face model directory (its own names, not a workdir's).
+SAFETENSORS, HF_CONFIG, HF_SPIECE = "model.safetensors", "config.json", "tokenizer.model"
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _DTYPES = tuple(_NUMPY_DTYPES)
 
@@ -235,7 +236,7 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str, max_length: int) -> None
     pad_token=pieces[tokenizer.pad_id], model_max_length=max_length,
     clean_up_tokenization_spaces=False, **chat_format)
   fast.save_pretrained(out_dir, save_jinja_files=False)  # the template in tokenizer_config.json
-  shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, "tokenizer.model"))
+  shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, HF_SPIECE))
 
 
 # --- Directories ---------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
   save_file({k: v.astype(_NUMPY_DTYPES[dtype]) for k, v in tensors.items()}, weights,
             metadata={"format": "pt"})
   _ordinary_permissions(weights)  # safetensors writes through a private (0600) temporary file
-  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(out_dir, HF_CONFIG), "w", encoding="utf-8") as f:
     json.dump(hf_cfg, f, indent=2)
   with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
     json.dump({"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
@@ -318,7 +319,7 @@ def load_hf(directory: str, dtype: Any = np.float32) -> tuple[ml_collections.Con
   errors.require(errors.MODULES["hf"], "hf", "reading a Hugging Face directory")
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
-  path = os.path.join(directory, "config.json")
+  path = os.path.join(directory, HF_CONFIG)
   if not os.path.isfile(path):
     raise ExportError(f"{directory} has no config.json: not a Hugging Face model directory")
   with open(path, encoding="utf-8") as f:
