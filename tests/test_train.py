@@ -152,9 +152,10 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
     "data error: blank.jsonl: no training document to read": [
       "--config", cpu, *files, "--config.data.train_files=blank.jsonl"],
     "config error: broken.py, line 1: SyntaxError: invalid syntax": ["--config", "broken.py"],
+    # Gets as far as the tokenizer, so in a workdir of its own (the absl flag's last value).
     "checkpoint error: not a Llama model: model_type='gpt2'": [
       "--config", cpu, *files, f"--config.data.train_files={sample_dir / 'train.jsonl'}",
-      *SMALL, f"--config.train.init_from={gpt2}"],
+      *SMALL, f"--config.train.init_from={gpt2}", "--workdir", "gpt2_run"],
   }
   procs = {expected: subprocess.Popen(
     [sys.executable, "-m", "nanollama_jax.train", "--workdir", "run", *args], cwd=tmp_path,
@@ -165,7 +166,8 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
     assert proc.returncode == 2, stderr[-2000:]
     assert lines[-1].startswith(expected), stderr[-2000:]
     assert "Traceback" not in stderr and len(lines) <= 3, stderr[-2000:]
-  assert not os.path.exists(tmp_path / "run")  # no run started: no workdir left behind
+  # No run started: no workdir left behind.
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "gpt2_run")
   help_ = run_cli("--help", cwd=tmp_path)
   assert help_.returncode == 0 and "nanollama_jax/config.py" in help_.stdout
   assert "--config.train.steps=200" in help_.stdout
