@@ -271,114 +271,118 @@ def _check_rope_scaling(scaling: Any) -> None:
           f"must be > low_freq_factor={rs['low_freq_factor']}")
 
 
-def _check_model(m: ml_collections.ConfigDict) -> None:
-  _check_ints({f"model.{k}": m[k] for k in ("vocab_size", "dim", "n_layers", "n_heads",
-                                              "n_kv_heads", "ffn_dim", "max_seq_len",
-                                              "loss_chunk_len")}, 1)
-  _check_positive({f"model.{k}": m[k] for k in ("norm_eps", "rope_theta", "init_std")})
-  if m.dim % m.n_heads:
-    _fail("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-  if head_dim(m) % 2:
-    _fail("model.dim", m.dim,
-          f"dim / n_heads = {head_dim(m)} must be even: RoPE rotates pairs of features")
-  if m.n_heads % m.n_kv_heads:
-    _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
-  _check_choice("model.attention", m.attention, ATTENTION_IMPLS)
-  _check_choice("model.remat", m.remat, REMAT_POLICIES)
-  _check_choice("model.chunked_loss", m.chunked_loss, CHUNKED_LOSS)
-  _check_choice("model.dtype", m.dtype, DTYPES)
-  _check_choice("model.param_dtype", m.param_dtype, DTYPES)
-  _check_rope_scaling(m.rope_scaling)
+def _check_model(model_cfg: ml_collections.ConfigDict) -> None:
+  _check_ints({f"model.{k}": model_cfg[k] for k in (
+    "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
+    "loss_chunk_len")}, 1)
+  _check_positive({f"model.{k}": model_cfg[k] for k in ("norm_eps", "rope_theta", "init_std")})
+  if model_cfg.dim % model_cfg.n_heads:
+    _fail("model.dim", model_cfg.dim, f"must be divisible by model.n_heads={model_cfg.n_heads}")
+  if head_dim(model_cfg) % 2:
+    _fail("model.dim", model_cfg.dim,
+          f"dim / n_heads = {head_dim(model_cfg)} must be even: RoPE rotates pairs of features")
+  if model_cfg.n_heads % model_cfg.n_kv_heads:
+    _fail("model.n_kv_heads", model_cfg.n_kv_heads,
+          f"must divide model.n_heads={model_cfg.n_heads}")
+  _check_choice("model.attention", model_cfg.attention, ATTENTION_IMPLS)
+  _check_choice("model.remat", model_cfg.remat, REMAT_POLICIES)
+  _check_choice("model.chunked_loss", model_cfg.chunked_loss, CHUNKED_LOSS)
+  _check_choice("model.dtype", model_cfg.dtype, DTYPES)
+  _check_choice("model.param_dtype", model_cfg.param_dtype, DTYPES)
+  _check_rope_scaling(model_cfg.rope_scaling)
 
 
-def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
-                o: ml_collections.ConfigDict) -> None:
-  _check_ints({f"data.{k}": d[k] for k in ("seq_len", "batch_size", "tokenizer_train_docs",
-                                             "pack_bins", "shuffle_window")}, 1)
-  _check_ints({"data.num_workers": d.num_workers, "data.shuffle_seed": d.shuffle_seed}, 0)
-  if d.seq_len > m.max_seq_len:
-    _fail("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-  _check_choice("data.source", d.source, DATA_SOURCES)
-  _check_choice("data.packing", d.packing, PACKINGS)
-  _check_choice("data.format", d.format, FORMATS)
-  if d.mixture:
-    data_spec.parse_mixture(d.mixture)
-  if d.source == "hf" and not d.hf_path:
-    _fail("data.hf_path", d.hf_path, "must name a Hub dataset when data.source='hf'")
-  _check_holdout(d)
-  if isinstance(o.grad_accum, int) and o.grad_accum > 0 and d.batch_size % o.grad_accum:
-    _fail("data.batch_size", d.batch_size,
-          f"must be divisible by optim.grad_accum={o.grad_accum}")
+def _check_data(data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
+                optim_cfg: ml_collections.ConfigDict) -> None:
+  _check_ints({f"data.{k}": data_cfg[k] for k in (
+    "seq_len", "batch_size", "tokenizer_train_docs", "pack_bins", "shuffle_window")}, 1)
+  _check_ints({f"data.{k}": data_cfg[k] for k in ("num_workers", "shuffle_seed")}, 0)
+  if data_cfg.seq_len > model_cfg.max_seq_len:
+    _fail("data.seq_len", data_cfg.seq_len,
+          f"must be <= model.max_seq_len={model_cfg.max_seq_len}")
+  _check_choice("data.source", data_cfg.source, DATA_SOURCES)
+  _check_choice("data.packing", data_cfg.packing, PACKINGS)
+  _check_choice("data.format", data_cfg.format, FORMATS)
+  if data_cfg.mixture:
+    data_spec.parse_mixture(data_cfg.mixture)
+  if data_cfg.source == "hf" and not data_cfg.hf_path:
+    _fail("data.hf_path", data_cfg.hf_path, "must name a Hub dataset when data.source='hf'")
+  _check_holdout(data_cfg)
+  accum = optim_cfg.grad_accum
+  if isinstance(accum, int) and accum > 0 and data_cfg.batch_size % accum:
+    _fail("data.batch_size", data_cfg.batch_size,
+          f"must be divisible by optim.grad_accum={optim_cfg.grad_accum}")
 
 
-def _check_holdout(d: ml_collections.ConfigDict) -> None:
+def _check_holdout(data_cfg: ml_collections.ConfigDict) -> None:
   """Evaluation never reads training documents: a split that both read needs a hold-out."""
-  f = d.holdout_fraction
+  f = data_cfg.holdout_fraction
   if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 0.5:
     _fail("data.holdout_fraction", f, "must be a number in [0, 0.5] (0: off)")
-  hf = d.source == "hf"
+  hf = data_cfg.source == "hf"
   key, train_key = ("hf_eval_split", "hf_train_split") if hf else ("eval_files", "train_files")
-  if not f and d[key] and d[key] == d[train_key]:
-    _fail(f"data.{key}", d[key], f"is also data.{train_key}, so evaluation would read training "
-          "documents: set data.holdout_fraction (e.g. 0.005) to evaluate on a share held out of "
-          f"training{'' if hf else ' (and leave eval_files empty)'}")
-  if f and (d[key] != d[train_key] if hf else d.eval_files):
+  if not f and data_cfg[key] and data_cfg[key] == data_cfg[train_key]:
+    _fail(f"data.{key}", data_cfg[key], f"is also data.{train_key}, so evaluation would read "
+          "training documents: set data.holdout_fraction (e.g. 0.005) to evaluate on a share "
+          f"held out of training{'' if hf else ' (and leave eval_files empty)'}")
+  if f and (data_cfg[key] != data_cfg[train_key] if hf else data_cfg.eval_files):
     _fail("data.holdout_fraction", f, f"holds evaluation documents out of data.{train_key}, but "
-          f"data.{key}={d[key]!r} is an eval split of its own: set the fraction to 0, or "
+          f"data.{key}={data_cfg[key]!r} is an eval split of its own: set the fraction to 0, or "
           + (f"data.{key} to data.{train_key}" if hf else "leave eval_files empty"))
-  if f and not d[train_key]:
+  if f and not data_cfg[train_key]:
     _fail("data.holdout_fraction", f,
           f"evaluates on documents held out of data.{train_key}, which is empty")
 
 
-def _check_optim(o: ml_collections.ConfigDict, steps: int) -> None:
-  _check_ints({"optim.grad_accum": o.grad_accum}, 1)
-  _check_ints({"optim.warmup_steps": o.warmup_steps}, 0)
-  _check_positive({"optim.lr": o.lr, "optim.eps": o.eps})
-  if o.min_lr < 0 or o.min_lr > o.lr:
-    _fail("optim.min_lr", o.min_lr, f"must be between 0 and optim.lr={o.lr}")
-  if o.warmup_steps > steps:
-    _fail("optim.warmup_steps", o.warmup_steps,
+def _check_optim(optim_cfg: ml_collections.ConfigDict, steps: int) -> None:
+  _check_ints({"optim.grad_accum": optim_cfg.grad_accum}, 1)
+  _check_ints({"optim.warmup_steps": optim_cfg.warmup_steps}, 0)
+  _check_positive({"optim.lr": optim_cfg.lr, "optim.eps": optim_cfg.eps})
+  if optim_cfg.min_lr < 0 or optim_cfg.min_lr > optim_cfg.lr:
+    _fail("optim.min_lr", optim_cfg.min_lr, f"must be between 0 and optim.lr={optim_cfg.lr}")
+  if optim_cfg.warmup_steps > steps:
+    _fail("optim.warmup_steps", optim_cfg.warmup_steps,
           f"is longer than the run: must be <= train.steps={steps}")
   for key in ("b1", "b2"):
-    if not 0 <= o[key] < 1:
-      _fail(f"optim.{key}", o[key], "must be in [0, 1)")
+    if not 0 <= optim_cfg[key] < 1:
+      _fail(f"optim.{key}", optim_cfg[key], "must be in [0, 1)")
   for key in ("weight_decay", "grad_clip"):
-    if o[key] < 0:
-      _fail(f"optim.{key}", o[key], "must be >= 0")
+    if optim_cfg[key] < 0:
+      _fail(f"optim.{key}", optim_cfg[key], "must be >= 0")
 
 
-def _check_train(t: ml_collections.ConfigDict) -> None:
-  _check_ints({f"train.{k}": t[k] for k in ("steps", "log_every", "eval_every", "eval_steps",
-                                              "keep_ckpts", "max_bad_steps", "push_every")}, 1)
-  if t.push_to_hub and len(t.push_to_hub.split("/")) != 2:
-    _fail("train.push_to_hub", t.push_to_hub, "must be a Hub repository id, user/name")
-  _check_ints({f"train.{k}": t[k] for k in ("seed", "ckpt_every", "sample_tokens")}, 0)
+def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
+  _check_ints({f"train.{k}": train_cfg[k] for k in (
+    "steps", "log_every", "eval_every", "eval_steps", "keep_ckpts", "max_bad_steps",
+    "push_every")}, 1)
+  if train_cfg.push_to_hub and len(train_cfg.push_to_hub.split("/")) != 2:
+    _fail("train.push_to_hub", train_cfg.push_to_hub, "must be a Hub repository id, user/name")
+  _check_ints({f"train.{k}": train_cfg[k] for k in ("seed", "ckpt_every", "sample_tokens")}, 0)
 
 
-def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
+def _check_mesh(mesh_cfg: ml_collections.ConfigDict) -> None:
   for axis in ("data", "fsdp", "tensor"):
-    size = mesh[axis]
+    size = mesh_cfg[axis]
     if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
       _fail(f"mesh.{axis}", size, "must be a positive integer or -1 (the devices left)")
-  if [mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
-    _fail("mesh", mesh.to_dict(), "at most one axis can be -1")
+  if [mesh_cfg[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+    _fail("mesh", mesh_cfg.to_dict(), "at most one axis can be -1")
 
 
-def _check_files(d: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> None:
+def _check_files(data_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict) -> None:
   """The files and directories the config names exist."""
-  if d.mixture:
-    for source, _ in data_spec.parse_mixture(d.mixture):
+  if data_cfg.mixture:
+    for source, _ in data_spec.parse_mixture(data_cfg.mixture):
       if not source.startswith(data_spec.HUB_PREFIX):
         data_spec.expand_globs(source, "data.mixture")
-  elif d.source == "files":
-    data_spec.expand_globs(d.train_files, "data.train_files")
-    if d.eval_files:
-      data_spec.expand_globs(d.eval_files, "data.eval_files")
-  if d.tokenizer and not paths.exists(d.tokenizer):
-    _fail("data.tokenizer", d.tokenizer, "no such file (leave empty to train one)")
-  if t.init_from and not paths.isdir(t.init_from):
-    _fail("train.init_from", t.init_from,
+  elif data_cfg.source == "files":
+    data_spec.expand_globs(data_cfg.train_files, "data.train_files")
+    if data_cfg.eval_files:
+      data_spec.expand_globs(data_cfg.eval_files, "data.eval_files")
+  if data_cfg.tokenizer and not paths.exists(data_cfg.tokenizer):
+    _fail("data.tokenizer", data_cfg.tokenizer, "no such file (leave empty to train one)")
+  if train_cfg.init_from and not paths.isdir(train_cfg.init_from):
+    _fail("train.init_from", train_cfg.init_from,
           "no such directory (a workdir, its checkpoints/, a checkpoints/<step> folder or a "
           "Hugging Face Llama directory)")
 
@@ -389,13 +393,13 @@ def is_hf_directory(path: str) -> bool:
     n.endswith((".safetensors", ".safetensors.index.json")) for n in paths.listdir(path))
 
 
-def _check_installed(t: ml_collections.ConfigDict) -> None:
+def _check_installed(train_cfg: ml_collections.ConfigDict) -> None:
   """The extras the config's features import are installed, so a run does not stop midway."""
   uses_hf = []
-  if t.push_to_hub:
-    uses_hf.append(("train.push_to_hub", t.push_to_hub, "pushing to the Hub"))
-  if t.init_from and is_hf_directory(t.init_from):
-    uses_hf.append(("train.init_from", t.init_from, "reading a Hugging Face directory"))
+  if train_cfg.push_to_hub:
+    uses_hf.append(("train.push_to_hub", train_cfg.push_to_hub, "pushing to the Hub"))
+  if train_cfg.init_from and is_hf_directory(train_cfg.init_from):
+    uses_hf.append(("train.init_from", train_cfg.init_from, "reading a Hugging Face directory"))
   for key, value, feature in uses_hf:
     try:
       errors.require(errors.MODULES["hf"], "hf", feature)
