@@ -341,13 +341,13 @@ def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
     raise RuntimeError(f"weights do not match LlamaForCausalLM: missing {missing}, "
                        f"unexpected {unexpected}")
   net.train()
-  o = cfg.optim
+  optim_cfg = cfg.optim
   # As optim.decay_mask: weight decay on everything but the norms' scales.
   decay = [p for n, p in net.named_parameters() if "norm" not in n]
   no_decay = [p for n, p in net.named_parameters() if "norm" in n]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim_cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=optim_cfg.lr,
+                          betas=(optim_cfg.b1, optim_cfg.b2), eps=optim_cfg.eps)
   inputs = torch.from_numpy(np.asarray(batch_np["inputs"], np.int64))
   targets = torch.from_numpy(np.asarray(batch_np["targets"], np.int64))
 
@@ -357,7 +357,7 @@ def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              targets.reshape(-1))
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), optim_cfg.grad_clip)
     opt.step()
     return loss.item()
 
