@@ -27,7 +27,7 @@ case "$action" in
     repo=${1:-$(git -C "$(dirname "$0")/.." remote get-url origin)}
     on_all_workers "set -e; if [ ! -d ~/nanollama_jax ]; then git clone '$repo' ~/nanollama_jax; fi;
       cd ~/nanollama_jax && git pull --ff-only && python3 -m venv .venv &&
-      .venv/bin/pip install -q -e '.[tpu,gcs]'"
+      .venv/bin/pip install -q -e '.[tpu,gcs,hf]'"
     ;;
   train)
     [[ ${1:-} == "--" ]] && shift
