@@ -233,16 +233,20 @@ class Checkpointer:
     self.workdir = paths.resolve(workdir)  # orbax's array writers refuse relative paths
     self.directory = paths.join(self.workdir, CHECKPOINT_DIR)
     if jax.process_index() == 0:
+      # Removed here, before the manager exists: orbax's own clean-up runs in a thread that
+      # close() does not wait for, and that fails if a run that could not start removes its
+      # workdir meanwhile.
       for name in paths.listdir(self.directory):
         if _TMP_SUFFIX in name:
           logging.warning("removing %s: a save that did not finish (the run was killed while "
                           "writing it)", paths.join(self.directory, name))
+          paths.remove(paths.join(self.directory, name))
     self._manager = self._new_manager(keep, async_save)
     self.last_blocking_s = 0.0
 
   def _new_manager(self, keep: int, async_save: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+      max_to_keep=keep, create=True, cleanup_tmp_directories=False,
       enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
