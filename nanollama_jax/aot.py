@@ -246,7 +246,7 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
             - sharding.bytes_per_device(shardings.params, abstract.params))
   _, prompt = sampling_shape(cfg)
   lowerers = {
-    "train_step": (lambda: step_lib.lower_train_step(cfg, mesh, attn_target), 0),
+    "train_step": (lambda: built.lower(cfg, mesh, attn_target.platform), 0),
     "eval_step": (lambda: _lower_eval(cfg, mesh, attn_target, abstract, shardings), beside),
     "prefill": (lambda: _lower_sampling(cfg, mesh, attn_target, abstract, shardings, prompt),
                 beside),

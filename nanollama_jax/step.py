@@ -132,6 +132,12 @@ class Built(NamedTuple):
     return jax.jit(lambda: fresh(model.init_params(cfg.model, cfg.train.seed)),
                    out_shardings=self.shardings)()
 
+  def lower(self, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, platform: str):
+    """The step lowered for `platform` on abstract inputs of `cfg` on `mesh`: no array exists."""
+    state = sharding.abstract(self.abstract, self.shardings)
+    return self.train_step.trace(state, abstract_batch(cfg, mesh)).lower(
+      lowering_platforms=(platform,))
+
 
 def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
           target: attention.Target | None = None) -> Built:
@@ -162,7 +168,4 @@ def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   accelerator.
   """
   target = target or attention.Target.running()
-  built = build(cfg, mesh, target)
-  state = sharding.abstract(built.abstract, built.shardings)
-  return built.train_step.trace(state, abstract_batch(cfg, mesh)).lower(
-    lowering_platforms=(target.platform,))
+  return build(cfg, mesh, target).lower(cfg, mesh, target.platform)
