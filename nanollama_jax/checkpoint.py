@@ -37,8 +37,6 @@ from nanollama_jax import config as config_lib
 from nanollama_jax import errors, fingerprints, model, paths, sharding
 from nanollama_jax import workdir as workdir_lib
 
-CHECKPOINT_DIR = workdir_lib.CHECKPOINTS
-DAMAGED_DIR = workdir_lib.DAMAGED
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 # The items of every checkpoint step folder.
@@ -231,7 +229,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
     self.workdir = paths.resolve(workdir)  # orbax's array writers refuse relative paths
-    self.directory = paths.join(self.workdir, CHECKPOINT_DIR)
+    self.directory = paths.join(self.workdir, workdir_lib.CHECKPOINTS)
     if jax.process_index() == 0:
       # Removed here, before the manager exists: orbax's own clean-up runs in a thread that
       # close() does not wait for, and that fails if a run that could not start removes its
@@ -346,7 +344,7 @@ class Checkpointer:
 
   def _set_aside(self, step: int, error: Exception) -> str:
     src = paths.join(self.directory, str(step))
-    dest = paths.join(self.workdir, DAMAGED_DIR, f"{step}-{int(time.time())}")
+    dest = paths.join(self.workdir, workdir_lib.DAMAGED, f"{step}-{int(time.time())}")
     logging.error("checkpoint %s is damaged and will not be used (%s: %s); moving it to %s",
                   src, type(error).__name__, str(error).splitlines()[0][:500], dest)
     if jax.process_index() == 0:
@@ -365,12 +363,12 @@ def resolve_init_from(path: str) -> tuple[str, int]:
   parent, _, base = path.rpartition("/")
   if base.isdigit() and paths.isdir(paths.join(path, "params")):
     return parent, int(base)
-  for directory in (paths.join(path, CHECKPOINT_DIR), path):
+  for directory in (paths.join(path, workdir_lib.CHECKPOINTS), path):
     steps = _step_dirs(directory)
     if steps:
       return directory, steps[-1]
   raise CheckpointError(f"train.init_from={path!r}: no checkpoint found there (looked for "
-                        f"{paths.join(path, CHECKPOINT_DIR, '<step>')} and {path}/<step>)")
+                        f"{paths.join(path, workdir_lib.CHECKPOINTS, '<step>')} and {path}/<step>)")
 
 
 def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, int]:
@@ -395,7 +393,7 @@ def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, i
 
 def steps_on_disk(workdir: str) -> Sequence[int]:
   """Complete checkpoint steps under `workdir`, oldest first."""
-  return _step_dirs(paths.join(workdir, CHECKPOINT_DIR))
+  return _step_dirs(paths.join(workdir, workdir_lib.CHECKPOINTS))
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
@@ -407,12 +405,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
   steps = steps_on_disk(workdir)
   if not steps:
     raise CheckpointError(f"{workdir} has no checkpoint (looked in "
-                          f"{paths.join(workdir, CHECKPOINT_DIR)})")
+                          f"{paths.join(workdir, workdir_lib.CHECKPOINTS)})")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise CheckpointError(f"{workdir} has no checkpoint for step {step}; it has {steps}")
-  manager = _read_only_manager(paths.join(workdir, CHECKPOINT_DIR))
+  manager = _read_only_manager(paths.join(workdir, workdir_lib.CHECKPOINTS))
   try:
     cfg = config_lib.from_json(json.dumps(_read_config(manager, step)))
     abstract = sharding.abstract(model.abstract_params(cfg.model),

@@ -1,6 +1,6 @@
 """`python -m nanollama_jax.train --config CONFIG.py --workdir DIR`: flags, usage and exit codes.
 
-The recipe and its `--config.GROUP.FIELD=VALUE` overrides are read by config.load; the other
+The recipe and its `--config.GROUP.FIELD=VALUE` overrides are read by recipe.load; the other
 flags by absl. Errors follow errors.py: one line and exit 2 for the user's mistakes, 1 for a run
 that failed, 128 + N after a signal.
 """
@@ -91,9 +91,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   _Recipe.spec, _Recipe.overrides, rest = split_config_args(argv)
   try:
     return flags.FLAGS(rest)
-  except flags.Error as e:
-    print(f"usage error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
-    sys.exit(2)
+  except flags.Error as e:  # before main, so outside errors.cli: the same line and code
+    error = errors.UsageError(f"{' '.join(str(e).split())} (see --help)")
+    print(error.line(), file=sys.stderr)
+    sys.exit(error.exit_code)
 
 
 def dry_run(cfg) -> str:

@@ -150,7 +150,7 @@ def final_eval_loss(workdir: str, cfg: ml_collections.ConfigDict) -> float | Non
 
   Raises ValueError when `workdir` holds a run of another config.
   """
-  path = os.path.join(workdir, workdir_lib.CONFIG)
+  path = workdir_lib.path(workdir, workdir_lib.CONFIG)
   if not os.path.isfile(path):
     return None
   with open(path, encoding="utf-8") as f:

@@ -49,7 +49,7 @@ class Log:
   """Log rows of a run: the console (or a progress bar), metrics.jsonl, TensorBoard, timing."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, start_step: int,
-               train_iter: pipeline.Batches):
+               skipped: int, train_iter: pipeline.Batches):
     self.cfg, self.train_iter = cfg, train_iter
     self.writer = metrics_lib.MetricsWriter(workdir, start_step=start_step)
     self.bar = metrics_lib.progress(start_step, cfg.train.steps)
@@ -60,7 +60,7 @@ class Log:
     self.peak_flops = peak_flops * jax.device_count()
     logging.info("%.3g model FLOPs per token; MFU against %.3g FLOP/s (%s, x%d devices)",
                  self.flops_per_token, self.peak_flops, peak_source, jax.device_count())
-    self.skipped_total = 0
+    self.skipped_total = skipped  # non-finite steps skipped so far, counted on as steps retire
     self.mark_time, self.mark_step = time.time(), start_step + 1
 
   def restart_clock(self) -> None:
@@ -328,9 +328,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     cleanup.callback(train_iter.close)
     if data_state is not None:
       train_iter.set_state(data_state)
-    log = Log(cfg, workdir, start_step, train_iter)
+    log = Log(cfg, workdir, start_step, int(state.skipped), train_iter)
     cleanup.callback(log.close)
-    log.skipped_total = int(state.skipped)
     hooks = _hooks(cfg, workdir, mesh, log, ckpt, train_iter, tokenizer)
     if start_step >= steps:
       start_guard.started = True

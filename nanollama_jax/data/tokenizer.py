@@ -22,7 +22,6 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>")
 SYSTEM_ID, USER_ID, ASSISTANT_ID, END_OF_TURN_ID, THINK_ID, END_THINK_ID = range(
   PAD_ID + 1, PAD_ID + 1 + len(CHAT_TOKENS))
-WORKDIR_NAME = workdir_lib.TOKENIZER
 
 
 class Tokenizer:
@@ -105,9 +104,10 @@ class Tokenizer:
 
 def workdir_tokenizer(workdir: str) -> Tokenizer:
   """The tokenizer a training run in `workdir` used (and keeps there)."""
-  path = paths.join(workdir, WORKDIR_NAME)
+  path = paths.join(workdir, workdir_lib.TOKENIZER)
   if not paths.exists(path):
-    raise errors.CheckpointError(f"{workdir} has no {WORKDIR_NAME}: not a training run's workdir")
+    raise errors.CheckpointError(
+      f"{workdir} has no {workdir_lib.TOKENIZER}: not a training run's workdir")
   return Tokenizer(path)
 
 
@@ -152,7 +152,7 @@ def load_or_train_tokenizer(
   data_cfg: ml_collections.ConfigDict, vocab_size: int, workdir: str
 ) -> Tokenizer:
   """Returns the run's tokenizer, kept as workdir/tokenizer.model: given, reused, or trained."""
-  dest = paths.join(workdir, WORKDIR_NAME)
+  dest = paths.join(workdir, workdir_lib.TOKENIZER)
   if data_cfg.tokenizer:
     given = Tokenizer(data_cfg.tokenizer)
     if not paths.exists(dest):
