@@ -139,6 +139,25 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
       f"micro-batch must be divisible by mesh data x fsdp = {split}")
 
 
+def data_blocks(batch_sharding: NamedSharding, batch_size: int) -> list[tuple[int, int]]:
+  """The rows (start, stop) of the global batch each process holds, by process index."""
+  blocks: dict[int, set[tuple[int, int]]] = {}
+  for device, index in batch_sharding.devices_indices_map((batch_size,)).items():
+    rows = (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+    blocks.setdefault(device.process_index, set()).add(rows)
+  spans = []
+  for process in range(len(blocks)):
+    held = sorted(blocks[process])
+    start, stop = held[0][0], held[-1][1]
+    rows = stop - start
+    if any(a[1] != b[0] for a, b in zip(held, held[1:])) or batch_size % rows or start % rows:
+      raise errors.ConfigError(
+        f"the batch rows of process {process}'s devices, {held}, are not one block "
+        f"that tiles the batch of {batch_size}: order the mesh's devices by process")
+    spans.append((start, stop))
+  return spans
+
+
 def data_shard(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
   """(index, count) of this process's share of the data: its block of rows of the global batch.
 
@@ -146,15 +165,8 @@ def data_shard(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int
   parallelism across hosts) get the same index and must read the same data; the others read
   disjoint shares. With one process, (0, 1).
   """
-  slices = batch_sharding.addressable_devices_indices_map((batch_size,)).values()
-  blocks = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
-                   for s in slices})
-  start, stop = blocks[0][0], blocks[-1][1]
+  start, stop = data_blocks(batch_sharding, batch_size)[jax.process_index()]
   rows = stop - start
-  if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])) or batch_size % rows or start % rows:
-    raise errors.ConfigError(
-      f"the batch rows of this process's devices, {blocks}, are not one block "
-      f"that tiles the batch of {batch_size}: order the mesh's devices by process")
   return start // rows, batch_size // rows
 
 

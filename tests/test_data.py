@@ -507,7 +507,7 @@ def test_hosts_read_disjoint_shares_that_cover_the_data(sample_dir, tok, tmp_pat
   fitting = {d for d in docs if len(d) + 2 <= 129}  # the ones first-fit never cuts
   shares = []
   for index in range(4):
-    it = pipeline.train_batches(cfg, tok, process_index=index, process_count=4)
+    it = pipeline.train_batches(cfg, tok, share=index, shares=4)
     batches = []
     while it.epoch < 2:  # two epochs of this host's share: the first is surely all emitted
       batches.append(next(it))
@@ -612,7 +612,7 @@ def test_a_hub_source_in_a_mixture_streams_shares_and_restores(sample_dir, tok, 
   # Each process streams its own share of the Hub source: whole files, disjoint.
   shares = []
   for index in range(2):
-    found = sources.open_split(cfg, "train", process_index=index, process_count=2,
+    found = sources.open_split(cfg, "train", stream=index, streams=2,
                                globs=f"hf:{tmp_path / 'hub_dataset'}")
     shares.append({text for text, epoch in itertools.takewhile(
       lambda pair: pair[1] == 0, iter(found.stream))})
@@ -664,7 +664,7 @@ def test_hub_stream_shuffles_in_windows_and_restores(sample_dir, tok, tmp_path, 
 def test_hub_stream_hosts_and_bad_records(sample_dir, tok, tmp_path, monkeypatch):
   cfg = _hub_cfg(sample_dir, tmp_path, monkeypatch)
   shares = [list(hub_data.HubStream("json", None, "train", "text", cfg.hf_data_files,
-                                   process_index=i, process_count=2)) for i in range(2)]
+                                   stream=i, streams=2)) for i in range(2)]
   texts = sources.documents(_data_cfg(sample_dir), "eval")
   assert sorted(t for share in shares for t, _ in share) == sorted(texts)
   assert not {t for t, _ in shares[0]} & {t for t, _ in shares[1]}

@@ -109,7 +109,7 @@ def test_files_eval_reads_held_out_documents_and_training_never_does(sample_dir,
   assert sources.documents(cfg, "eval") == held
   assert sources.first_documents(cfg, 10**6) == kept  # the tokenizer is trained on them alone
   # Every process evaluates on the same held-out documents, all of them, in file order.
-  assert sources.open_split(cfg, "eval", process_index=1, process_count=2).docs == held
+  assert sources.open_split(cfg, "eval", stream=1, streams=2).docs == held
   eval_batches = pipeline.eval_batches(cfg, tok, 1000)
   assert _whole_docs(_rows(eval_batches), tok) == _ids(held, tok)
   again = pipeline.eval_batches(cfg, tok, 1000)  # a pipeline built anew: the same batches
@@ -120,7 +120,7 @@ def test_files_eval_reads_held_out_documents_and_training_never_does(sample_dir,
   seen = collections.Counter()
   for index in range(2):
     share = _ids(kept[index::2], tok)
-    ds, _ = pipeline.windows(cfg, tok, "train", process_index=index, process_count=2)
+    ds, _ = pipeline.windows(cfg, tok, "train", stream=index, streams=2)
     docs = _whole_docs(_epoch_windows(ds, kept[index::2], cfg, tok), tok)
     assert collections.Counter(docs[:len(share)]) == collections.Counter(share)
     assert not set(docs) & held_ids
@@ -178,7 +178,7 @@ def test_a_hub_split_holds_out_the_same_documents_streamed_or_downloaded(
   assert _whole_docs(_rows(pipeline.eval_batches(cfg, tok, 1000)), tok) == _ids(held, tok)
   # Two processes stream disjoint shares of the kept documents (every other record).
   shares = [[doc for doc, _ in itertools.takewhile(lambda pair: pair[1] == 0, sources.open_split(
-    cfg, "train", process_index=i, process_count=2).stream)] for i in range(2)]
+    cfg, "train", stream=i, streams=2).stream)] for i in range(2)]
   assert sorted(shares[0] + shares[1]) == sorted(kept)
   # Training windows (shuffled in windows of 50 documents), resumed exactly, hold no held-out one.
   ds, _ = pipeline.windows(cfg, tok, "train")

@@ -125,7 +125,7 @@ class HubStream(grain.IterDataset):
   """The records of a Hub split streamed in order, as (document, epoch) pairs.
 
   With `repeat`, the stream starts over at its end and the epoch counts up. With
-  `process_count` > 1 each process reads a disjoint share (whole files where the split has
+  `streams` > 1 each data stream reads a disjoint share (whole files where the split has
   enough of them, else every n-th record). With a `holdout`, only the documents it keeps. The
   iterator's state is the `datasets` stream's own position, so a restore continues without
   reading the stream again from its start.
@@ -133,7 +133,7 @@ class HubStream(grain.IterDataset):
 
   def __init__(self, path: str, name: str | None, split: str, text_key: str,
                data_files: str | Sequence[str] | None = None, repeat: bool = False,
-               process_index: int = 0, process_count: int = 1, doc_format: str = "text",
+               stream: int = 0, streams: int = 1, doc_format: str = "text",
                holdout: Holdout | None = None):
     super().__init__()
     self.path, self.name, self.split, self.text_key = path, name, split, text_key
@@ -141,15 +141,15 @@ class HubStream(grain.IterDataset):
     self.holdout = holdout
     self.data_files = _data_files(data_files)
     self.repeat = repeat
-    self.process_index, self.process_count = process_index, process_count
+    self.stream, self.streams = stream, streams
     self.skipped: collections.Counter = collections.Counter()
     # Resolved once, here, so that an unreachable dataset fails with a clear message before the
     # first batch; every iterator streams from a fresh copy (restores move a copy's position).
     from datasets import distributed  # pylint: disable=import-outside-toplevel
 
     ds = load_hub_dataset(path, name, split, self.data_files, streaming=True)
-    if process_count > 1:
-      ds = distributed.split_dataset_by_node(ds, process_index, process_count)
+    if streams > 1:
+      ds = distributed.split_dataset_by_node(ds, stream, streams)
     self._resolved = ds
 
   def open(self):

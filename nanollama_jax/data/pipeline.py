@@ -25,11 +25,17 @@ Two packers (`data.packing`), neither of which drops a token:
              piece fits in none. No document is split at a window edge that it did not need to
              be; the price is padding, which the training iterator reports.
 
-Random-access sources are split between hosts by index (`process_index::process_count`) and
-shuffled globally, in a new order every epoch; Hub streams split themselves and are shuffled in
-windows of `data.shuffle_window` documents. A mixture packs each source on its own and draws
-windows from them by weight. Every stage is a grain dataset whose iterator state is part of the
-checkpoint, so a resumed run sees exactly the batches it would have seen.
+The training data is read as `data.streams` streams (by default, as many as the processes that
+read distinct rows when the run started). Stream s reads documents `s::streams` of a
+random-access source, shuffled in a new order every epoch (a Hub stream splits itself the same
+way and is shuffled in windows of `data.shuffle_window` documents), packs them, and fills rows
+`s * B/streams ... (s + 1) * B/streams` of every global batch of B rows. A process runs the
+streams that fill its rows, several when it holds more rows than a stream fills, and one whole
+when it holds fewer (keeping its rows of it). So the global batches do not depend on how many
+processes read them: a run resumed on another slice (more or fewer hosts) continues the same
+batches. A mixture packs each source on its own and draws windows from them by weight. Every
+stage is a grain dataset whose iterator state is part of the checkpoint, one state per stream,
+so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -278,11 +284,11 @@ def _mp_prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
 
 def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
                 tokenizer: Tokenizer, train: bool, seed: int, num_workers: int,
-                process_index: int, process_count: int) -> grain.IterDataset:
-  """Packed windows of one source: its documents, this host's share when training."""
+                stream: int, streams: int) -> grain.IterDataset:
+  """Packed windows of one source: its documents, stream `stream` of `streams` when training."""
   _check_tokenizer(found, tokenizer)
   if found.stream is not None:
-    ds = found.stream  # a Hub stream splits between hosts itself, and repeats when training
+    ds = found.stream  # a Hub stream splits into data streams itself, and repeats when training
     if train:
       ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=data_cfg.shuffle_window,
                                                        seed=seed)
@@ -290,10 +296,10 @@ def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
     ds = ds.batch(_DOCS_PER_CHUNK, batch_fn=list).map(_TokenizeChunk(tokenizer))
   else:
     ds = grain.MapDataset.source(found.docs)
-    if train and process_count > 1:
-      ds = ds[process_index::process_count]
+    if train and streams > 1:
+      ds = ds[stream::streams]
       if not len(ds):
-        raise DataError(f"{found.name}: fewer documents than the {process_count} processes")
+        raise DataError(f"{found.name}: fewer documents than the {streams} data streams")
     per_epoch = len(ds)
     if train:
       ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
@@ -317,66 +323,106 @@ def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
   return ds.map(_FromBins())
 
 
-def _train_sources(data_cfg: ml_collections.ConfigDict, process_index: int,
-                   process_count: int) -> tuple[list[sources.Documents], list[float]]:
+def _train_sources(data_cfg: ml_collections.ConfigDict, stream: int,
+                   streams: int) -> tuple[list[sources.Documents], list[float]]:
   if not data_cfg.mixture:
-    return [sources.open_split(data_cfg, "train", process_index=process_index,
-                               process_count=process_count)], [1.0]
+    return [sources.open_split(data_cfg, "train", stream=stream,
+                               streams=streams)], [1.0]
   parts = data_spec.parse_mixture(data_cfg.mixture)
-  found = [sources.open_split(data_cfg, "train", process_index=process_index,
-                              process_count=process_count, globs=globs) for globs, _ in parts]
+  found = [sources.open_split(data_cfg, "train", stream=stream, streams=streams,
+                              globs=globs) for globs, _ in parts]
   return found, [weight for _, weight in parts]
 
 
 def windows(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str,
-            num_workers: int = 0, process_index: int = 0,
-            process_count: int = 1) -> tuple[grain.IterDataset, list[str]]:
+            num_workers: int = 0, stream: int = 0,
+            streams: int = 1) -> tuple[grain.IterDataset, list[str]]:
   """Returns the packed windows of a split and the names of its sources.
 
-  'train' is shuffled, repeated forever, this process's share, and mixed when data.mixture is
-  set; 'eval' is every document once, in order, on every process. Each window also carries
+  'train' is shuffled, repeated forever, stream `stream` of `streams`, and mixed when
+  data.mixture is set; 'eval' is every document once, in order, on every process. Each window also carries
   `epoch` (of its newest document) and `source` (the index of its source).
   """
   if data_cfg.format == "chat":
     tokenizer.require_chat_tokens()
   if split == "train":
-    found, weights = _train_sources(data_cfg, process_index, process_count)
+    found, weights = _train_sources(data_cfg, stream, streams)
   else:
     found, weights = [sources.open_split(data_cfg, split)], [1.0]
   parts = [
     _windows_of(f, data_cfg, tokenizer, split == "train", data_cfg.shuffle_seed + i,
-                num_workers, process_index, process_count).map(_Tag(i))
+                num_workers, stream, streams).map(_Tag(i))
     for i, f in enumerate(found)
   ]
   ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
   return ds, [f.name for f in found]
 
 
+def stream_rows(batch_size: int, streams: int, share: int, shares: int
+                ) -> list[tuple[int, slice]]:
+  """The streams that fill share `share` of `shares` of the global batch's rows, each with the
+  rows of its own batch (of batch_size / streams) that fall in the share."""
+  per_stream, per_share = batch_size // streams, batch_size // shares
+  start, stop = share * per_share, (share + 1) * per_share
+  return [(s, slice(max(start, s * per_stream) - s * per_stream,
+                    min(stop, (s + 1) * per_stream) - s * per_stream))
+          for s in range(start // per_stream, (stop - 1) // per_stream + 1)]
+
+
+def stream_writers(blocks: Sequence[tuple[int, int]], batch_size: int, streams: int) -> list[int]:
+  """For each stream, the process that saves its position in a checkpoint: the first whose rows
+  (`blocks[process] = (start, stop)`) hold the stream's first row."""
+  per_stream = batch_size // streams
+  return [min(p for p, (start, stop) in enumerate(blocks) if start <= s * per_stream < stop)
+          for s in range(streams)]
+
+
 class Batches(Iterator[Batch]):
-  """This process's endless, checkpointable stream of training batches.
+  """This process's endless, checkpointable stream of training batches: its rows of each global
+  batch, read from the data streams that fill them (see the module docstring).
 
   Besides the batches it counts, for the run's logs, the epoch each source has reached (the
   epoch of the newest document read from it, from 0) and the padding fraction of the windows
-  it returned. `get_state()` is JSON-serialisable; call `close()` to stop worker processes.
+  it returned. `get_state()` is JSON-serialisable, one state per stream read; call `close()` to
+  stop worker processes.
   """
 
-  def __init__(self, ds: grain.IterDataset, names: Sequence[str]):
-    self._it = iter(ds)
+  def __init__(self, parts: Sequence[tuple[int, grain.IterDataset, slice]], streams: int,
+               names: Sequence[str]):
+    self.streams = streams
+    self._parts = [(s, iter(ds), rows) for s, ds, rows in parts]
     self.names = list(names)
-    self.epochs = [0] * len(self.names)
+    # Per stream, over all its rows: part of its state, so it does not depend on the layout.
+    self._epochs = {s: [0] * len(self.names) for s, _, _ in parts}
     self.windows = np.zeros(len(self.names), np.int64)  # returned, per source
     self._tokens = 0
     self._padding = 0
 
+  @property
+  def read(self) -> list[int]:
+    """The streams this process reads."""
+    return [s for s, _, _ in self._parts]
+
   def __next__(self) -> Batch:
-    batch = next(self._it)
-    sources_B, epochs_B = batch.pop("source"), batch.pop("epoch")
-    for source, epoch in zip(sources_B.tolist(), epochs_B.tolist()):
-      self.epochs[source] = max(self.epochs[source], epoch)
-      self.windows[source] += 1
+    kept = []
+    for s, it, rows in self._parts:
+      batch = next(it)
+      sources_B, epochs_B = batch.pop("source"), batch.pop("epoch")
+      for source, epoch in zip(sources_B.tolist(), epochs_B.tolist()):
+        self._epochs[s][source] = max(self._epochs[s][source], epoch)
+      for source in sources_B[rows].tolist():
+        self.windows[source] += 1
+      kept.append({k: v[rows] for k, v in batch.items()})
+    batch = kept[0] if len(kept) == 1 else {k: np.concatenate([b[k] for b in kept])
+                                            for k in kept[0]}
     self._tokens += batch["segment_ids"].size
     self._padding += int((batch["segment_ids"] == 0).sum())
     return batch
+
+  @property
+  def epochs(self) -> list[int]:
+    """The epoch each source has reached, over the streams this process reads."""
+    return [max(e[i] for e in self._epochs.values()) for i in range(len(self.names))]
 
   @property
   def epoch(self) -> int:
@@ -389,33 +435,48 @@ class Batches(Iterator[Batch]):
     return self._padding / max(self._tokens, 1)
 
   def get_state(self) -> dict[str, Any]:
-    return {"pipeline": self._it.get_state(), "epochs": list(self.epochs)}
+    """{"streams": count, "positions": {stream: its state}} for the streams this process reads."""
+    return {"streams": self.streams,
+            "positions": {str(s): {"pipeline": it.get_state(), "epochs": list(self._epochs[s])}
+                          for s, it, _ in self._parts}}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if set(state) != {"pipeline", "epochs"} or len(state["epochs"]) != len(self.names):
+    """Moves every stream this process reads to its position in `state` (which may hold more
+    streams: a checkpoint holds them all)."""
+    positions = state.get("positions") if isinstance(state, dict) else None
+    if not isinstance(positions, dict) or state.get("streams") != self.streams or any(
+        set(positions.get(str(s), ())) != {"pipeline", "epochs"}
+        or len(positions[str(s)]["epochs"]) != len(self.names) for s in self.read):
       raise DataError("the checkpoint's data-iterator state does not match this pipeline (a "
-                      "checkpoint of an older version, or data.mixture changed)")
-    self._it.set_state(state["pipeline"])
-    self.epochs = list(state["epochs"])
+                      "checkpoint of an older version, or data.mixture or data.streams changed)")
+    for s, it, _ in self._parts:
+      it.set_state(positions[str(s)]["pipeline"])
+      self._epochs[s] = list(positions[str(s)]["epochs"])
 
   def close(self) -> None:
-    close = getattr(self._it, "close", None)
-    if close is not None:
-      close()
+    for _, it, _ in self._parts:
+      close = getattr(it, "close", None)
+      if close is not None:
+        close()
 
 
-def train_batches(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                  process_index: int = 0, process_count: int = 1) -> Batches:
-  """Returns this process's batches: data.batch_size / process_count windows each.
+def train_batches(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, share: int = 0,
+                  shares: int = 1, streams: int | None = None) -> Batches:
+  """Returns the batches of share `share` of `shares` of the global batch's rows (a process's
+  rows: see sharding.data_shard), read from `streams` data streams (default: `shares`).
 
   With data.num_workers > 0, call its `close()` when done to stop the worker processes.
   """
-  if data_cfg.batch_size % process_count:
-    raise config.ConfigError(f"data.batch_size={data_cfg.batch_size}: must be divisible by the "
-                             f"{process_count} processes")
-  ds, names = windows(data_cfg, tokenizer, "train", data_cfg.num_workers, process_index,
-                      process_count)
-  return Batches(ds.batch(data_cfg.batch_size // process_count, drop_remainder=True), names)
+  streams = streams or shares
+  for n, what in ((shares, "processes that read distinct rows"), (streams, "data streams")):
+    if data_cfg.batch_size % n:
+      raise config.ConfigError(f"data.batch_size={data_cfg.batch_size}: must be divisible by the "
+                               f"{n} {what}")
+  parts, names = [], []
+  for s, rows in stream_rows(data_cfg.batch_size, streams, share, shares):
+    ds, names = windows(data_cfg, tokenizer, "train", data_cfg.num_workers, s, streams)
+    parts.append((s, ds.batch(data_cfg.batch_size // streams, drop_remainder=True), rows))
+  return Batches(parts, streams, names)
 
 
 def _pad_rows(batch: Batch, rows: int, pad_id: int) -> Batch:

@@ -65,13 +65,13 @@ def _open_globs(globs: str, key: str, text_key: str, separator: str, doc_format:
   return Documents(globs, docs=docs, skipped=skipped)
 
 
-def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index: int = 0,
-               process_count: int = 1, globs: str | None = None) -> Documents:
+def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, stream: int = 0,
+               streams: int = 1, globs: str | None = None) -> Documents:
   """Opens the documents of `split` ('train' or 'eval'), or of a mixture's source `globs` (file
   globs or a Hub dataset "hf:...").
 
-  Only a Hub stream uses the process index and count (it splits itself); the pipeline splits
-  random-access documents. With data.holdout_fraction, training skips the held-out documents
+  Only a Hub stream uses the data stream's index and count (it splits itself); the pipeline
+  splits random-access documents. With data.holdout_fraction, training skips the held-out documents
   and evaluation reads only those, of the training source (data/holdout.py).
   """
   if split not in SPLITS:
@@ -81,7 +81,7 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
     hub = data_spec.parse_hub_source(globs)
     found = Documents(globs, stream=HubStream(
       hub.path, hub.name, hub.split, hub.text_key or data_cfg.text_key, repeat=split == "train",
-      process_index=process_index, process_count=process_count, doc_format=data_cfg.format,
+      stream=stream, streams=streams, doc_format=data_cfg.format,
       holdout=holdout))
   elif globs is not None:
     found = _open_globs(globs, "data.mixture", data_cfg.text_key, data_cfg.text_separator,
@@ -96,8 +96,8 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, process_index
     if data_cfg.hf_streaming:
       found = Documents(name, stream=HubStream(
         data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key,
-        data_cfg.hf_data_files, repeat=split == "train", process_index=process_index,
-        process_count=process_count, doc_format=data_cfg.format, holdout=holdout))
+        data_cfg.hf_data_files, repeat=split == "train", stream=stream,
+        streams=streams, doc_format=data_cfg.format, holdout=holdout))
     else:
       skipped: collections.Counter = collections.Counter()
       found = Documents(name, skipped=skipped, docs=hf_documents(
