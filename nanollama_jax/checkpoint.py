@@ -4,7 +4,7 @@ A checkpoint is one orbax step folder with five items, none of them pickled:
 
   params/     the parameters (orbax PyTree, OCDBT/zarr), restorable onto any mesh
   opt_state/  the optimizer state, likewise
-  data/       the train iterator's position: process_<i>-of-<n>.json, one file per process
+  data/       the train iterator's position: stream_<s>-of-<n>.json, one file per data stream
   meta/       JSON: step, tokens seen, skipped steps, the run's RNG key, and a fingerprint of
               every array (see fingerprints.py)
   config/     JSON: the resolved config of the run that wrote it
@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging as std_logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -49,31 +50,58 @@ SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim
 
 CheckpointError = errors.CheckpointError
 
+# Reading a checkpoint can fail for reasons that say nothing about its files: the device or host
+# ran out of memory (a smaller slice), the network or the object store failed, or credentials
+# were refused. Such errors name one of these (tensorstore's and XLA's status codes, HTTP codes).
+_NOT_DAMAGE = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "UNAVAILABLE",
+               "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAUTHENTICATED", "Connection",
+               "connection", "timed out", "HTTP response code: 5", "HTTP response code: 429",
+               "HTTP response code: 401", "HTTP response code: 403")
+
+
+def is_damage(error: BaseException) -> bool:
+  """Whether reading a checkpoint failed because of its files (missing, truncated, altered),
+  rather than for a reason outside them (see _NOT_DAMAGE): only then is it set aside."""
+  if isinstance(error, (MemoryError, ConnectionError, TimeoutError, PermissionError)):
+    return False
+  text = f"{type(error).__name__}: {error}"
+  return not any(marker in text for marker in _NOT_DAMAGE)
+
 
 # --- Per-process JSON item for the data iterator state ------------------------------------------
 
 
-class _ProcessJsonHandler(ocp.CheckpointHandler):
-  """Saves one JSON document per process: each host's data iterator is at its own position.
+class _DataPositionsHandler(ocp.CheckpointHandler):
+  """The train iterator's position: one JSON file per data stream, `stream_<s>-of-<n>.json`.
 
-  The document is captured by the caller at save time (not read from a live iterator later), so
-  an asynchronous save cannot record a position the iterator reached after the step was saved.
+  Each process writes the streams it saves (`ProcessJsonSave.document`, see
+  pipeline.Batches.get_state and stream_writers); every process reads them all back, whatever
+  the number of processes that wrote them, and keeps those it reads. Checkpoints written before
+  data streams existed hold `process_<i>-of-<n>.json`, which are the same states (a process read
+  stream i of n), and read as such. The document is captured by the caller at save time (not
+  read from a live iterator later), so an asynchronous save cannot record a position the
+  iterator reached after the step was saved.
   """
 
-  def _file(self, directory: epath.Path) -> epath.Path:
-    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  _PATTERN = re.compile(r"(stream|process)_(\d+)-of-(\d+)\.json")
 
   def save(self, directory: epath.Path, args: ProcessJsonSave) -> None:
-    self._file(directory).write_text(json.dumps(args.document))
+    count = args.document["streams"]
+    for s, position in args.document["positions"].items():
+      (directory / f"stream_{s}-of-{count}.json").write_text(json.dumps(position))
 
   def restore(self, directory: epath.Path, args: ProcessJsonRestore | None = None) -> Any:
-    path = self._file(directory)
-    if not path.exists():
-      written = sorted(p.name for p in directory.glob("process_*.json"))
-      raise CheckpointError(
-        f"{path} is missing (this checkpoint holds {written}): it was written by a run with "
-        f"another number of processes, or damaged")
-    return json.loads(path.read_text())
+    found = {}
+    for path in directory.iterdir():
+      match = self._PATTERN.fullmatch(path.name)
+      if match:
+        found[int(match[2])] = (int(match[3]), path)
+    counts = {count for count, _ in found.values()}
+    if len(counts) != 1 or set(found) != set(range(next(iter(counts)))):
+      raise CheckpointError(f"{directory} does not hold the position of every data stream (it "
+                            f"holds {sorted(p.name for _, p in found.values())})")
+    return {"streams": counts.pop(),
+            "positions": {str(s): json.loads(path.read_text()) for s, (_, path) in found.items()}}
 
   def metadata(self, directory: epath.Path) -> None:
     return None
@@ -89,16 +117,17 @@ class _ProcessJsonHandler(ocp.CheckpointHandler):
 
   @classmethod
   def typestr(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    # The name checkpoints record for the data item (it was the class's first name).
+    return f"{cls.__module__}._ProcessJsonHandler"
 
 
-@ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
+@ocp.args.register_with_handler(_DataPositionsHandler, for_save=True)
 @dataclasses.dataclass
 class ProcessJsonSave(ocp.args.CheckpointArgs):
   document: Any
 
 
-@ocp.args.register_with_handler(_ProcessJsonHandler, for_restore=True)
+@ocp.args.register_with_handler(_DataPositionsHandler, for_restore=True)
 @dataclasses.dataclass
 class ProcessJsonRestore(ocp.args.CheckpointArgs):
   pass
@@ -309,12 +338,15 @@ class Checkpointer:
 
   def restore(self, abstract_params: Any, abstract_opt_state: Any | None, model_cfg: Any
               ) -> Restored | None:
-    """Restores the newest readable checkpoint onto the given abstract arrays (their shardings).
+    """Restores the newest readable checkpoint onto the given abstract arrays (their shardings),
+    whatever the mesh, number of processes or data layout that wrote it.
 
-    A checkpoint that cannot be read, or reads back different values than were saved, is moved
-    to WORKDIR/checkpoints_damaged/ and the previous one is tried. Returns None when there is no
-    checkpoint; raises CheckpointError when there are some but none is readable, or when the
-    newest one was written for a model of another shape.
+    A checkpoint whose files are missing or unreadable, or that reads back different values
+    than were saved, is damaged: it is moved to WORKDIR/checkpoints_damaged/ and the previous one
+    is tried. A read that failed for another reason (out of memory, the network, permissions)
+    says nothing about the checkpoint: it is left in place and CheckpointError raised. Returns
+    None when there is no checkpoint; raises CheckpointError when there are some but none is
+    readable, or when the newest one was written for a model of another shape.
     """
     steps = sorted(self.steps(), reverse=True)
     if not steps:
@@ -343,7 +375,14 @@ class Checkpointer:
       f"{', '.join(damaged)}. Rerun to start from step 0, or move one back to retry it")
 
   def _set_aside(self, step: int, error: Exception) -> str:
+    """Moves a damaged checkpoint aside; raises CheckpointError, moving nothing, when `error`
+    is not damage."""
     src = paths.join(self.directory, str(step))
+    if not is_damage(error):
+      raise CheckpointError(
+        f"checkpoint {src} could not be read, for a reason that says nothing about its files, "
+        f"so it was left in place: {type(error).__name__}: "
+        f"{str(error).splitlines()[0][:500] if str(error) else ''}") from error
     dest = paths.join(self.workdir, workdir_lib.DAMAGED, f"{step}-{int(time.time())}")
     logging.error("checkpoint %s is damaged and will not be used (%s: %s); moving it to %s",
                   src, type(error).__name__, str(error).splitlines()[0][:500], dest)

@@ -227,10 +227,10 @@ def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
     for key in ("loss", "grad_norm"):
       assert row[key] == pytest.approx(float(got[key]), rel=1e-5), (key, row["step"])
   assert rows[-1]["eval_loss"] > 0
-  # Both processes wrote their data position into the shared checkpoint.
+  # Each process wrote the position of its data stream into the shared checkpoint.
   data_files = sorted(os.listdir(tmp_path / "checkpoints" / "6" / "data"))
   assert [f for f in data_files if f.endswith(".json")] == [
-    "process_0-of-2.json", "process_1-of-2.json"]
+    "stream_0-of-2.json", "stream_1-of-2.json"]
 
 
 @pytest.mark.parametrize("name, count", [("llama3_2_1b", 1_235_814_400),
