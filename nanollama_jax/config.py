@@ -116,7 +116,12 @@ def _data_defaults() -> ml_collections.ConfigDict:
   data.batch_size = 32  # B, global batch in sequences (split evenly over processes)
   data.packing = "concat"  # one of PACKINGS: concat-and-split, or first_fit (no splits)
   data.pack_bins = 64  # first_fit: windows filled at once (more: less padding)
-  data.num_workers = 0  # grain worker processes for tokenisation (0: in-process)
+  data.num_workers = 0  # grain worker processes per data stream, to tokenise (0: in-process)
+  # The data streams that fill each global batch, each its share of the rows (see
+  # data/pipeline.py): 0 = as many as the processes that read distinct rows at the run's first
+  # start; a resumed run keeps its checkpoint's. The batches do not depend on how many processes
+  # read them, so a run resumes on another slice with the same data.
+  data.streams = 0
   data.shuffle_seed = 0
   data.shuffle_window = 10_000  # documents shuffled together when streaming from the Hub
   return data
@@ -150,6 +155,8 @@ def _train_defaults() -> ml_collections.ConfigDict:
   train.keep_ckpts = 3  # the newest N are kept; older ones go once a newer save is complete
   train.async_checkpoint = True  # write in the background while training goes on
   train.max_bad_steps = 20  # consecutive non-finite steps (each skipped) before stopping
+  # "START:STOP": trace steps START..STOP-1 with jax.profiler into WORKDIR/profile/ (profiling.py)
+  train.profile_steps = ""
   # Linux/glibc: malloc keeps freed host memory for reuse (hostmem.py), so XLA:CPU's per-step
   # scratch space is not page-faulted in again every step; on a CPU run, steps ~20% faster.
   train.keep_host_memory = True
@@ -296,7 +303,10 @@ def _check_data(data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.C
                 optim_cfg: ml_collections.ConfigDict) -> None:
   _check_ints({f"data.{k}": data_cfg[k] for k in (
     "seq_len", "batch_size", "tokenizer_train_docs", "pack_bins", "shuffle_window")}, 1)
-  _check_ints({f"data.{k}": data_cfg[k] for k in ("num_workers", "shuffle_seed")}, 0)
+  _check_ints({f"data.{k}": data_cfg[k] for k in ("num_workers", "shuffle_seed", "streams")}, 0)
+  if data_cfg.streams and data_cfg.batch_size % data_cfg.streams:
+    _fail("data.streams", data_cfg.streams,
+          f"must divide data.batch_size={data_cfg.batch_size} (each stream fills as many rows)")
   if data_cfg.seq_len > model_cfg.max_seq_len:
     _fail("data.seq_len", data_cfg.seq_len,
           f"must be <= model.max_seq_len={model_cfg.max_seq_len}")
@@ -358,6 +368,23 @@ def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
   if train_cfg.push_to_hub and len(train_cfg.push_to_hub.split("/")) != 2:
     _fail("train.push_to_hub", train_cfg.push_to_hub, "must be a Hub repository id, user/name")
   _check_ints({f"train.{k}": train_cfg[k] for k in ("seed", "ckpt_every", "sample_tokens")}, 0)
+  profile_steps(train_cfg.profile_steps)
+
+
+def profile_steps(spec: str) -> tuple[int, int] | None:
+  """(start, stop) of train.profile_steps="START:STOP", or None when empty."""
+  if not spec:
+    return None
+  start, sep, stop = str(spec).partition(":")
+  try:
+    first, end = int(start), int(stop)
+  except ValueError:
+    first = end = 0
+  if not sep or first < 1 or end <= first:
+    _fail("train.profile_steps", spec,
+          "must be START:STOP, to trace steps START..STOP-1 (1 <= START < STOP, e.g. 10:13), "
+          "or empty")
+  return first, end
 
 
 def _check_mesh(mesh_cfg: ml_collections.ConfigDict) -> None:

@@ -19,8 +19,8 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nanollama_jax import checkpoint, errors, evaluate, generate, hub, model, paths, preemption
-from nanollama_jax import sharding
+from nanollama_jax import checkpoint, errors, evaluate, generate, hub, lease, model, paths
+from nanollama_jax import preemption, profiling, sharding
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
 from nanollama_jax import workdir as workdir_lib
@@ -192,12 +192,53 @@ def _eval_set(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
           for b in pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)]
 
 
+def _train_data(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
+                data_state: dict[str, Any] | None) -> tuple[pipeline.Batches, set[int]]:
+  """This process's training batches, at the checkpoint's position when there is one, and the
+  data streams whose position this process saves.
+
+  The global batches do not depend on the number of processes (see data/pipeline.py), so a
+  checkpoint's position carries over to any slice; only a change of data.streams (or a batch
+  size the checkpoint's streams do not divide) starts the data over, which is said here.
+  """
+  batch_size = cfg.data.batch_size
+  batch_sharding = sharding.batch_sharding(mesh)
+  share, shares = sharding.data_shard(batch_sharding, batch_size)
+  streams = cfg.data.streams or shares
+  if data_state is not None:
+    saved = data_state["streams"]
+    if cfg.data.streams not in (0, saved):
+      logging.warning("data: data.streams=%d, but the checkpoint holds the positions of %d data "
+                      "streams: the data is split anew and starts over from its beginning "
+                      "(documents trained on before are seen again)", cfg.data.streams, saved)
+      data_state = None
+    elif batch_size % saved:
+      logging.warning("data: the checkpoint's %d data streams do not divide data.batch_size=%d: "
+                      "the data is split into %d streams and starts over from its beginning "
+                      "(documents trained on before are seen again)", saved, batch_size, streams)
+      data_state = None
+    else:
+      streams = saved
+  if shares > 1:
+    logging.info("data: this process reads share %d of %d", share, shares)
+  train_iter = pipeline.train_batches(cfg.data, tokenizer, share, shares, streams)
+  if streams < shares:
+    logging.info("data: %d processes read distinct rows of each batch, from %d data stream(s) "
+                 "(data.streams is fixed at a run's first start): this process reads stream(s) "
+                 "%s whole and keeps its rows", shares, streams, train_iter.read)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  writers = pipeline.stream_writers(sharding.data_blocks(batch_sharding, batch_size), batch_size,
+                                    streams)
+  return train_iter, {s for s, p in enumerate(writers) if p == jax.process_index()}
+
+
 # --- The hooks ----------------------------------------------------------------------------------
 
 
 def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, log: Log,
-           ckpt: checkpoint.Checkpointer, train_iter: pipeline.Batches, tokenizer: Tokenizer
-           ) -> tuple[list[Hook], list[Hook]]:
+           ckpt: checkpoint.Checkpointer, train_iter: pipeline.Batches, saves: set[int],
+           tokenizer: Tokenizer) -> tuple[list[Hook], list[Hook]]:
   """(state hooks, metrics hooks) of the run, in the order they run after a step."""
   train_cfg = cfg.train
   config_json = config_lib.to_json(cfg)
@@ -221,8 +262,11 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   saved: set[int] = set()
 
   def run_save(done: int, state: TrainState) -> None:
-    if ckpt.save(state.params, state.opt_state, train_iter.get_state(),
-                 state.meta(log.tokens_per_step), config_json):
+    data_state = train_iter.get_state()
+    data_state["positions"] = {s: p for s, p in data_state["positions"].items()
+                               if int(s) in saves}
+    if ckpt.save(state.params, state.opt_state, data_state, state.meta(log.tokens_per_step),
+                 config_json):
       saved.add(done)
       logging.info("checkpoint %d: training blocked %.3fs for it", done, ckpt.last_blocking_s)
   hooks.append(Hook("save", train_cfg.ckpt_every, run_save))
@@ -252,6 +296,7 @@ def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: Tra
   steps, start_step = cfg.train.steps, int(state.step)
   batch_sharding = sharding.batch_sharding(mesh)
   pending, stop = PendingMetrics(), preemption.StopRequest()
+  profiler = profiling.Profiler(cfg.train.profile_steps, workdir)
 
   def account(ready: list[tuple[int, dict]]) -> None:
     for done, values in ready:
@@ -271,13 +316,16 @@ def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: Tra
         log.say(f"epoch {epoch} of {train_iter.names[0]} complete after step {step}; the "
                 f"latest logged numbers:\n{metrics_lib.summary_table(step, log.last)}")
         epoch = train_iter.epoch
-      state, device_metrics = built.train_step(state, sharding.global_batch(local, batch_sharding))
+      done = step + 1
+      with profiler.step(done):
+        state, device_metrics = built.train_step(state,
+                                                 sharding.global_batch(local, batch_sharding))
       if step == start_step:
         jax.block_until_ready(state)
         start_guard.started = True
         logging.info("first step (compilation included) took %.1fs", time.time() - start)
         log.restart_clock()
-      done = step + 1
+      profiler.after(done, state)
       account(pending.swap(done, device_metrics))
       stopping = stop.requested(done)
       due = [h for h in state_hooks if h.due(done, steps) or (stopping and h.name == "save")]
@@ -291,6 +339,7 @@ def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: Tra
         raise Preempted(stop.signum, done, paths.join(workdir, workdir_lib.CHECKPOINTS, str(done)))
     account(pending.flush())
   finally:
+    profiler.stop()
     stop.restore()
   return state
 
@@ -299,8 +348,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   """Trains `cfg` in `workdir`, resuming from its newest checkpoint if it has one.
 
   Returns the final parameters and the last logged numbers. Raises Preempted after saving when
-  SIGTERM/SIGINT arrives, and TrainingError after `train.max_bad_steps` non-finite steps in a row.
-  A run that fails before its first step leaves the workdir as it found it.
+  SIGTERM/SIGINT arrives, TrainingError after `train.max_bad_steps` non-finite steps in a row,
+  and lease.WorkdirHeld when another run trains in the workdir. The run holds the workdir's lease
+  while it trains; one that fails before its first step leaves the workdir as it found it.
   """
   config_lib.validate(cfg)
   steps = cfg.train.steps
@@ -308,8 +358,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
   built = build(cfg, mesh)
   logging.info("%s", sharding.describe(mesh, built.shardings, built.abstract))
-  with workdir_lib.FailedStart(workdir, jax.process_index()) as start_guard, \
-       contextlib.ExitStack() as cleanup:
+  start_guard = workdir_lib.FailedStart(workdir, jax.process_index())
+  held = lease.acquire(workdir)  # before anything in the workdir changes
+  with start_guard, contextlib.ExitStack() as cleanup:
+    cleanup.callback(held.release)  # before start_guard removes what a failed start created
     checkpoint.check_workdir(workdir, checkpoint.state_bytes(built.abstract), cfg.train.keep_ckpts)
     if jax.process_index() == 0:
       paths.write(workdir_lib.path(workdir, workdir_lib.CONFIG), config_lib.to_json(cfg))
@@ -321,16 +373,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     n_params = model.param_count(state.params)
     logging.info("model: %s parameters (%s without embeddings)", f"{n_params:,}",
                  f"{n_params - model.embedding_param_count(cfg.model):,}")
-    share, shares = sharding.data_shard(sharding.batch_sharding(mesh), cfg.data.batch_size)
-    if shares > 1:
-      logging.info("data: this process reads share %d of %d", share, shares)
-    train_iter = pipeline.train_batches(cfg.data, tokenizer, share, shares)
+    train_iter, saves = _train_data(cfg, tokenizer, mesh, data_state)
     cleanup.callback(train_iter.close)
-    if data_state is not None:
-      train_iter.set_state(data_state)
     log = Log(cfg, workdir, start_step, int(state.skipped), train_iter)
     cleanup.callback(log.close)
-    hooks = _hooks(cfg, workdir, mesh, log, ckpt, train_iter, tokenizer)
+    hooks = _hooks(cfg, workdir, mesh, log, ckpt, train_iter, saves, tokenizer)
     if start_step >= steps:
       start_guard.started = True
       logging.info("%s is already trained to step %d (train.steps=%d): nothing to do; raise "

@@ -9,6 +9,7 @@ WORKDIR/
   metrics.jsonl          METRICS: one JSON object per logged step (metrics.MetricsWriter)
   tb/                    TENSORBOARD: TensorBoard event files
   profile/               PROFILE: jax.profiler traces (train.profile_steps)
+  lease.json             LEASE: the run training here now, and its heartbeat (lease.py)
 ```
 
 A workdir may be a local directory or a bucket URL (paths.py).
@@ -28,6 +29,7 @@ DAMAGED = "checkpoints_damaged"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 PROFILE = "profile"
+LEASE = "lease.json"
 
 
 def path(workdir: str, name: str) -> str:

@@ -1,0 +1,199 @@
+"""One run per workdir: a run holds its workdir through WORKDIR/lease.json while it trains.
+
+The lease names its holder (host, pid, when it started, how many processes) and carries a
+heartbeat that process 0 renews every HEARTBEAT_S seconds. A second run on a held workdir stops
+before it touches anything, naming the holder. A lease whose heartbeat is older than STALE_S
+seconds, or whose holder ran on this host and no longer exists, is left from a run that died
+(SIGKILL, a lost machine): it is taken over, with a warning, so that a crashed run does not
+block its own restart. The processes of one multi-process run share process 0's lease.
+
+It works on object stores too (a bucket workdir): a new lease is written and read back after a
+moment, and the run whose lease was read back holds the workdir. On a disk, a lease file is
+created exclusively (O_EXCL), which settles a race at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import jax
+import numpy as np
+from absl import logging
+
+from nanollama_jax import errors, paths
+from nanollama_jax import workdir as workdir_lib
+
+HEARTBEAT_S = 30.0
+STALE_S = 300.0  # no heartbeat for this long: the holder is gone
+_SETTLE_S = 2.0  # an object store: how long two writers of one new lease may race
+
+
+class WorkdirHeld(errors.UsageError):
+  """Another run holds the workdir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+  host: str
+  pid: int
+  run: str  # a random id of the holding run
+  started: float  # seconds since the epoch
+  heartbeat: float
+  processes: int = 1
+
+  def describe(self, now: float) -> str:
+    return (f"host {self.host}, pid {self.pid}, {self.processes} process(es), started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}, last "
+            f"heartbeat {now - self.heartbeat:.0f}s ago")
+
+
+def read(workdir: str) -> Holder | None:
+  """The workdir's lease; None when there is none (or it is unreadable: a torn write)."""
+  where = workdir_lib.path(workdir, workdir_lib.LEASE)
+  try:
+    raw = json.loads(paths.read_text(where))
+    return Holder(**{f.name: raw[f.name] for f in dataclasses.fields(Holder)})
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError):
+    logging.warning("%s is not a lease this version reads; it is replaced", where)
+    return None
+
+
+def _alive_here(holder: Holder) -> bool:
+  """Whether the holder is a live process of this host (False when it ran on another host)."""
+  if holder.host != socket.gethostname():
+    return False
+  try:
+    os.kill(holder.pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def _gone(holder: Holder, now: float) -> str | None:
+  """Why `holder` no longer holds the workdir, or None while it does."""
+  if holder.host == socket.gethostname() and not _alive_here(holder):
+    return f"its process {holder.pid} no longer runs on this host"
+  if now - holder.heartbeat > STALE_S:
+    return f"its last heartbeat is {now - holder.heartbeat:.0f}s old (over {STALE_S:.0f}s)"
+  return None
+
+
+class Lease:
+  """The lease this run holds; `release()` gives it back (process 0 removes the file)."""
+
+  def __init__(self, workdir: str, holder: Holder | None):
+    self.workdir = workdir
+    self.holder = holder  # None on processes other than 0: they share process 0's lease
+    self.lost: Holder | None = None  # the run that took the lease over, if one did
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    if holder is not None:
+      self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+      self._thread.start()
+
+  def _beat(self) -> None:
+    assert self.holder is not None
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        now_held = read(self.workdir)
+        if now_held is not None and now_held.run != self.holder.run:
+          if self.lost is None:
+            logging.error("another run took this workdir over (%s): this run's heartbeat "
+                          "stalled; stop one of them", now_held.describe(time.time()))
+          self.lost = now_held
+          continue
+        self.holder = dataclasses.replace(self.holder, heartbeat=time.time())
+        _write(self.workdir, self.holder)
+      except OSError as e:  # a network hiccup: the next beat tries again
+        logging.warning("could not renew the lease of %s: %s", self.workdir, e)
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is None:
+      return
+    self._thread.join()
+    try:
+      held = read(self.workdir)
+      if held is not None and held.run == self.holder.run:
+        paths.remove(workdir_lib.path(self.workdir, workdir_lib.LEASE))
+    except OSError as e:
+      logging.warning("could not remove the lease of %s: %s", self.workdir, e)
+
+
+def _write(workdir: str, holder: Holder, exclusive: bool = False) -> bool:
+  """Writes the lease; with `exclusive` on a disk, only if there is none (returns False if one
+  appeared)."""
+  where = workdir_lib.path(workdir, workdir_lib.LEASE)
+  text = json.dumps(dataclasses.asdict(holder))
+  if exclusive and not paths.is_remote(workdir):
+    paths.makedirs(workdir)
+    try:
+      fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return True
+  paths.write(where, text)
+  return True
+
+
+def _take(workdir: str) -> Holder:
+  """Process 0's side of `acquire`: the new holder, or WorkdirHeld."""
+  now = time.time()
+  mine = Holder(host=socket.gethostname(), pid=os.getpid(), run=uuid.uuid4().hex, started=now,
+                heartbeat=now, processes=jax.process_count())
+  for _ in range(3):
+    held = read(workdir)
+    if held is not None:
+      why = _gone(held, time.time())
+      if why is None:
+        raise WorkdirHeld(f"the workdir {workdir} is in use by another run ({held.describe(now)}):"
+                          f" stop that run first, or use another workdir (a run that died is "
+                          f"taken over {STALE_S / 60:.0f} minutes after its last heartbeat)")
+      logging.warning("taking over the workdir %s from a run that is gone (%s): %s", workdir,
+                      held.describe(now), why)
+      paths.write(workdir_lib.path(workdir, workdir_lib.LEASE), json.dumps(dataclasses.asdict(mine)))
+    elif not _write(workdir, mine, exclusive=True):
+      continue  # another run created it just now: look at it again
+    if not paths.is_remote(workdir) and held is None:
+      return mine  # created exclusively
+    time.sleep(_SETTLE_S if paths.is_remote(workdir) else 0.2)
+    if (now_held := read(workdir)) is not None and now_held.run == mine.run:
+      return mine
+  raise WorkdirHeld(f"the workdir {workdir} is being taken by another run at the same moment: "
+                    "stop the other one, or use another workdir")
+
+
+def acquire(workdir: str) -> Lease:
+  """Takes the workdir for this run (every process calls it); raises WorkdirHeld, before
+  anything in the workdir changes, when another live run holds it."""
+  holder, refusal = None, ""
+  if jax.process_index() == 0:
+    try:
+      holder = _take(workdir)
+    except WorkdirHeld as e:
+      refusal = str(e)
+    except OSError as e:
+      raise errors.CheckpointError(f"the workdir {workdir} is not writable: {e}") from e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    refused = multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))
+    if int(refused) and not refusal:
+      held = read(workdir)
+      refusal = (f"the workdir {workdir} is in use by another run"
+                 f"{f' ({held.describe(time.time())})' if held else ''}: process 0 refused it")
+  if refusal:
+    raise WorkdirHeld(refusal)
+  return Lease(workdir, holder)
+
