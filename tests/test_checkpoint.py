@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(sample_dir, tokenizer
   resumed = subprocess.run(cli_args(cfg, workdir), cwd=REPO, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resuming from {workdir / 'checkpoints'}/{saved[-1]}" in resumed.stderr
+  # The killed run's lease was left behind; its process is gone, so it was taken over at once.
+  assert f"its process {proc.pid} no longer runs on this host" in resumed.stderr
   losses = logged_losses(workdir)
   assert sorted(losses) == list(range(1, 121))  # the rows after the checkpoint were replaced
   assert losses == reference  # bitwise: JSON keeps every bit of a float
@@ -108,6 +111,12 @@ def test_sigterm_saves_the_step_it_reached_and_exits(sample_dir, tokenizer_path,
   cfg = small_config(sample_dir, tokenizer_path, steps=100000, ckpt_every=0)
   proc = start(cfg, tmp_path)
   wait_for(lambda: last_logged_step(tmp_path) >= 5, proc)
+  # A second run of the same command while this one trains stops at once, naming the holder.
+  second = subprocess.run(cli_args(cfg, tmp_path), cwd=REPO, capture_output=True, text=True)
+  assert second.returncode == 2
+  assert second.stderr.strip().splitlines()[-1].startswith(
+    f"usage error: the workdir {tmp_path} is in use by another run (host "
+    f"{socket.gethostname()}, pid {proc.pid}, 1 process(es), started ")
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -116,6 +125,7 @@ def test_sigterm_saves_the_step_it_reached_and_exits(sample_dir, tokenizer_path,
   assert f"SIGTERM received: stopped after step {saved[0]} with a checkpoint" in stderr
   assert "Traceback" not in stderr
   assert last_logged_step(tmp_path) == saved[0]  # the step it stopped at was logged
+  assert not os.path.exists(tmp_path / "lease.json")  # given back
 
 
 def make_run(cfg, workdir):
@@ -330,7 +340,8 @@ def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, 
   sharded_params = place(params, fsdp, ("fsdp",))
   assert sharded_params["embed_VxD"].sharding.spec == P("fsdp", None)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
-  ckpt.save(sharded_params, place(opt_state, fsdp, ("fsdp",)), {"position": 3},
+  data_state = {"streams": 1, "positions": {"0": {"position": 3}}}
+  ckpt.save(sharded_params, place(opt_state, fsdp, ("fsdp",)), data_state,
             checkpoint.Meta(step=7, tokens_seen=0), config.to_json(cfg))
   ckpt.wait()
 
@@ -344,7 +355,7 @@ def test_a_checkpoint_saved_on_8_devices_restores_onto_other_meshes(sample_dir, 
         tree)
 
     restored = ckpt.restore(target(params), target(opt_state), cfg.model)
-    assert restored.step == 7 and restored.data_state == {"position": 3}
+    assert restored.step == 7 and restored.data_state == data_state
     for want, got, t in zip(jax.tree.leaves((params, opt_state)),
                             jax.tree.leaves((restored.params, restored.opt_state)),
                             jax.tree.leaves((target(params), target(opt_state)))):
