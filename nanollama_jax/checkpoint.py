@@ -50,13 +50,20 @@ SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim
 
 CheckpointError = errors.CheckpointError
 
-# Reading a checkpoint can fail for reasons that say nothing about its files: the device or host
-# ran out of memory (a smaller slice), the network or the object store failed, or credentials
-# were refused. Such errors name one of these (tensorstore's and XLA's status codes, HTTP codes).
-_NOT_DAMAGE = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "UNAVAILABLE",
-               "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAUTHENTICATED", "Connection",
-               "connection", "timed out", "HTTP response code: 5", "HTTP response code: 429",
-               "HTTP response code: 401", "HTTP response code: 403")
+# Reading a checkpoint can fail for reasons that say nothing about its files: the network or the
+# object store failed (a retry may work), the device or host ran out of memory (a smaller slice),
+# or credentials were refused. Such errors name one of these (tensorstore's and XLA's status
+# codes, HTTP codes).
+_NETWORK = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection", "connection", "timed out",
+            "HTTP response code: 5", "HTTP response code: 429")
+_NOT_DAMAGE = _NETWORK + ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory",
+                          "PERMISSION_DENIED", "UNAUTHENTICATED", "HTTP response code: 401",
+                          "HTTP response code: 403")
+
+
+def _names(error: BaseException, markers: tuple[str, ...]) -> bool:
+  text = f"{type(error).__name__}: {error}"
+  return any(marker in text for marker in markers)
 
 
 def is_damage(error: BaseException) -> bool:
@@ -64,8 +71,7 @@ def is_damage(error: BaseException) -> bool:
   rather than for a reason outside them (see _NOT_DAMAGE): only then is it set aside."""
   if isinstance(error, (MemoryError, ConnectionError, TimeoutError, PermissionError)):
     return False
-  text = f"{type(error).__name__}: {error}"
-  return not any(marker in text for marker in _NOT_DAMAGE)
+  return not _names(error, _NOT_DAMAGE)
 
 
 # --- Per-process JSON item for the data iterator state ------------------------------------------
@@ -379,10 +385,11 @@ class Checkpointer:
     is not damage."""
     src = paths.join(self.directory, str(step))
     if not is_damage(error):
-      raise CheckpointError(
-        f"checkpoint {src} could not be read, for a reason that says nothing about its files, "
-        f"so it was left in place: {type(error).__name__}: "
-        f"{str(error).splitlines()[0][:500] if str(error) else ''}") from error
+      network = isinstance(error, (ConnectionError, TimeoutError)) or _names(error, _NETWORK)
+      kind = errors.NetworkError if network else CheckpointError
+      raise kind(f"checkpoint {src} could not be read, for a reason that says nothing about its "
+                 f"files, so it was left in place: {type(error).__name__}: "
+                 f"{str(error).splitlines()[0][:500] if str(error) else ''}") from error
     dest = paths.join(self.workdir, workdir_lib.DAMAGED, f"{step}-{int(time.time())}")
     logging.error("checkpoint %s is damaged and will not be used (%s: %s); moving it to %s",
                   src, type(error).__name__, str(error).splitlines()[0][:500], dest)

@@ -2,9 +2,11 @@
 
 Entry points (`python -m nanollama_jax.train`, `python -m nanollama_jax.hub`, scripts/) run
 through `cli()`, which prints such an error as one line, `<kind>: <message>`, and exits with its
-code: 2 for the user's mistakes (config, data, checkpoint, network, install), 1 for a run that
-failed on its own (training error), 128 + N for a run stopped by signal N after saving. Anything
-else is a bug of ours and keeps its traceback.
+code: 2 for the user's mistakes (config, data, checkpoint, install, usage), 75 for a network or
+storage service that failed and may work on a retry (sysexits' EX_TEMPFAIL: a supervisor such as
+scripts/launch_tpu_pod.sh restarts it), 1 for a run that failed on its own (training error),
+128 + N for a run stopped by signal N after saving. Anything else is a bug of ours and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ class CheckpointError(Error):
 
 
 class NetworkError(Error, ConnectionError):
-  """A remote service (the Hugging Face Hub, a bucket) cannot be reached."""
+  """A remote service (the Hugging Face Hub, a bucket) cannot be reached; a retry may work."""
 
   kind = "network error"
+  exit_code = 75  # EX_TEMPFAIL
 
 
 class InstallError(Error, ImportError):

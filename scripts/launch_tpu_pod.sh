@@ -20,9 +20,10 @@
 #
 # The launcher's options may stand anywhere between the action and `--`; what follows `--`
 # goes to the trainer. Restarts: a trainer that exits 0 has finished; one that exits 2 (a
-# config or usage error) is not restarted; any other exit (143/130: stopped by SIGTERM/SIGINT
-# after saving, 1: failed, a crash) is restarted after $NANOLLAMA_RESTART_PAUSE seconds
-# (default 30) and resumes from the newest checkpoint, until N restarts are used.
+# config, data or usage error) is not restarted; any other exit (143/130: stopped by
+# SIGTERM/SIGINT after saving, 75: a network or bucket failure, 1: failed, a crash) is
+# restarted after $NANOLLAMA_RESTART_PAUSE seconds (default 30) and resumes from the newest
+# checkpoint, until N restarts are used.
 #
 # Each launch is a run named by its start time (UTC, 20250131-142500); on every worker it lives
 # in ~/nanollama_runs/RUN/: worker<ID>.log (the launcher's lines, `[launcher ...]`, and the

@@ -280,3 +280,19 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(preempted, sample_dir
   errs = _finish(_start(workdir, sample_dir, tokenizer_path, stop + 3, 2, 2))
   assert "damaged" not in errs[0] + errs[1]
   _assert_close(_losses(workdir), preempted["reference"], range(1, stop + 4))
+
+
+def test_a_changed_stream_count_starts_the_data_over_and_says_so(sample_dir, tokenizer_path,
+                                                                  tmp_path, caplog):
+  from helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  from nanollama_jax import train  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(sample_dir, tokenizer_path, steps=2, log_every=1)
+  cfg.data.eval_files = ""
+  cfg.optim.warmup_steps = 1
+  train.train(cfg, str(tmp_path))
+  cfg.train.steps, cfg.data.streams = 3, 2
+  with caplog.at_level("WARNING"):
+    train.train(cfg, str(tmp_path))
+  assert ("data: data.streams=2, but the checkpoint holds the positions of 1 data streams: the "
+          "data is split anew and starts over from its beginning") in caplog.text
+  assert checkpoint.steps_on_disk(str(tmp_path)) == [2, 3]

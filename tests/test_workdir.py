@@ -78,7 +78,7 @@ def _cli(code: str) -> subprocess.CompletedProcess:
   ("errors.CheckpointError('run/checkpoints/7 is missing')", "checkpoint error: "
    "run/checkpoints/7 is missing", 2),
   ("errors.NetworkError('the Hub cannot be reached')", "network error: the Hub cannot be "
-   "reached", 2),
+   "reached", 75),
   ("errors.TrainingError('5 non-finite steps')", "training error: 5 non-finite steps", 1),
   ("errors.Preempted(15, 40, 'run/checkpoints/40')", "SIGTERM received: stopped after step 40 "
    "with a checkpoint in run/checkpoints/40; rerun the same command to resume", 143),
