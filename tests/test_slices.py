@@ -296,3 +296,17 @@ def test_a_changed_stream_count_starts_the_data_over_and_says_so(sample_dir, tok
   assert ("data: data.streams=2, but the checkpoint holds the positions of 1 data streams: the "
           "data is split anew and starts over from its beginning") in caplog.text
   assert checkpoint.steps_on_disk(str(tmp_path)) == [2, 3]
+
+
+@pytest.mark.slow
+def test_every_process_of_a_run_stops_on_a_held_workdir(sample_dir, tokenizer_path, tmp_path):
+  workdir = tmp_path / "held"
+  workdir.mkdir()
+  holder = {"host": "other-host", "pid": 4242, "run": "abc", "started": time.time(),
+            "heartbeat": time.time(), "processes": 1}
+  (workdir / workdir_lib.LEASE).write_text(json.dumps(holder))
+  errs = _finish(_start(workdir, sample_dir, tokenizer_path, 4, 2, 2), codes=(2,))
+  for err in errs:
+    assert err.strip().splitlines()[-1].startswith(
+      f"usage error: the workdir {workdir} is in use by another run (host other-host, pid 4242")
+  assert os.listdir(workdir) == [workdir_lib.LEASE]
