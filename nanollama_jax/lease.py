@@ -54,16 +54,16 @@ class Holder:
 
 
 def read(workdir: str) -> Holder | None:
-  """The workdir's lease; None when there is none (or it is unreadable: a torn write)."""
+  """The workdir's lease; None when there is none. One that cannot be read is a lease of no one,
+  whose heartbeat never beat (it is taken over)."""
   where = workdir_lib.path(workdir, workdir_lib.LEASE)
   try:
     raw = json.loads(paths.read_text(where))
     return Holder(**{f.name: raw[f.name] for f in dataclasses.fields(Holder)})
   except FileNotFoundError:
     return None
-  except (ValueError, KeyError, TypeError):
-    logging.warning("%s is not a lease this version reads; it is replaced", where)
-    return None
+  except (ValueError, KeyError, TypeError):  # a torn or foreign file: held by no one
+    return Holder(host="", pid=0, run="", started=0.0, heartbeat=0.0)
 
 
 def _alive_here(holder: Holder) -> bool:
@@ -81,6 +81,8 @@ def _alive_here(holder: Holder) -> bool:
 
 def _gone(holder: Holder, now: float) -> str | None:
   """Why `holder` no longer holds the workdir, or None while it does."""
+  if not holder.run:
+    return "the lease file cannot be read"
   if holder.host == socket.gethostname() and not _alive_here(holder):
     return f"its process {holder.pid} no longer runs on this host"
   if now - holder.heartbeat > STALE_S:

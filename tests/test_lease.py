@@ -45,6 +45,13 @@ def test_a_stale_lease_is_taken_over_with_a_warning(tmp_path, caplog):
   assert not os.path.exists(tmp_path / "lease.json")
 
 
+def test_an_unreadable_lease_is_taken_over(tmp_path, caplog):
+  (tmp_path / "lease.json").write_text('{"host": "x", "pi')  # torn
+  with caplog.at_level("WARNING"):
+    lease.acquire(str(tmp_path)).release()
+  assert "the lease file cannot be read" in caplog.text
+
+
 def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path, caplog):
   gone = subprocess.Popen(["true"])
   gone.wait()
