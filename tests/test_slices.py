@@ -272,15 +272,19 @@ def test_a_two_process_checkpoint_resumes_in_one_process(preempted, sample_dir, 
 
 @pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_in_two_processes(preempted, sample_dir, tokenizer_path):
-  """Started in 1 process with the 2 streams of the 2-process run, resumed in 2 processes."""
-  stop = preempted["stop"]
-  workdir = preempted["root"] / "one_then_two"
-  _finish(_start(workdir, sample_dir, tokenizer_path, stop, 1, 2, ["--config.data.streams=2"]))
+  """A run started in 1 process (so 1 data stream), resumed in 2: each reads the stream whole
+  and keeps its rows, and the losses are those of the run continued in 1 process."""
+  stop, root = preempted["stop"], preempted["root"]
+  _finish(_start(root / "one", sample_dir, tokenizer_path, stop + 3, 1, 2))
+  workdir = root / "one_then_two"
+  _finish(_start(workdir, sample_dir, tokenizer_path, stop, 1, 2))
   assert checkpoint.steps_on_disk(str(workdir)) == [stop]
   errs = _finish(_start(workdir, sample_dir, tokenizer_path, stop + 3, 2, 2))
   assert "damaged" not in errs[0] + errs[1]
-  _assert_close(_losses(workdir), preempted["reference"], range(1, stop + 4))
-
+  for err in errs:
+    assert ("2 processes read distinct rows of each batch, from 1 data stream(s) (data.streams "
+            "is fixed at a run's first start): this process reads stream(s) [0] whole") in err
+  _assert_close(_losses(workdir), _losses(root / "one"), range(1, stop + 4))
 
 def test_a_changed_stream_count_starts_the_data_over_and_says_so(sample_dir, tokenizer_path,
                                                                   tmp_path, caplog):
