@@ -109,10 +109,12 @@ def dry_run(cfg) -> str:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax (dozens of lines per save) and JAX's start-up notes (such as
-  "Unable to initialize backend 'tpu'" on every machine without one); warnings still show."""
+  """Drops the INFO chatter of orbax (dozens of lines per save), JAX's start-up notes (such as
+  "Unable to initialize backend 'tpu'" on every machine without one) and, in a gs:// workdir,
+  fsspec's and gcsfs's (a line for every file orbax reads); warnings still show."""
 
-  _CHATTY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+  _CHATTY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}",
+             f"{os.sep}fsspec{os.sep}", f"{os.sep}gcsfs{os.sep}")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or not any(

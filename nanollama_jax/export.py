@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import ml_collections
@@ -236,7 +235,9 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str, max_length: int) -> None
     pad_token=pieces[tokenizer.pad_id], model_max_length=max_length,
     clean_up_tokenization_spaces=False, **chat_format)
   fast.save_pretrained(out_dir, save_jinja_files=False)  # the template in tokenizer_config.json
-  shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, HF_SPIECE))
+  # The bytes the tokenizer was loaded from: its file may be in a bucket (a gs:// workdir).
+  with open(os.path.join(out_dir, HF_SPIECE), "wb") as f:
+    f.write(tokenizer.proto)
 
 
 # --- Directories ---------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ class MetricsWriter:
   Rows after `start_step` left by an earlier run of the same workdir are dropped, so the file
   describes the run that continues from `start_step` (0: a fresh run). Only process 0 writes;
   on the others every call is a no-op. In an object store (a gs:// workdir), which cannot append,
-  the rows are kept and the file is rewritten whole at most every REMOTE_FLUSH_S and at close.
+  the rows are kept and the file is rewritten whole at most every REMOTE_FLUSH_S, at `flush` and
+  at close.
   """
 
   REMOTE_FLUSH_S = 30.0
@@ -142,6 +143,18 @@ class MetricsWriter:
     """Shows `texts` under `tag` in TensorBoard's text tab at `step`."""
     if self._tb is not None:
       self._tb.add_text(tag, "\n\n".join(f"{i}. {t}" for i, t in enumerate(texts, 1)), step)
+      self._tb.flush()
+
+  def flush(self) -> None:
+    """Puts the rows written so far in the workdir now, and the TensorBoard events tensorboardX's
+    thread has taken up (it writes them every two minutes otherwise; to a bucket, whole each time).
+
+    Call it when a checkpoint is saved: a run killed afterwards resumes from that checkpoint and
+    keeps the rows up to it, which would otherwise be lost with the process.
+    """
+    if self._jsonl is None and self.enabled:
+      self._rewrite()
+    if self._tb is not None:
       self._tb.flush()
 
   def _rewrite(self) -> None:

@@ -84,13 +84,17 @@ def remove(path: str | os.PathLike) -> None:
 
 
 def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-  """Moves a file or a directory tree (in an object store, file by file: a "directory" there is
-  a prefix that cannot be renamed at once)."""
-  s, d = epath.Path(src), epath.Path(dst)
-  d.parent.mkdir(parents=True, exist_ok=True)
-  if is_remote(src) and s.is_dir():
-    for child in s.iterdir():
-      move(child, d / child.name)
-    s.rmtree()
+  """Moves a file or a directory tree.
+
+  In an object store, object by object, by the store itself (gcsfs moves or copies each object
+  server-side): a "directory" there is a prefix that cannot be renamed at once, and one that holds
+  no object does not exist, so epath's rename refuses to move anything into it.
+  """
+  if is_remote(src):
+    import fsspec  # pylint: disable=import-outside-toplevel  # comes with every store's client
+    fs, src_key = fsspec.url_to_fs(str(src))
+    fs.mv(src_key, fsspec.url_to_fs(str(dst))[1], recursive=True)
     return
-  s.rename(d)
+  d = epath.Path(dst)
+  d.parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(src).rename(d)

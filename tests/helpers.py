@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -43,6 +44,13 @@ LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
 
 
 
+def free_port():
+  """A TCP port on 127.0.0.1 that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def cpu_env(devices):
   """This process's environment for a subprocess that fakes `devices` CPU devices (the other
   XLA flags conftest.py sets are kept)."""
@@ -51,10 +59,11 @@ def cpu_env(devices):
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags.strip()}")
 
 
-def run_script(name, *args, cwd=REPO):
-  """Runs scripts/<name> with the test's Python; relative paths resolve against `cwd`."""
+def run_script(name, *args, cwd=REPO, env=None):
+  """Runs scripts/<name> with the test's Python (in `env`, default this process's environment);
+  relative paths resolve against `cwd`."""
   return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
-                        capture_output=True, text=True, cwd=cwd, timeout=300)
+                        capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 def tiny_config(sample_dir, tokenizer_path, **train_overrides):

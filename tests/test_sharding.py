@@ -5,7 +5,6 @@ import json
 import os
 import re
 import runpy
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import REPO, cpu_env
+from helpers import REPO, cpu_env, free_port
 from nanollama_jax import config, model, optim, sharding
 from nanollama_jax.attention import Target
 from nanollama_jax.attention.xla import xla_attention
@@ -166,12 +165,6 @@ def test_gradient_accumulation_on_a_mesh_matches_one_big_batch(sample_dir, token
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _cli(workdir, sample_dir, tokenizer_path, extra=()):
   return [sys.executable, "-m", "nanollama_jax.train",
           "--config", os.path.join(REPO, "configs", "tinystories_cpu.py"),
@@ -192,7 +185,7 @@ def _cli(workdir, sample_dir, tokenizer_path, extra=()):
 def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
   """Two processes with 2 CPU devices each (gloo collectives), each reading its own share of
   the data, train like one device fed both shares as one global batch."""
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(
     _cli(tmp_path, sample_dir, tokenizer_path,
          [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]),
