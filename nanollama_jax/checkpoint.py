@@ -255,8 +255,17 @@ def check_workdir(workdir: str, checkpoint_bytes: int, keep: int) -> None:
       free / gib, workdir, keep + 1, checkpoint_bytes / gib)
 
 
+def _finished(step_dir: str) -> bool:
+  """Whether orbax finished writing this step folder: on a disk it was renamed from its
+  temporary name when complete; in a bucket it is written in place and holds
+  commit_success.txt once complete."""
+  return ocp.utils.is_checkpoint_finalized(epath.Path(step_dir))
+
+
 def _step_dirs(directory: str) -> list[int]:
-  return sorted(int(n) for n in paths.listdir(directory) if n.isdigit())
+  """The finished checkpoint steps in `directory` (a save killed half-way is not one)."""
+  return sorted(int(n) for n in paths.listdir(directory)
+                if n.isdigit() and _finished(paths.join(directory, n)))
 
 
 class Checkpointer:
@@ -408,6 +417,9 @@ def resolve_init_from(path: str) -> tuple[str, int]:
   path = paths.resolve(path).rstrip("/")
   parent, _, base = path.rpartition("/")
   if base.isdigit() and paths.isdir(paths.join(path, "params")):
+    if not _finished(path):
+      raise CheckpointError(f"train.init_from={path!r}: this checkpoint was not finished (its "
+                            "save was interrupted): use an earlier step")
     return parent, int(base)
   for directory in (paths.join(path, workdir_lib.CHECKPOINTS), path):
     steps = _step_dirs(directory)
@@ -448,6 +460,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
   The config is the one the checkpoint was written with; the parameters land on the default
   device. Used by evaluation, sampling and export.
   """
+  paths.check_backend(workdir)
   steps = steps_on_disk(workdir)
   if not steps:
     raise CheckpointError(f"{workdir} has no checkpoint (looked in "

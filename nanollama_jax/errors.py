@@ -99,13 +99,20 @@ MODULES = {
   "hf": ("safetensors", "tokenizers", "transformers", "huggingface_hub"),
   "plot": ("matplotlib",),
   "eval": ("lm_eval",),
+  "gcs": ("gcsfs", "google.cloud.storage"),
 }
 
 
 def require(modules: tuple[str, ...], extra: str, feature: str) -> None:
   """Raises InstallError naming the pip command if any of `modules` is not installed."""
   import importlib.util  # pylint: disable=import-outside-toplevel
-  missing = [m for m in modules if importlib.util.find_spec(m) is None]
+
+  def installed(module: str) -> bool:
+    try:
+      return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+      return False
+  missing = [m for m in modules if not installed(m)]
   if missing:
     raise InstallError(f"{feature} needs {', '.join(missing)}: pip install "
                        f"'nanollama_jax[{extra}]' (or pip install -e \".[{extra}]\" in a clone)")

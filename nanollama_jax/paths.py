@@ -17,12 +17,20 @@ import os
 
 from etils import epath
 
+from nanollama_jax import errors
+
 REMOTE_PREFIXES = ("gs://", "s3://", "az://")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
   """Whether `path` lies in an object store (gs://, s3://, az://) rather than on a disk."""
   return str(path).startswith(REMOTE_PREFIXES)
+
+
+def check_backend(path: str | os.PathLike) -> None:
+  """Raises InstallError when `path` is in Cloud Storage and the gcs extra is not installed."""
+  if str(path).startswith("gs://"):
+    errors.require(errors.MODULES["gcs"], "gcs", f"a workdir in Cloud Storage ({path})")
 
 
 def resolve(path: str | os.PathLike) -> str:

@@ -262,6 +262,9 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   saved: set[int] = set()
 
   def run_save(done: int, state: TrainState) -> None:
+    # The rows logged up to the checkpoint must survive a kill after it (in a bucket, the
+    # metrics are otherwise rewritten only every 30 s).
+    log.writer.flush()
     data_state = train_iter.get_state()
     data_state["positions"] = {s: p for s, p in data_state["positions"].items()
                                if int(s) in saves}
@@ -353,6 +356,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   while it trains; one that fails before its first step leaves the workdir as it found it.
   """
   config_lib.validate(cfg)
+  paths.check_backend(workdir)
   steps = cfg.train.steps
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)

@@ -118,14 +118,19 @@ def killed_and_resumed(gcs, sample_dir, tokenizer_path, tmp_path_factory):
     deadline = time.time() + 180
     while not _committed(gcs) and proc.poll() is None and time.time() < deadline:
       time.sleep(0.1)
+    # The run holds the workdir: its lease is in the bucket too.
+    held = json.loads(gcs.read(f"{RUN}/{workdir_lib.LEASE}"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+  assert held["pid"] == proc.pid
   assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]  # killed, not ended
   committed = _committed(gcs)
   assert committed and committed[-1] < STEPS, log.read_text()[-3000:]
   resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  # The killed run's lease was left in the bucket; its process is gone, so it was taken over.
+  assert f"its process {proc.pid} no longer runs on this host" in resumed.stderr
   return KilledAndResumed(str(reference), committed, resumed.stderr)
 
 
@@ -174,9 +179,6 @@ def test_a_killed_run_resumes_from_the_bucket_with_the_uninterrupted_losses(gcs,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="train.py does not call MetricsWriter.flush when it saves a checkpoint: "
-                   "in a bucket metrics.jsonl is rewritten every 30 s, and the rows a killed run "
-                   "logged since then are lost, even those before the checkpoint it resumes from")
 def test_the_rows_before_the_kill_stay_in_the_bucket(gcs, killed_and_resumed):
   assert sorted(_bucket_losses(gcs)) == list(range(1, STEPS + 1))
 

@@ -104,3 +104,15 @@ def test_require_names_the_extra_to_install():
     "install error: plotting needs no_such_module_x: pip install 'nanollama_jax[plot]' (or pip "
     "install -e \".[plot]\" in a clone)")
   assert caught.value.exit_code == 2
+
+
+def test_a_bucket_workdir_without_the_gcs_extra_names_the_extra(monkeypatch):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from nanollama_jax import paths  # pylint: disable=import-outside-toplevel
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "gcsfs" else real(name, *a))
+  paths.check_backend("runs/local")  # a local path needs nothing
+  with pytest.raises(errors.InstallError, match=r"a workdir in Cloud Storage \(gs://b/run\) "
+                     r"needs gcsfs: pip install 'nanollama_jax\[gcs\]'"):
+    paths.check_backend("gs://b/run")
