@@ -157,9 +157,11 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
       "--config", cpu, *files, f"--config.data.train_files={sample_dir / 'train.jsonl'}",
       *SMALL, f"--config.train.init_from={gpt2}", "--workdir", "gpt2_run"],
   }
+  # Each in a workdir of its own: they run at once, and a workdir holds one run at a time.
   procs = {expected: subprocess.Popen(
-    [sys.executable, "-m", "nanollama_jax.train", "--workdir", "run", *args], cwd=tmp_path,
-    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for expected, args in cases.items()}
+    [sys.executable, "-m", "nanollama_jax.train", "--workdir", f"run{i}", *args], cwd=tmp_path,
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i, (expected, args) in enumerate(cases.items())}
   for expected, proc in procs.items():
     _, stderr = proc.communicate(timeout=300)
     lines = stderr.strip().splitlines()
@@ -167,7 +169,7 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(sample_dir, tmp_path):
     assert lines[-1].startswith(expected), stderr[-2000:]
     assert "Traceback" not in stderr and len(lines) <= 3, stderr[-2000:]
   # No run started: no workdir left behind.
-  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "gpt2_run")
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(("run", "gpt2_run"))]
   help_ = run_cli("--help", cwd=tmp_path)
   assert help_.returncode == 0 and "nanollama_jax/config.py" in help_.stdout
   assert "--config.train.steps=200" in help_.stdout
