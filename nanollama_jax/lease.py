@@ -5,7 +5,8 @@ heartbeat that process 0 renews every HEARTBEAT_S seconds. A second run on a hel
 before it touches anything, naming the holder. A lease whose heartbeat is older than STALE_S
 seconds, or whose holder ran on this host and no longer exists, is left from a run that died
 (SIGKILL, a lost machine): it is taken over, with a warning, so that a crashed run does not
-block its own restart. The processes of one multi-process run share process 0's lease.
+block its own restart. The processes of one multi-process run share process 0's lease. A run whose
+lease was taken over (its heartbeat stalled that long) stops at its next step, without saving.
 
 It works on object stores too (a bucket workdir): a new lease is written and read back after a
 moment, and the run whose lease was read back holds the workdir. On a disk, a lease file is
@@ -96,7 +97,9 @@ class Lease:
   def __init__(self, workdir: str, holder: Holder | None):
     self.workdir = workdir
     self.holder = holder  # None on processes other than 0: they share process 0's lease
-    self.lost: Holder | None = None  # the run that took the lease over, if one did
+    # The run that took the lease over, if one did (this run's heartbeat had stalled): the
+    # training loop then stops.
+    self.lost: Holder | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     if holder is not None:
@@ -109,11 +112,8 @@ class Lease:
       try:
         now_held = read(self.workdir)
         if now_held is not None and now_held.run != self.holder.run:
-          if self.lost is None:
-            logging.error("another run took this workdir over (%s): this run's heartbeat "
-                          "stalled; stop one of them", now_held.describe(time.time()))
-          self.lost = now_held
-          continue
+          self.lost = now_held  # the training loop stops at its next step
+          return
         self.holder = dataclasses.replace(self.holder, heartbeat=time.time())
         _write(self.workdir, self.holder)
       except OSError as e:  # a network hiccup: the next beat tries again

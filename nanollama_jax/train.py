@@ -293,7 +293,7 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
 def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: TrainState,
           train_iter: pipeline.Batches, mesh: jax.sharding.Mesh, log: Log,
           hooks: tuple[list[Hook], list[Hook]], ckpt: checkpoint.Checkpointer,
-          start_guard: workdir_lib.FailedStart) -> TrainState:
+          start_guard: workdir_lib.FailedStart, held: lease.Lease) -> TrainState:
   """Steps from the state's step to train.steps, running the hooks; returns the last state."""
   state_hooks, metrics_hooks = hooks
   steps, start_step = cfg.train.steps, int(state.step)
@@ -330,6 +330,11 @@ def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: Tra
         log.restart_clock()
       profiler.after(done, state)
       account(pending.swap(done, device_metrics))
+      if held.lost is not None:
+        raise TrainingError(
+          f"another run took this workdir over after step {done} "
+          f"({held.lost.describe(time.time())}): this run's lease had not been renewed for "
+          f"{lease.STALE_S:.0f}s; it stops without saving, so as not to write over that run")
       stopping = stop.requested(done)
       due = [h for h in state_hooks if h.due(done, steps) or (stopping and h.name == "save")]
       if due:
@@ -387,7 +392,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
       logging.info("%s is already trained to step %d (train.steps=%d): nothing to do; raise "
                    "train.steps to extend it", workdir, start_step, steps)
     start = time.time()
-    state = _loop(cfg, workdir, built, state, train_iter, mesh, log, hooks, ckpt, start_guard)
+    state = _loop(cfg, workdir, built, state, train_iter, mesh, log, hooks, ckpt, start_guard,
+                  held)
     ckpt.wait()
   if start_step < steps:
     logging.info("done: %d steps, %s tokens in %.1fs", steps - start_step,

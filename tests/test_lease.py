@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -61,7 +62,7 @@ def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path, caplog):
   assert f"its process {gone.pid} no longer runs on this host" in caplog.text
 
 
-def test_the_heartbeat_is_renewed_and_a_takeover_is_noticed(tmp_path, monkeypatch, caplog):
+def test_the_heartbeat_is_renewed_and_a_takeover_is_noticed(tmp_path, monkeypatch):
   monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
   held = lease.acquire(str(tmp_path))
   first = json.loads((tmp_path / "lease.json").read_text())["heartbeat"]
@@ -69,14 +70,33 @@ def test_the_heartbeat_is_renewed_and_a_takeover_is_noticed(tmp_path, monkeypatc
   while json.loads((tmp_path / "lease.json").read_text())["heartbeat"] == first:
     assert time.time() < deadline
     time.sleep(0.02)
-  with caplog.at_level("ERROR"):
-    _write_lease(tmp_path)  # another run took over (this one's heartbeat had stalled)
-    while held.lost is None:
-      assert time.time() < deadline
-      time.sleep(0.02)
-    held.release()
-  assert "another run took this workdir over (host other-host" in caplog.text
+  _write_lease(tmp_path)  # another run took over (this one's heartbeat had stalled)
+  while held.lost is None:
+    assert time.time() < deadline
+    time.sleep(0.02)
+  held.release()
+  assert held.lost.host == "other-host"
   assert json.loads((tmp_path / "lease.json").read_text())["pid"] == 4242  # not removed
+
+
+def test_a_run_whose_lease_was_taken_over_stops_without_saving(sample_dir, tokenizer_path,
+                                                               tmp_path, monkeypatch):
+  monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+  cfg = tiny_config(sample_dir, tokenizer_path, steps=100_000, log_every=1, ckpt_every=0)
+  cfg.data.eval_files = ""
+
+  def take_over():  # another run, once this one trains
+    while not os.path.exists(tmp_path / "metrics.jsonl") or not (
+        tmp_path / "metrics.jsonl").read_text().count("\n") >= 2:
+      time.sleep(0.02)
+    _write_lease(tmp_path)
+  thief = threading.Thread(target=take_over, daemon=True)
+  thief.start()
+  with pytest.raises(train.TrainingError, match=r"another run took this workdir over after step "
+                     r"\d+ \(host other-host, pid 4242.*stops without saving"):
+    train.train(cfg, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+  assert json.loads((tmp_path / "lease.json").read_text())["pid"] == 4242  # left to its holder
 
 
 def test_a_refused_run_changes_nothing_in_a_new_workdir(sample_dir, tokenizer_path, tmp_path):
