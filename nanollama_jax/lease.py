@@ -111,6 +111,8 @@ class Lease:
     while not self._stop.wait(HEARTBEAT_S):
       try:
         now_held = read(self.workdir)
+        if now_held is not None and not now_held.run:
+          continue  # caught mid-write (or damaged): look again at the next beat
         if now_held is not None and now_held.run != self.holder.run:
           self.lost = now_held  # the training loop stops at its next step
           return

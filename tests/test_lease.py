@@ -22,7 +22,9 @@ def _write_lease(workdir, **fields):
                 processes=2)
   holder.update(fields)
   os.makedirs(workdir, exist_ok=True)
-  (workdir / workdir_lib.LEASE).write_text(json.dumps(holder))
+  # Whole or not at all, as runs write it: a heartbeat may read it at any moment.
+  (workdir / "lease.tmp").write_text(json.dumps(holder))
+  os.replace(workdir / "lease.tmp", workdir / workdir_lib.LEASE)
 
 
 def test_a_held_workdir_is_refused_naming_the_holder_and_left_alone(tmp_path):
@@ -70,8 +72,10 @@ def test_the_heartbeat_is_renewed_and_a_takeover_is_noticed(tmp_path, monkeypatc
   while json.loads((tmp_path / "lease.json").read_text())["heartbeat"] == first:
     assert time.time() < deadline
     time.sleep(0.02)
-  _write_lease(tmp_path)  # another run took over (this one's heartbeat had stalled)
+  # Another run takes over (this one's heartbeat had stalled); written until the heartbeat sees
+  # it, as a beat that read the lease just before may write over it once.
   while held.lost is None:
+    _write_lease(tmp_path)
     assert time.time() < deadline
     time.sleep(0.02)
   held.release()
@@ -82,19 +86,26 @@ def test_the_heartbeat_is_renewed_and_a_takeover_is_noticed(tmp_path, monkeypatc
 def test_a_run_whose_lease_was_taken_over_stops_without_saving(sample_dir, tokenizer_path,
                                                                tmp_path, monkeypatch):
   monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
-  cfg = tiny_config(sample_dir, tokenizer_path, steps=100_000, log_every=1, ckpt_every=0)
+  cfg = tiny_config(sample_dir, tokenizer_path, steps=5000, log_every=1, ckpt_every=0)
   cfg.data.eval_files = ""
+  stopped = threading.Event()
 
-  def take_over():  # another run, once this one trains
+  def take_over():  # another run, once this one trains; it writes its lease until it holds it
     while not os.path.exists(tmp_path / "metrics.jsonl") or not (
         tmp_path / "metrics.jsonl").read_text().count("\n") >= 2:
       time.sleep(0.02)
-    _write_lease(tmp_path)
+    while not stopped.is_set():  # (a heartbeat that read the lease just before may rewrite it)
+      _write_lease(tmp_path)
+      time.sleep(0.05)
   thief = threading.Thread(target=take_over, daemon=True)
   thief.start()
-  with pytest.raises(train.TrainingError, match=r"another run took this workdir over after step "
-                     r"\d+ \(host other-host, pid 4242.*stops without saving"):
-    train.train(cfg, str(tmp_path))
+  try:
+    with pytest.raises(train.TrainingError, match=r"another run took this workdir over after "
+                       r"step \d+ \(host other-host, pid 4242.*stops without saving"):
+      train.train(cfg, str(tmp_path))
+  finally:
+    stopped.set()
+    thief.join()
   assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
   assert json.loads((tmp_path / "lease.json").read_text())["pid"] == 4242  # left to its holder
 
