@@ -167,7 +167,7 @@ def _take(workdir: str) -> Holder:
                           f"taken over {STALE_S / 60:.0f} minutes after its last heartbeat)")
       logging.warning("taking over the workdir %s from a run that is gone (%s): %s", workdir,
                       held.describe(now), why)
-      paths.write(workdir_lib.path(workdir, workdir_lib.LEASE), json.dumps(dataclasses.asdict(mine)))
+      _write(workdir, mine)
     elif not _write(workdir, mine, exclusive=True):
       continue  # another run created it just now: look at it again
     if not paths.is_remote(workdir) and held is None:
