@@ -148,7 +148,7 @@ def shape_differences(saved: dict[str, Any], model_cfg: Any) -> list[str]:
           if saved.get(k) != model_cfg[k]]
 
 
-def _refuse_other_shape(saved: dict[str, Any], model_cfg: Any, where: str,
+def refuse_other_shape(saved: dict[str, Any], model_cfg: Any, where: str,
                         advice: str = "") -> None:
   diff = shape_differences(saved, model_cfg)
   if diff:
@@ -255,17 +255,17 @@ def check_workdir(workdir: str, checkpoint_bytes: int, keep: int) -> None:
       free / gib, workdir, keep + 1, checkpoint_bytes / gib)
 
 
-def _finished(step_dir: str) -> bool:
+def finished(step_dir: str) -> bool:
   """Whether orbax finished writing this step folder: on a disk it was renamed from its
   temporary name when complete; in a bucket it is written in place and holds
   commit_success.txt once complete."""
   return ocp.utils.is_checkpoint_finalized(epath.Path(step_dir))
 
 
-def _step_dirs(directory: str) -> list[int]:
+def step_dirs(directory: str) -> list[int]:
   """The finished checkpoint steps in `directory` (a save killed half-way is not one)."""
   return sorted(int(n) for n in paths.listdir(directory)
-                if n.isdigit() and _finished(paths.join(directory, n)))
+                if n.isdigit() and finished(paths.join(directory, n)))
 
 
 class Checkpointer:
@@ -373,7 +373,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         damaged.append(self._set_aside(step, e))
         continue
-      _refuse_other_shape(saved.get("model", {}), model_cfg,
+      refuse_other_shape(saved.get("model", {}), model_cfg,
                           paths.join(self.directory, str(step)),
                           ": use a new workdir, or set these back to resume")
       try:
@@ -412,46 +412,21 @@ class Checkpointer:
     return dest
 
 
-def resolve_init_from(path: str) -> tuple[str, int]:
-  """Maps a workdir, a checkpoints/ folder or a checkpoints/<step> folder to (dir, step)."""
-  path = paths.resolve(path).rstrip("/")
-  parent, _, base = path.rpartition("/")
-  if base.isdigit() and paths.isdir(paths.join(path, "params")):
-    if not _finished(path):
-      raise CheckpointError(f"train.init_from={path!r}: this checkpoint was not finished (its "
-                            "save was interrupted): use an earlier step")
-    return parent, int(base)
-  for directory in (paths.join(path, workdir_lib.CHECKPOINTS), path):
-    steps = _step_dirs(directory)
-    if steps:
-      return directory, steps[-1]
-  raise CheckpointError(f"train.init_from={path!r}: no checkpoint found there (looked for "
-                        f"{paths.join(path, workdir_lib.CHECKPOINTS, '<step>')} and {path}/<step>)")
-
-
-def load_params(path: str, abstract_params: Any, model_cfg: Any) -> tuple[Any, int]:
-  """Reads only the parameters at `path`: a checkpoint (see `resolve_init_from`), or a Hugging
-  Face Llama directory (config.json + safetensors, e.g. from scripts/export_to_pytorch.py), for
-  which the returned step is 0. The parameters land on `abstract_params`' shardings."""
-  where = f"train.init_from={path!r}"
-  if config_lib.is_hf_directory(path):
-    from nanollama_jax import export  # pylint: disable=import-outside-toplevel
-    hf_cfg, params = export.load_hf(path)
-    _refuse_other_shape(hf_cfg.to_dict(), model_cfg, where)
-    return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
-                        abstract_params), 0
-  directory, step = resolve_init_from(path)
+def read_params_at(directory: str, step: int, abstract_params: Any, model_cfg: Any,
+                   where: str) -> Any:
+  """Only the parameters of checkpoint `step` in `directory` (a checkpoints/ folder), onto
+  `abstract_params`' shardings, refusing a model of another shape than `model_cfg`'s."""
   manager = _read_only_manager(directory)
   try:
-    _refuse_other_shape(_read_config(manager, step).get("model", {}), model_cfg, where)
-    return _read_params(manager, step, abstract_params, where), step
+    refuse_other_shape(_read_config(manager, step).get("model", {}), model_cfg, where)
+    return _read_params(manager, step, abstract_params, where)
   finally:
     manager.close()
 
 
 def steps_on_disk(workdir: str) -> Sequence[int]:
   """Complete checkpoint steps under `workdir`, oldest first."""
-  return _step_dirs(paths.join(workdir, workdir_lib.CHECKPOINTS))
+  return step_dirs(paths.join(workdir, workdir_lib.CHECKPOINTS))
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:

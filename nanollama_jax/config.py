@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from nanollama_jax import data_spec, errors, paths
+from nanollama_jax import data_spec, errors, hf_files, paths
 
 # model.attention: the implementations behind attention.attention() (attention/__init__.py).
 ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
@@ -110,7 +110,11 @@ def _data_defaults() -> ml_collections.ConfigDict:
   # "hf:HuggingFaceFW/fineweb-edu:sample-10BT=0.7;code/*.jsonl=0.2;shards/instruct=0.1".
   # Weights are shares of training windows. Evaluation still reads eval_files or the Hub.
   data.mixture = ""
-  data.tokenizer = ""  # a sentencepiece .model; empty: the shards' own, else train one
+  # The tokenizer (data/tokenizer_source.py): a sentencepiece model file, a Hugging Face
+  # tokenizer.json, a directory holding either, or hf:ORG/NAME[@REVISION] from the Hub (e.g.
+  # "hf:meta-llama/Llama-3.2-1B"). Empty: that of train.init_from's weights, else the
+  # pretokenized data's, else a sentencepiece BPE of model.vocab_size pieces trained on the data.
+  data.tokenizer = ""
   data.tokenizer_train_docs = 200_000  # documents read to train that tokenizer
   data.seq_len = 256  # T, tokens per training sequence
   data.batch_size = 32  # B, global batch in sequences (split evenly over processes)
@@ -161,8 +165,10 @@ def _train_defaults() -> ml_collections.ConfigDict:
   # scratch space is not page-faulted in again every step; on a CPU run, steps ~20% faster.
   train.keep_host_memory = True
   # Parameters to start from (optimizer and step fresh): a workdir, its checkpoints/ folder,
-  # one checkpoints/<step> folder, or a Hugging Face Llama directory (config.json +
-  # safetensors). Ignored when the workdir has a checkpoint to resume.
+  # one checkpoints/<step> folder, a Hugging Face Llama directory (config.json + safetensors),
+  # or hf:ORG/NAME[@REVISION] from the Hub. Published weights also set the model's shape and,
+  # with data.tokenizer empty, the tokenizer (init_from.py). Ignored when the workdir has a
+  # checkpoint to resume.
   train.init_from = ""
   # At each evaluation, greedy continuations of these prompts ("|"-separated) go to the log and
   # to TensorBoard's text tab; sample_tokens=0 turns them off.
@@ -406,12 +412,17 @@ def _check_files(data_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.
     data_spec.expand_globs(data_cfg.train_files, "data.train_files")
     if data_cfg.eval_files:
       data_spec.expand_globs(data_cfg.eval_files, "data.eval_files")
-  if data_cfg.tokenizer and not paths.exists(data_cfg.tokenizer):
-    _fail("data.tokenizer", data_cfg.tokenizer, "no such file (leave empty to train one)")
-  if train_cfg.init_from and not paths.isdir(train_cfg.init_from):
+  if data_cfg.tokenizer and hf_files.is_hub_name(data_cfg.tokenizer):
+    hf_files.parse(data_cfg.tokenizer, "data.tokenizer")
+  elif data_cfg.tokenizer and not paths.exists(data_cfg.tokenizer):
+    _fail("data.tokenizer", data_cfg.tokenizer, "no such file or directory (a tokenizer.model, "
+          "a tokenizer.json, a directory holding one, or hf:ORG/NAME; empty: train one)")
+  if train_cfg.init_from and hf_files.is_hub_name(train_cfg.init_from):
+    hf_files.parse(train_cfg.init_from, "train.init_from")
+  elif train_cfg.init_from and not paths.isdir(train_cfg.init_from):
     _fail("train.init_from", train_cfg.init_from,
-          "no such directory (a workdir, its checkpoints/, a checkpoints/<step> folder or a "
-          "Hugging Face Llama directory)")
+          "no such directory (a workdir, its checkpoints/, a checkpoints/<step> folder, a "
+          "Hugging Face Llama directory, or hf:ORG/NAME)")
 
 
 def is_hf_directory(path: str) -> bool:
@@ -425,8 +436,9 @@ def _check_installed(train_cfg: ml_collections.ConfigDict) -> None:
   uses_hf = []
   if train_cfg.push_to_hub:
     uses_hf.append(("train.push_to_hub", train_cfg.push_to_hub, "pushing to the Hub"))
-  if train_cfg.init_from and is_hf_directory(train_cfg.init_from):
-    uses_hf.append(("train.init_from", train_cfg.init_from, "reading a Hugging Face directory"))
+  if train_cfg.init_from and (hf_files.is_hub_name(train_cfg.init_from)
+                              or is_hf_directory(train_cfg.init_from)):
+    uses_hf.append(("train.init_from", train_cfg.init_from, "reading Hugging Face weights"))
   for key, value, feature in uses_hf:
     try:
       errors.require(errors.MODULES["hf"], "hf", feature)

@@ -17,18 +17,17 @@ the "half-split" layout), so weights only change shape and orientation:
 
 Models with QK-norm have no Hugging Face Llama equivalent and are refused.
 
-The tokenizer is exported as a `tokenizers` BPE model built from the sentencepiece model's
-pieces (tokenizer.json, loaded by transformers as PreTrainedTokenizerFast), which reproduces
-our sentencepiece options exactly: no dummy prefix, spaces as "▁" starting a new piece, digits
-split, byte fallback. tokenizer.model is copied beside it for sentencepiece users. A tokenizer
-with the chat tokens exports them as special tokens, with the chat format as the Jinja chat
-template (data/chat.py), so `apply_chat_template` gives the ids our formatter gives.
+The tokenizer goes with the weights (`write_tokenizer`): a tokenizer.json one as its own files,
+a sentencepiece one converted to a tokenizer.json with the same ids. config.json's
+`pad_token_id` is the tokenizer's pad id, which is always a valid id (its EOS when it has no
+pad token).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import ml_collections
@@ -37,11 +36,12 @@ import numpy as np
 
 from nanollama_jax import config as config_lib
 from nanollama_jax import errors
-from nanollama_jax.data import chat
-from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
+from nanollama_jax.data import chat, spm_tokenizer, tokenizer_source
+from nanollama_jax.data.spm_tokenizer import CHAT_TOKENS, SentencePieceTokenizer
+from nanollama_jax.data.tokenizer import Tokenizer
 
 # The files of a Hugging Face model directory (its own names, not a workdir's).
-SAFETENSORS, HF_CONFIG, HF_SPIECE = "model.safetensors", "config.json", "tokenizer.model"
+SAFETENSORS, HF_CONFIG = "model.safetensors", "config.json"
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _DTYPES = tuple(_NUMPY_DTYPES)
 
@@ -165,79 +165,40 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], model_cfg: ml_collections.Co
 # --- Tokenizer -----------------------------------------------------------------------------------
 
 
-def _bpe_merges(pieces: list[str], normal: set[int]) -> list[tuple[str, str]]:
-  """The merges that rebuild each BPE piece, in the order sentencepiece applies them.
-
-  Sentencepiece's BPE scores pieces by creation order (the piece id); a piece of length n is
-  the merge of any split into two pieces that exist. Ties between splits of the same piece are
-  broken by the ids of the parts, like Hugging Face's converter does.
-  """
-  index = {p: i for i, p in enumerate(pieces) if i in normal}
-  merges = []
-  for i, piece in enumerate(pieces):
-    if i not in normal or len(piece) < 2:
-      continue
-    splits = [(index[piece[:k]], index[piece[k:]]) for k in range(1, len(piece))
-              if piece[:k] in index and piece[k:] in index]
-    for a, b in sorted(splits):
-      merges.append((i, a, b))
-  merges.sort()
-  return [(pieces[a], pieces[b]) for _, a, b in merges]
+def check_tokenizer(tokenizer: Tokenizer) -> None:
+  """Raises ExportError, before anything is written, for a tokenizer the export cannot carry."""
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    try:
+      spm_tokenizer.check_convertible(tokenizer)
+    except errors.DataError as e:
+      raise ExportError(str(e)) from None
 
 
 def write_tokenizer(tokenizer: Tokenizer, out_dir: str, max_length: int) -> None:
-  """Writes tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model."""
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
-  from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
-  from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors  # pylint: disable=import-outside-toplevel
+  """Writes the tokenizer the way transformers' AutoTokenizer reads it.
+
+  A tokenizer.json tokenizer is written as its own files, byte for byte. A sentencepiece model
+  is converted to a tokenizer.json with the same ids (spm_tokenizer.convert), with
+  tokenizer_config.json and special_tokens_map.json, and copied beside it as tokenizer.model for
+  sentencepiece users; one trained here carries the chat markers as special tokens and the chat
+  format as its chat template, so `apply_chat_template` gives the ids our formatter gives.
+  """
+  if not isinstance(tokenizer, SentencePieceTokenizer):
+    tokenizer_source.save(tokenizer, out_dir)
+    return
   from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
 
-  proto = sentencepiece_model_pb2.ModelProto()
-  proto.ParseFromString(tokenizer.proto)
-  spec, norm = proto.trainer_spec, proto.normalizer_spec
-  expected = {"model_type": (spec.model_type, spec.BPE), "byte_fallback": (spec.byte_fallback, True),
-              "add_dummy_prefix": (norm.add_dummy_prefix, False),
-              "normalization": (norm.name, "identity"), "split_digits": (spec.split_digits, True)}
-  wrong = [f"{k}={got}" for k, (got, want) in expected.items() if got != want]
-  if wrong:
-    raise ExportError(f"the tokenizer was not trained with this project's options ({', '.join(wrong)}"
-                      "): only those are converted exactly")
-  sp = spm.SentencePieceProcessor()
-  sp.LoadFromSerializedProto(tokenizer.proto)
-  pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-  normal = {i for i in range(len(pieces))
-            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
-  vocab = {p: i for i, p in enumerate(pieces)}
-  hf = HFTokenizer(models.BPE(vocab=vocab, merges=_bpe_merges(pieces, normal), byte_fallback=True,
-                              unk_token=pieces[tokenizer.unk_id], fuse_unk=True))
-  hf.normalizer = normalizers.Replace(" ", "▁")
-  hf.pre_tokenizer = pre_tokenizers.Sequence([
-    pre_tokenizers.Split("▁", behavior="merged_with_next"),  # each space starts a new piece
-    pre_tokenizers.Digits(individual_digits=True),
-  ])
-  hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                  decoders.Fuse()])
-  bos, eos = pieces[tokenizer.bos_id], pieces[tokenizer.eos_id]
-  # Like Llama's tokenizers, encoding with special tokens puts BOS first (the model was trained
-  # on [BOS] + document + [EOS]).
-  hf.post_processor = processors.TemplateProcessing(
-    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)])
+  check_tokenizer(tokenizer)
   chat_format = {}
   if tokenizer.has_chat_tokens:
-    # Special: matched whole in text (as the chat template renders them), never split or
-    # normalised, and skipped by decode(skip_special_tokens=True).
-    chat_format = {"chat_template": chat.TEMPLATE, "additional_special_tokens": [
-      AddedToken(piece, special=True, normalized=False) for piece in CHAT_TOKENS]}
+    chat_format = {"chat_template": chat.TEMPLATE, "additional_special_tokens": list(CHAT_TOKENS)}
+  own_pad = {"pad_token": tokenizer.piece(tokenizer.pad_id)} if tokenizer.has_pad else {}
   fast = PreTrainedTokenizerFast(
-    tokenizer_object=hf, bos_token=bos, eos_token=eos, unk_token=pieces[tokenizer.unk_id],
-    pad_token=pieces[tokenizer.pad_id], model_max_length=max_length,
-    clean_up_tokenization_spaces=False, **chat_format)
+    tokenizer_object=tokenizer.to_hf(), bos_token=tokenizer.piece(tokenizer.bos_id),
+    eos_token=tokenizer.piece(tokenizer.eos_id), unk_token=tokenizer.piece(tokenizer.unk_id),
+    model_max_length=max_length, clean_up_tokenization_spaces=False, **own_pad, **chat_format)
   fast.save_pretrained(out_dir, save_jinja_files=False)  # the template in tokenizer_config.json
-  # The bytes the tokenizer was loaded from: its file may be in a bucket (a gs:// workdir).
-  with open(os.path.join(out_dir, HF_SPIECE), "wb") as f:
-    f.write(tokenizer.proto)
+  tokenizer_source.save(tokenizer, out_dir)  # tokenizer.model, its bytes as loaded
 
 
 # --- Directories ---------------------------------------------------------------------------------
@@ -250,30 +211,56 @@ def _ordinary_permissions(path: str) -> None:
   os.chmod(path, 0o666 & ~umask)
 
 
+def _check_out(out_dir: str) -> None:
+  """Refuses an --out that is a file, or a directory that holds something else than a model."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ExportError(f"{out_dir} is a file: name the directory to write")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
+      os.path.join(out_dir, HF_CONFIG)):
+    raise ExportError(f"{out_dir} is a directory that holds other files than a model's: name a "
+                      "new directory (an earlier export there is replaced)")
+
+
 def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
             tokenizer: Tokenizer | None = None, dtype: str = "float32") -> None:
-  """Writes a Hugging Face Llama directory: config.json, model.safetensors (+ tokenizer)."""
+  """Writes a Hugging Face Llama directory: config.json, model.safetensors (+ tokenizer).
+
+  Everything is written into a temporary directory beside `out_dir`, which then replaces it:
+  an export that fails leaves nothing at `out_dir` (and an earlier export there as it was).
+  """
   errors.require(errors.MODULES["hf"], "hf", "export to Hugging Face")
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
   if dtype not in _DTYPES:
     raise ExportError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
+  out_dir = out_dir.rstrip("/") or "/"
+  _check_out(out_dir)
   hf_cfg = hf_config(model_cfg, tokenizer, dtype)
-  tensors = to_hf_tensors(params, model_cfg)
-  os.makedirs(out_dir, exist_ok=True)
-  weights = os.path.join(out_dir, SAFETENSORS)
-  # ml_dtypes rounds float32 to bfloat16 to nearest even, as torch does: the same bytes.
-  # "format": "pt" tells transformers the tensors are in torch's layout.
-  save_file({k: v.astype(_NUMPY_DTYPES[dtype]) for k, v in tensors.items()}, weights,
-            metadata={"format": "pt"})
-  _ordinary_permissions(weights)  # safetensors writes through a private (0600) temporary file
-  with open(os.path.join(out_dir, HF_CONFIG), "w", encoding="utf-8") as f:
-    json.dump(hf_cfg, f, indent=2)
-  with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-    json.dump({"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
-               "pad_token_id": hf_cfg["pad_token_id"]}, f, indent=2)
   if tokenizer is not None:
-    write_tokenizer(tokenizer, out_dir, model_cfg.max_seq_len)
+    check_tokenizer(tokenizer)
+  tensors = to_hf_tensors(params, model_cfg)
+  stage = f"{out_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(stage, ignore_errors=True)
+  os.makedirs(stage)
+  try:
+    weights = os.path.join(stage, SAFETENSORS)
+    # ml_dtypes rounds float32 to bfloat16 to nearest even, as torch does: the same bytes.
+    # "format": "pt" tells transformers the tensors are in torch's layout.
+    save_file({k: v.astype(_NUMPY_DTYPES[dtype]) for k, v in tensors.items()}, weights,
+              metadata={"format": "pt"})
+    _ordinary_permissions(weights)  # safetensors writes through a private (0600) temporary file
+    with open(os.path.join(stage, HF_CONFIG), "w", encoding="utf-8") as f:
+      json.dump(hf_cfg, f, indent=2)
+    with open(os.path.join(stage, "generation_config.json"), "w", encoding="utf-8") as f:
+      json.dump({"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
+                 "pad_token_id": hf_cfg["pad_token_id"]}, f, indent=2)
+    if tokenizer is not None:
+      write_tokenizer(tokenizer, stage, model_cfg.max_seq_len)
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(stage, out_dir)
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:

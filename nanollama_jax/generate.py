@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from nanollama_jax import errors, model, sharding
 from nanollama_jax.data import chat
+from nanollama_jax.data.tokenizer import Tokenizer
 
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
@@ -145,11 +146,11 @@ class Samples:
   chat run (data.format='chat'), the assistant's replies to them as user turns, without the
   reasoning."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, tokenizer):
+  def __init__(self, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
     self.prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
-    self._chat = cfg.data.format == "chat"
-    if self._chat:
-      self._ids = [chat.prompt(tokenizer, p) for p in self.prompts]
+    self._chat = chat.formatter(tokenizer) if cfg.data.format == "chat" else None
+    if self._chat is not None:
+      self._ids = [self._chat.prompt(p) for p in self.prompts]
     else:
       self._ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in self.prompts]
     longest = max(map(len, self._ids), default=0)
@@ -166,9 +167,9 @@ class Samples:
     if not self.enabled:
       return []
     tok = self._tokenizer
-    stops = chat.STOP_IDS if self._chat else tok.eos_id
+    stops = self._chat.stop_ids if self._chat is not None else tok.eos_id
     outs = generate(self._model_cfg, params, self._ids, self._new_tokens, eos_id=stops,
                     pad_id=tok.pad_id)
-    if self._chat:
-      return [f"{p} -> {chat.split_reply(tok, o)[1]}" for p, o in zip(self.prompts, outs)]
-    return [p + tok.decode(o) for p, o in zip(self.prompts, outs)]
+    if self._chat is not None:
+      return [f"{p} -> {self._chat.split_reply(o)[1]}" for p, o in zip(self.prompts, outs)]
+    return [p + tok.continuation(ids[1:], o) for p, ids, o in zip(self.prompts, self._ids, outs)]

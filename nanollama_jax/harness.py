@@ -54,7 +54,7 @@ import numpy as np
 import tqdm
 
 from nanollama_jax import checkpoint, generate, model
-from nanollama_jax.data.tokenizer import workdir_tokenizer
+from nanollama_jax.data.tokenizer_source import workdir_tokenizer
 
 SMALLEST_BUCKET = 16
 # Generation settings the backend understands; others are ignored with a warning.

@@ -23,7 +23,7 @@ from absl import logging
 
 from nanollama_jax import checkpoint, errors, export, paths
 from nanollama_jax import workdir as workdir_lib
-from nanollama_jax.data.tokenizer import workdir_tokenizer
+from nanollama_jax.data.tokenizer_source import workdir_tokenizer
 
 CHECKPOINT_WAIT_S = 600.0  # how long a push waits for an asynchronous save to finish
 

@@ -44,7 +44,7 @@ from nanollama_jax import checkpoint, errors, metrics, model
 from nanollama_jax import config as config_lib
 from nanollama_jax import train as train_lib
 from nanollama_jax import workdir as workdir_lib
-from nanollama_jax.data import tokenizer as tokenizer_lib
+from nanollama_jax.data import tokenizer_source
 
 RESULTS, FIGURE = "scaling.json", "scaling.png"
 HUBER_DELTA = 1e-3
@@ -170,12 +170,13 @@ def final_eval_loss(workdir: str, cfg: ml_collections.ConfigDict) -> float | Non
 
 
 def shared_tokenizer(base: ml_collections.ConfigDict, out_dir: str, train_files: str) -> str:
-  """OUT/tokenizer.model, trained once on the training files (or the base recipe's own)."""
+  """OUT, which keeps the sweep's one tokenizer: the base recipe's own, or one trained once on
+  the training files."""
   data_cfg = ml_collections.ConfigDict(base.data.to_dict())
   if not data_cfg.tokenizer:
     data_cfg.update(dict(source="files", train_files=train_files, mixture=""))
-  tokenizer_lib.load_or_train_tokenizer(data_cfg, base.model.vocab_size, out_dir)
-  return os.path.abspath(os.path.join(out_dir, workdir_lib.TOKENIZER))
+  tokenizer_source.load_or_train_tokenizer(data_cfg, base.model.vocab_size, out_dir)
+  return os.path.abspath(out_dir)
 
 
 def sweep(base: ml_collections.ConfigDict, dims: Sequence[int], budgets: Sequence[int],

@@ -19,13 +19,14 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nanollama_jax import checkpoint, errors, evaluate, generate, hub, lease, model, paths
+from nanollama_jax import checkpoint, errors, evaluate, generate, hub, init_from, lease, model, paths
 from nanollama_jax import preemption, profiling, sharding
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
 from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.data import holdout, pipeline
-from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from nanollama_jax.data import tokenizer_source
+from nanollama_jax.data.tokenizer import Tokenizer
 from nanollama_jax.step import Batch, Built, TrainState, build, init_state
 
 TrainingError = errors.TrainingError
@@ -138,18 +139,16 @@ def _stop_on_bad_steps(cfg: ml_collections.ConfigDict, done: int, values: dict[s
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
-  """The run's tokenizer: process 0 copies, reuses or trains it; the others then read it."""
+  """The run's tokenizer: process 0 copies, reuses or trains it; the others then read its copy."""
   if jax.process_index() == 0:
-    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
+    tokenizer = tokenizer_source.load_or_train_tokenizer(
+      cfg.data, cfg.model.vocab_size, workdir, lambda: init_from.tokenizer_directory(cfg))
   if jax.process_count() > 1:
-    # The others reuse the tokenizer process 0 trained (on a workdir every host can see).
+    # The others read the copy process 0 made (on a workdir every host can see).
     multihost_utils.sync_global_devices("tokenizer ready")
   if jax.process_index() != 0:
-    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise config_lib.ConfigError(
-      f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-      f"({tokenizer.vocab_size} pieces in {cfg.data.tokenizer or 'the workdir tokenizer'})")
+    tokenizer = tokenizer_source.workdir_tokenizer(workdir)
+  tokenizer_source.check_vocab(tokenizer, cfg.model)
   return tokenizer
 
 
@@ -175,7 +174,7 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointe
     state = init_state(restored.params, restored.opt_state, cfg.train.seed, meta)
     return jax.device_put(state, shardings), restored.data_state
   if cfg.train.init_from:
-    params, step = checkpoint.load_params(cfg.train.init_from, target_params, cfg.model)
+    params, step = init_from.load_params(cfg.train.init_from, target_params, cfg.model)
     logging.info("initialised the parameters from %s (step %d); optimizer state and step are "
                  "fresh", cfg.train.init_from, step)
     return built.fresh_state(cfg, params), None
@@ -362,6 +361,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
   """
   config_lib.validate(cfg)
   paths.check_backend(workdir)
+  cfg = init_from.resolve(cfg, workdir)
   steps = cfg.train.steps
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)

@@ -3,7 +3,10 @@
 ```
 WORKDIR/
   config.json            CONFIG: the resolved config
-  tokenizer.model        TOKENIZER: the tokenizer the run uses
+  tokenizer.model        the tokenizer the run uses, as its own files: a sentencepiece model,
+  (or tokenizer.json,    or a Hugging Face tokenizer.json with its configuration
+  tokenizer_config.json  (data/tokenizer_source.py)
+  ...)
   checkpoints/<step>/    CHECKPOINTS: orbax checkpoints (checkpoint.py)
   checkpoints_damaged/   DAMAGED: checkpoints whose bytes failed their fingerprints, moved aside
   metrics.jsonl          METRICS: one JSON object per logged step (metrics.MetricsWriter)
@@ -23,7 +26,6 @@ from typing import Any
 from nanollama_jax import errors, paths
 
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.model"
 CHECKPOINTS = "checkpoints"
 DAMAGED = "checkpoints_damaged"
 METRICS = "metrics.jsonl"

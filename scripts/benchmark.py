@@ -259,7 +259,7 @@ def data(data_dir: str, target_tokens: int) -> dict:
   import glob  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from nanollama_jax.data import records, shards, tokenizer  # pylint: disable=import-outside-toplevel
+  from nanollama_jax.data import hf_tokenizer, records, shards, spm_tokenizer  # pylint: disable=import-outside-toplevel
 
   cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
   files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
@@ -269,7 +269,10 @@ def data(data_dir: str, target_tokens: int) -> dict:
   out: dict = {"recipe": "tinystories_cpu", "seq_len": cfg.data.seq_len,
                "batch_size": cfg.data.batch_size, "cores": os.cpu_count()}
   with tempfile.TemporaryDirectory() as tmp:
-    tok = tokenizer.train_tokenizer(texts, cfg.model.vocab_size, os.path.join(tmp, "tok.model"))
+    tok = spm_tokenizer.train_tokenizer(texts, cfg.model.vocab_size,
+                                        os.path.join(tmp, "tok.model"))
+    # A tokenizer.json of Llama 3's kind (byte-level BPE, its pre-tokenizer), of the same size.
+    bpe = hf_tokenizer.train_byte_level_bpe(texts, cfg.model.vocab_size, os.path.join(tmp, "bpe"))
     tokens = sum(len(t) for t in tok.encode_batch(texts)) + 2 * len(texts)
     repeats = max(1, round(target_tokens / tokens))
     corpus = os.path.join(tmp, "corpus.jsonl")
@@ -282,7 +285,7 @@ def data(data_dir: str, target_tokens: int) -> dict:
 
     # Writing the pretokenized dataset, in this process.
     start = time.perf_counter()
-    writer = shards.ShardWriter(os.path.join(tmp, "tokens"), tok.proto, tok.vocab_size)
+    writer = shards.ShardWriter(os.path.join(tmp, "tokens"), tok)
     for i in range(0, repeats * len(texts), 1024):
       writer.add(tok.encode_batch([texts[j % len(texts)] for j in range(i, min(
         i + 1024, repeats * len(texts)))]))
@@ -292,16 +295,18 @@ def data(data_dir: str, target_tokens: int) -> dict:
     data_cfg = cfg.data
     data_cfg.update(source="files", train_files=corpus)
     rates: dict = {}
-    for label, fields, n in [
-      ("on_the_fly", dict(num_workers=0), 60),
-      ("on_the_fly_2_workers", dict(num_workers=2), 60),
-      ("pretokenized", dict(train_files=os.path.join(tmp, "tokens")), 300),
+    for label, fields, n, encoder in [
+      ("on_the_fly", dict(num_workers=0), 60, tok),
+      ("on_the_fly_2_workers", dict(num_workers=2), 60, tok),
+      ("on_the_fly_tokenizer_json", dict(num_workers=0), 60, bpe),
+      ("on_the_fly_tokenizer_json_2_workers", dict(num_workers=2), 60, bpe),
+      ("pretokenized", dict(train_files=os.path.join(tmp, "tokens")), 300, tok),
       ("pretokenized_first_fit", dict(train_files=os.path.join(tmp, "tokens"),
-                                      packing="first_fit"), 300),
+                                      packing="first_fit"), 300, tok),
     ]:
       c = data_cfg.copy_and_resolve_references()
       c.update(fields)
-      rate, padding = _pipeline_rate(c, tok, n)
+      rate, padding = _pipeline_rate(c, encoder, n)
       rates[label] = {"tokens_per_s": round(rate)}
       if c.packing == "first_fit":
         rates[label]["padding"] = round(padding, 4)

@@ -14,7 +14,7 @@ import argparse
 import json
 
 from nanollama_jax import checkpoint, errors, evaluate
-from nanollama_jax.data.tokenizer import workdir_tokenizer
+from nanollama_jax.data.tokenizer_source import workdir_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

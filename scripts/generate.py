@@ -19,7 +19,7 @@ import json
 
 from nanollama_jax import checkpoint, errors, generate
 from nanollama_jax.data import chat
-from nanollama_jax.data.tokenizer import workdir_tokenizer
+from nanollama_jax.data.tokenizer_source import workdir_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     p.error("--system needs --chat")
   cfg, params, step = checkpoint.load_run(args.workdir, args.step)
   tok = workdir_tokenizer(args.workdir)
-  if args.chat:
-    prompts = [chat.prompt(tok, text, args.system) for text in args.prompt]
+  formatter = chat.formatter(tok) if args.chat else None
+  if formatter is not None:
+    prompts = [formatter.prompt(text, args.system) for text in args.prompt]
   else:
     prompts = [[tok.bos_id, *tok.encode(text)] for text in args.prompt]
   max_new = min(args.max_new_tokens, cfg.model.max_seq_len - max(map(len, prompts)))
@@ -51,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
                             "tokens")
   out = generate.generate(cfg.model, params, prompts, max_new, args.temperature, args.top_k,
                           args.top_p, args.seed, pad_id=tok.pad_id,
-                          eos_id=chat.STOP_IDS if args.chat else tok.eos_id)
-  if args.chat:
-    _print_replies(step, [chat.split_reply(tok, ids) for ids in out], out, args.json)
+                          eos_id=formatter.stop_ids if formatter else tok.eos_id)
+  if formatter is not None:
+    _print_replies(step, [formatter.split_reply(ids) for ids in out], out, args.json)
     return
-  texts = [prompt + tok.decode(ids) for prompt, ids in zip(args.prompt, out)]
+  texts = [text + tok.continuation(ids[1:], new) for text, ids, new in zip(args.prompt, prompts, out)]
   if args.json:
     print(json.dumps({"step": step, "completions": texts, "new_tokens": [len(o) for o in out]}))
   else:

@@ -99,7 +99,7 @@ from nanollama_jax import step as step_lib
 from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.attention import pallas
 from nanollama_jax.data import pipeline, sample_dir
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import workdir_tokenizer
 # pylint: enable=wrong-import-position
 
 
@@ -202,8 +202,7 @@ def _step_tokens_per_s(cfg, workdir: str, steps: int) -> float:
   mesh = sharding.make_mesh(cfg.mesh)
   built = step_lib.build(cfg, mesh)
   step, state = built.train_step, built.fresh_state(cfg)
-  batches = pipeline.train_batches(cfg.data, Tokenizer(workdir_lib.path(workdir,
-                                                                        workdir_lib.TOKENIZER)))
+  batches = pipeline.train_batches(cfg.data, workdir_tokenizer(workdir))
   batch = sharding.global_batch(next(batches), sharding.batch_sharding(mesh))
   for _ in range(2):  # compilation, then one step more
     state, _ = step(state, batch)

@@ -27,6 +27,7 @@ import tqdm
 from nanollama_jax import data_spec
 from nanollama_jax import errors
 from nanollama_jax.data import hub_data, records, shards
+from nanollama_jax.data import tokenizer_source
 from nanollama_jax.data.tokenizer import Tokenizer
 
 _CHUNK = 256  # documents per tokenisation task
@@ -35,7 +36,8 @@ _worker_tokenizer: Tokenizer | None = None
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--tokenizer", required=True, help="the sentencepiece .model to encode with")
+  p.add_argument("--tokenizer", required=True, help="the tokenizer to encode with: a sentencepiece model, a tokenizer.json, a "
+                 "directory holding one, or hf:ORG/NAME (as data.tokenizer)")
   p.add_argument("--out", required=True, help="the dataset directory to create")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--input", help="comma-separated globs of .jsonl/.json/.txt/.parquet files")
@@ -79,15 +81,14 @@ def _encode(texts: list[str]) -> list[list[int]]:
 
 
 def prepare(args: argparse.Namespace) -> dict:
-  tokenizer = Tokenizer(args.tokenizer)
+  tokenizer = tokenizer_source.load(args.tokenizer, "--tokenizer")
   skipped: collections.Counter = collections.Counter()
   texts = itertools.islice(_texts(args, skipped), args.max_docs)
   chunks = iter(lambda: list(itertools.islice(texts, _CHUNK)), [])
   source = ({"input": args.input} if args.input else
             {"hf_path": args.hf_path, "hf_name": args.hf_name, "split": args.split})
-  writer = shards.ShardWriter(args.out, tokenizer.proto, tokenizer.vocab_size,
-                              shard_tokens=args.shard_tokens, overwrite=args.overwrite,
-                              source={**source, "text_key": args.text_key})
+  writer = shards.ShardWriter(args.out, tokenizer, shard_tokens=args.shard_tokens,
+                              overwrite=args.overwrite, source={**source, "text_key": args.text_key})
   start = time.perf_counter()
   pool = None
   try:

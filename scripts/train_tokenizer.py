@@ -3,7 +3,8 @@
   python scripts/train_tokenizer.py --input 'data/*.jsonl' --vocab-size 4096 --out tok.model
 
 With --format chat, the records' conversations ("messages") are read and the tokenizer is trained
-on their texts. Every tokenizer reserves the chat tokens (ids 4-9, see data/chat.py).
+on their texts. Every tokenizer trained here reserves the chat markers (ids 4-9, see
+data/chat.py). A run uses it with --config.data.tokenizer=tok.model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import time
 
 from nanollama_jax import config, data_spec, errors
-from nanollama_jax.data import records, tokenizer
+from nanollama_jax.data import records, spm_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
   docs = list(itertools.islice(
     records.read_files(files, args.text_key, doc_format=args.format), args.max_docs))
   texts = records.texts(docs)
-  tok = tokenizer.train_tokenizer(texts, args.vocab_size, args.out)
+  tok = spm_tokenizer.train_tokenizer(texts, args.vocab_size, args.out)
   seconds = time.perf_counter() - start
   sample = texts[0][:60] if texts else ""
   sample_ids = tok.encode(sample)

@@ -45,11 +45,11 @@ def sample_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(sample_dir, tmp_path_factory) -> pathlib.Path:
   """A 512-piece tokenizer trained once on the sample's train.jsonl."""
-  from nanollama_jax.data import records, tokenizer  # pylint: disable=g-import-not-at-top
+  from nanollama_jax.data import records, spm_tokenizer  # pylint: disable=g-import-not-at-top
 
   path = tmp_path_factory.mktemp("tokenizer") / "tok512.model"
   docs = list(records.read_files([str(sample_dir / "train.jsonl")], "text"))
-  tokenizer.train_tokenizer(docs, 512, str(path))
+  spm_tokenizer.train_tokenizer(docs, 512, str(path))
   return path
 
 
@@ -69,3 +69,37 @@ def trained_run(sample_dir, tokenizer_path, tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("run")
   train.train(cfg, str(workdir))
   return workdir
+
+
+def _mistral_model(name: str) -> pathlib.Path:
+  """A sentencepiece model that ships in the mistral-common wheel (the test extra installs it)."""
+  import mistral_common  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(mistral_common.__file__).resolve().parent / "data" / name
+  assert path.is_file(), f"{path} is missing: the test extra's mistral-common ships it"
+  return path
+
+
+@pytest.fixture(scope="session")
+def mistral_v1() -> pathlib.Path:
+  """Mistral's first tokenizer (32,000 pieces, LLaMA's options: BPE, byte fallback, dummy prefix)."""
+  return _mistral_model("tokenizer.model.v1")
+
+
+@pytest.fixture(scope="session")
+def mistral_v3() -> pathlib.Path:
+  """Mistral's v3 tokenizer (32,768 pieces: control tokens [INST], [/INST] ..., user-defined ones)."""
+  return _mistral_model("mistral_instruct_tokenizer_240323.model.v3")
+
+
+@pytest.fixture(scope="session")
+def llama3_style(sample_dir, tmp_path_factory) -> pathlib.Path:
+  """A directory with a Llama-3-style tokenizer.json (byte-level BPE with Llama 3's
+  pre-tokenizer, 1,024 ids, its special tokens) and a tokenizer_config.json with its BOS, EOS and
+  chat template, trained in a second on the sample."""
+  from helpers import LLAMA3_SPECIALS, LLAMA3_TEMPLATE  # pylint: disable=g-import-not-at-top
+  from nanollama_jax.data import hf_tokenizer, records  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp("llama3_style")
+  docs = list(records.read_files([str(sample_dir / "train.jsonl")], "text"))
+  hf_tokenizer.train_byte_level_bpe(docs, 1024, str(out), LLAMA3_SPECIALS,
+                                    chat_template=LLAMA3_TEMPLATE)
+  return out

@@ -102,3 +102,16 @@ def assistant_tokens(tok, conversations):
         count += len(tok.encode(m.content)) + 1
         count += len(tok.encode(m.reasoning)) + 2 if m.reasoning else 0
   return count
+
+
+# Llama 3's first special tokens, in its order, and a chat template of its format.
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
+                   "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+LLAMA3_TEMPLATE = (
+  "{{- bos_token }}{%- for message in messages %}"
+  "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] "
+  "| trim + '<|eot_id|>' }}{%- endfor %}"
+  "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+  "{%- endif %}")

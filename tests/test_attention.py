@@ -321,7 +321,7 @@ def test_splash_blocks_per_generation_and_length():
 def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_path, monkeypatch):
   from nanollama_jax import config, model, optim
   from nanollama_jax.data import pipeline
-  from nanollama_jax.data.tokenizer import Tokenizer
+  from nanollama_jax.data.tokenizer_source import load as load_tokenizer
   monkeypatch.setenv(pallas.INTERPRET_ENV, "1")
   cfg = config.get_default_config()
   cfg.model.update(dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -329,7 +329,7 @@ def test_three_training_steps_with_the_kernel_match_xla(sample_dir, tokenizer_pa
   cfg.data.update(dict(train_files=str(sample_dir / "train.jsonl"), tokenizer=str(tokenizer_path),
                        seq_len=64, batch_size=4))
   cfg.optim.update(dict(lr=3e-3, warmup_steps=1))
-  batches = pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path)))
+  batches = pipeline.train_batches(cfg.data, load_tokenizer(str(tokenizer_path)))
   batches = [next(batches) for _ in range(3)]
   losses = {}
   for impl in ("xla", "pallas", "splash"):

@@ -24,7 +24,8 @@ import gcs_emulator  # noqa: E402
 from helpers import REPO, run_script  # noqa: E402
 from nanollama_jax import checkpoint, evaluate, export, generate, paths, train  # noqa: E402
 from nanollama_jax import workdir as workdir_lib  # noqa: E402
-from nanollama_jax.data.tokenizer import workdir_tokenizer  # noqa: E402
+from nanollama_jax.data import spm_tokenizer  # noqa: E402
+from nanollama_jax.data.tokenizer_source import workdir_tokenizer  # noqa: E402
 from test_checkpoint import cli_args, small_config  # noqa: E402
 from tensorboardX.proto import event_pb2  # noqa: E402
 
@@ -148,12 +149,12 @@ def test_the_run_keeps_every_file_in_the_bucket(gcs, killed_and_resumed, tokeniz
   run = killed_and_resumed
   names = gcs.names(RUN)
   assert {n.split("/")[0] for n in names} == {
-    workdir_lib.CONFIG, workdir_lib.TOKENIZER, workdir_lib.METRICS, workdir_lib.TENSORBOARD,
+    workdir_lib.CONFIG, spm_tokenizer.MODEL_FILE, workdir_lib.METRICS, workdir_lib.TENSORBOARD,
     workdir_lib.CHECKPOINTS}
   assert _committed(gcs) == [STEPS - CKPT_EVERY * i for i in range(KEEP)][::-1]
   assert json.loads(gcs.read(f"{RUN}/{workdir_lib.CONFIG}")) == json.loads(
     paths.read_text(workdir_lib.path(run.reference, workdir_lib.CONFIG)))
-  assert gcs.read(f"{RUN}/{workdir_lib.TOKENIZER}") == tokenizer_path.read_bytes()
+  assert gcs.read(f"{RUN}/{spm_tokenizer.MODEL_FILE}") == tokenizer_path.read_bytes()
   # TensorBoard: the resumed run's event file holds its losses, in float32.
   resumed_from = run.committed[-1]
   events = [n for n in names if n.startswith(f"{workdir_lib.TENSORBOARD}/events.out.tfevents.")]

@@ -8,7 +8,9 @@ import pytest
 from helpers import assistant_tokens, run_script
 from nanollama_jax import checkpoint, config, evaluate, generate, train
 from nanollama_jax.data import CHAT_SAMPLE, chat, records, sources
-from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
+from nanollama_jax.data.spm_tokenizer import train_tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
+from nanollama_jax.data.tokenizer_source import load_or_train_tokenizer
 
 M = records.Message
 CONVERSATION = (M("system", "Be brief."), M("user", "Hi"), M("assistant", "Hello!", "Greet back."),
@@ -17,12 +19,12 @@ CONVERSATION = (M("system", "Be brief."), M("user", "Hi"), M("assistant", "Hello
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-  return Tokenizer(str(tokenizer_path))
+  return load_tokenizer(str(tokenizer_path))
 
 
 def test_conversation_ids_and_mask_by_hand(tok):
   e = tok.encode
-  ids, trained = chat.encode(tok, CONVERSATION)
+  ids, trained = chat.Markers(tok).encode(CONVERSATION)
   assert ids.tolist() == [
     1, 4, *e("Be brief."), 7,  # BOS, <|system|> ... <|end|>
     5, *e("Hi"), 7,  # <|user|> ... <|end|>
@@ -42,13 +44,13 @@ def test_conversation_ids_and_mask_by_hand(tok):
 
 def test_generation_prompt_and_reply(tok):
   e = tok.encode
-  assert chat.prompt(tok, "Hi") == [1, 5, *e("Hi"), 7, 6]
-  assert chat.prompt(tok, "Hi", system="Be brief.") == [1, 4, *e("Be brief."), 7, 5, *e("Hi"), 7, 6]
-  ids, trained = chat.encode(tok, CONVERSATION[:2], add_generation_prompt=True)
-  assert ids.tolist() == chat.prompt(tok, "Hi", system="Be brief.") and not trained.any()
-  assert chat.split_reply(tok, [8, *e("hm, a cat"), 9, *e("Hello")]) == ("hm, a cat", "Hello")
-  assert chat.split_reply(tok, e("Hello")) == ("", "Hello")
-  assert chat.split_reply(tok, [8, *e("still thinking")]) == ("still thinking", "")
+  assert chat.Markers(tok).prompt("Hi") == [1, 5, *e("Hi"), 7, 6]
+  assert chat.Markers(tok).prompt("Hi", system="Be brief.") == [1, 4, *e("Be brief."), 7, 5, *e("Hi"), 7, 6]
+  ids, trained = chat.Markers(tok).encode(CONVERSATION[:2], add_generation_prompt=True)
+  assert ids.tolist() == chat.Markers(tok).prompt("Hi", system="Be brief.") and not trained.any()
+  assert chat.Markers(tok).split_reply([8, *e("hm, a cat"), 9, *e("Hello")]) == ("hm, a cat", "Hello")
+  assert chat.Markers(tok).split_reply(e("Hello")) == ("", "Hello")
+  assert chat.Markers(tok).split_reply([8, *e("still thinking")]) == ("still thinking", "")
 
 
 def test_a_tokenizer_trained_on_chat_data_learns_the_message_texts(tmp_path):
@@ -70,7 +72,7 @@ def test_a_tokenizer_trained_on_chat_data_learns_the_message_texts(tmp_path):
 @pytest.mark.slow
 def test_a_chat_fine_tune_trains_and_evaluates_the_assistants_tokens(trained_run, tmp_path):
   cfg, pretrained, _ = checkpoint.load_run(str(trained_run))
-  tok = Tokenizer(str(trained_run / "tokenizer.model"))
+  tok = load_tokenizer(str(trained_run / "tokenizer.model"))
   cfg.data.update(format="chat", train_files=str(CHAT_SAMPLE / "train.jsonl"),
                   eval_files=str(CHAT_SAMPLE / "validation.jsonl"),
                   tokenizer=str(trained_run / "tokenizer.model"))
@@ -94,9 +96,9 @@ def test_a_chat_fine_tune_trains_and_evaluates_the_assistants_tokens(trained_run
                     "--temperature", "0", "--max-new-tokens", "24", "--json", cwd=tmp_path)
   assert ours.returncode == 0, ours.stderr[-2000:]
   out = json.loads(ours.stdout)
-  ids = generate.generate(cfg.model, params, [chat.prompt(tok, prompt)], 24,
-                          eos_id=chat.STOP_IDS, pad_id=tok.pad_id)[0]
-  assert (out["reasoning"][0], out["replies"][0]) == chat.split_reply(tok, ids)
+  ids = generate.generate(cfg.model, params, [chat.Markers(tok).prompt(prompt)], 24,
+                          eos_id=chat.Markers.stop_ids, pad_id=tok.pad_id)[0]
+  assert (out["reasoning"][0], out["replies"][0]) == chat.Markers(tok).split_reply(ids)
   assert out["new_tokens"] == [len(ids)] and len(out["replies"][0]) > 20
   refused = run_script("generate.py", "--workdir", "chat", "--system", "Be kind.", "--prompt",
                        "Hi", cwd=tmp_path)

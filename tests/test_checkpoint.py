@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from helpers import REPO
-from nanollama_jax import checkpoint, config, model, optim, sharding, train
+from nanollama_jax import checkpoint, config, init_from, model, optim, sharding, train
 from nanollama_jax.data import pipeline
 from nanollama_jax import step as step_lib
 
@@ -298,8 +298,8 @@ def test_skipped_update_leaves_the_state_unchanged(sample_dir, tokenizer_path):
   before = jax.device_get(state)
   step = step_lib.make_train_step(cfg, model.graph(cfg.model), tx,
                                optim.lr_schedule(cfg.optim, cfg.train.steps))
-  from nanollama_jax.data.tokenizer import Tokenizer
-  batch = next(poison(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))), {1}))
+  from nanollama_jax.data.tokenizer_source import load as load_tokenizer
+  batch = next(poison(pipeline.train_batches(cfg.data, load_tokenizer(str(tokenizer_path))), {1}))
   state, metrics = step(state, batch)
   after = jax.device_get(state)
   assert int(metrics["skipped"]) == 1 and int(after.step) == 1
@@ -375,7 +375,7 @@ def test_init_from_loads_parameters_only(sample_dir, tokenizer_path, tmp_path):
                                       _one_device())
   for path in (tmp_path / "a", tmp_path / "a" / "checkpoints",
                tmp_path / "a" / "checkpoints" / "8"):
-    loaded, step = checkpoint.load_params(str(path), abstract, cfg.model)
+    loaded, step = init_from.load_params(str(path), abstract, cfg.model)
     assert step == 8
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

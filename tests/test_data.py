@@ -15,14 +15,14 @@ import pytest
 from helpers import assistant_tokens
 from nanollama_jax import config, data_spec
 from nanollama_jax.data import HubUnreachable, hub_data, pipeline, records, shards, sources
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 KEYS = pipeline.KEYS
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-  return Tokenizer(str(tokenizer_path))
+  return load_tokenizer(str(tokenizer_path))
 
 
 def _data_cfg(sample_dir, **fields):
@@ -376,7 +376,7 @@ def _prepare(path, tok, out, *extra):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.prepare(module.parse_args(
-    ["--tokenizer", tok.model_path, "--input", str(path), "--out", str(out), *extra]))
+    ["--tokenizer", tok.source, "--input", str(path), "--out", str(out), *extra]))
 
 
 def test_prepared_dataset_holds_the_tokenized_documents(sample_dir, tok, tmp_path):
@@ -408,12 +408,12 @@ def test_pretokenized_batches_equal_on_the_fly_batches(sample_dir, tok, tmp_path
 
 def test_pretokenized_with_another_tokenizer_is_refused(sample_dir, tok, tmp_path):
   _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val")
-  other = Tokenizer(str(tmp_path / "val" / "tokenizer.model"))
+  other = load_tokenizer(str(tmp_path / "val" / "tokenizer.model"))
   other._proto += b"\0"  # pylint: disable=protected-access  # any other model bytes
   cfg = _data_cfg(sample_dir, train_files=str(tmp_path / "val"))
   with pytest.raises(ValueError, match="prepared with another tokenizer than this run's"):
     pipeline.train_batches(cfg, other)
-  assert sources.pretokenized_tokenizer(cfg) == str(tmp_path / "val" / "tokenizer.model")
+  assert sources.pretokenized_dataset(cfg) == str(tmp_path / "val")
 
 
 # First-fit packing.
@@ -434,7 +434,7 @@ def _packed(docs, seq_len, packing, bins=4, pad_id=3):
 
 class _FakeTokenizer:
   """Token ids written as text: "20 21" encodes to [20, 21]."""
-  bos_id, eos_id, proto, model_path = 1, 2, b"", "fake"
+  bos_id, eos_id, fingerprint, source, has_chat_tokens, chat_template = 1, 2, "", "fake", True, None
 
   def __init__(self, pad_id):
     self.pad_id = pad_id
@@ -786,10 +786,10 @@ def test_chat_refuses_text_files_pretokenized_data_and_old_tokenizers(sample_dir
   cfg.eval_files = str(tmp_path / "val_tokens")
   with pytest.raises(config.ConfigError, match="val_tokens is a pretokenized dataset, which holds"):
     pipeline.eval_batches(cfg, tok, max_batches=1)
-  old = Tokenizer(str(train_pre_chat_tokenizer(sources.documents(_data_cfg(sample_dir), "eval"),
-                                               400, tmp_path / "old.model")))
+  old = load_tokenizer(str(train_pre_chat_tokenizer(
+    sources.documents(_data_cfg(sample_dir), "eval"), 400, tmp_path / "old.model")))
   cfg.eval_files = str(CHAT_SAMPLE / "validation.jsonl")
-  with pytest.raises(ValueError, match="old.model has no chat tokens"):
+  with pytest.raises(ValueError, match=r"old.model \(400 ids\) has no chat template and not "):
     pipeline.eval_batches(cfg, old, max_batches=1)
 
 

@@ -7,14 +7,14 @@ import pytest
 
 from helpers import our_logits, run_script
 from nanollama_jax import checkpoint, evaluate
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 
 @pytest.mark.slow
 def test_perplexity_is_exp_of_the_token_weighted_loss_by_hand(trained_run, tmp_path):
   cfg, params, step = checkpoint.load_run(str(trained_run))
   assert step == 40
-  tok = Tokenizer(str(trained_run / "tokenizer.model"))
+  tok = load_tokenizer(str(trained_run / "tokenizer.model"))
   texts = ["Once upon a time, there was a cat.", "The dog ran to the park.", "Tom was happy."]
   path = tmp_path / "small.jsonl"
   path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

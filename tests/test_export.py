@@ -12,7 +12,8 @@ from helpers import (LLAMA31, model_cfg, our_logits, random_params, run_script,
                      train_pre_chat_tokenizer)
 from nanollama_jax import config, export, model, sharding
 from nanollama_jax.data import CHAT_SAMPLE, chat, records
-from nanollama_jax.data.tokenizer import CHAT_TOKENS, Tokenizer
+from nanollama_jax.data.spm_tokenizer import CHAT_TOKENS
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 from nanollama_jax import step as step_lib
 
 torch.set_num_threads(2)
@@ -77,7 +78,7 @@ TEXTS = [
 
 
 def test_exported_tokenizer_matches_sentencepiece(tokenizer_path, sample_dir, tmp_path):
-  tok = Tokenizer(str(tokenizer_path))
+  tok = load_tokenizer(str(tokenizer_path))
   export.write_tokenizer(tok, str(tmp_path), 64)
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   assert hf.vocab_size == tok.vocab_size
@@ -116,7 +117,7 @@ def _input_ids(encoded):
 
 
 def test_chat_template_gives_the_ids_of_our_format(tokenizer_path, tmp_path):
-  tok = Tokenizer(str(tokenizer_path))
+  tok = load_tokenizer(str(tokenizer_path))
   export.write_tokenizer(tok, str(tmp_path / "hf"), 1024)
   saved = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
   assert saved["chat_template"] == chat.TEMPLATE
@@ -132,24 +133,24 @@ def test_chat_template_gives_the_ids_of_our_format(tokenizer_path, tmp_path):
   equal = prompts = 0
   for record, conversation in zip(rows, conversations, strict=True):
     messages = record["messages"]
-    ours = chat.encode(tok, conversation)[0].tolist()
+    ours = chat.Markers(tok).encode(conversation)[0].tolist()
     assert _input_ids(hf.apply_chat_template(messages)) == ours
     equal += 1
     # The prompt for the last assistant turn: the turns before it and <|assistant|>.
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    ours = chat.encode(tok, conversation[:last], add_generation_prompt=True)[0].tolist()
+    ours = chat.Markers(tok).encode(conversation[:last], add_generation_prompt=True)[0].tolist()
     assert _input_ids(hf.apply_chat_template(messages[:last], add_generation_prompt=True)) == ours
     prompts += 1
   assert (equal, prompts) == (54, 54)
   # The prompt scripts/generate.py --chat builds.
   theirs = hf.apply_chat_template([SYSTEM, {"role": "user", "content": "Hi"}],
                                   add_generation_prompt=True)
-  assert _input_ids(theirs) == chat.prompt(tok, "Hi", system=SYSTEM["content"])
+  assert _input_ids(theirs) == chat.Markers(tok).prompt("Hi", system=SYSTEM["content"])
 
 
 def test_a_tokenizer_without_chat_tokens_exports_no_chat_template(sample_dir, tmp_path):
   texts = [json.loads(line)["text"] for line in open(sample_dir / "validation.jsonl")]
-  old = Tokenizer(str(train_pre_chat_tokenizer(texts, 400, tmp_path / "old.model")))
+  old = load_tokenizer(str(train_pre_chat_tokenizer(texts, 400, tmp_path / "old.model")))
   export.write_tokenizer(old, str(tmp_path / "hf"), 64)
   assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -184,7 +185,7 @@ def test_five_training_steps_match_pytorch(tokenizer_path, sample_dir, tmp_path)
   sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(schedule(s)) / cfg.optim.lr)
 
   # Rows of real text (the sample's first stories, tokenised and cut into 33-token rows).
-  tok = Tokenizer(str(tokenizer_path))
+  tok = load_tokenizer(str(tokenizer_path))
   texts = [json.loads(line)["text"] for line in
            open(sample_dir / "train.jsonl")][:40]
   stream = np.array([t for text in texts for t in [tok.bos_id, *tok.encode(text)]], np.int32)
@@ -241,14 +242,14 @@ def test_export_script_and_generate_script_agree_with_transformers(trained_run, 
 
 @pytest.mark.slow
 def test_init_from_an_exported_directory_starts_from_its_weights(trained_run, tmp_path):
-  from nanollama_jax import checkpoint, train
+  from nanollama_jax import checkpoint, init_from, train
   out = tmp_path / "hf"
   assert run_script("export_to_pytorch.py", "--workdir", trained_run.name, "--out",
                     str(out), cwd=trained_run.parent).returncode == 0
   cfg, trained, _ = checkpoint.load_run(str(trained_run))
   abstract = sharding.abstract(model.abstract_params(cfg.model),
                                       jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  loaded, step = checkpoint.load_params(str(out), abstract, cfg.model)
+  loaded, step = init_from.load_params(str(out), abstract, cfg.model)
   assert step == 0
   for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

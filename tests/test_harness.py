@@ -17,7 +17,7 @@ from lm_eval.tasks import TaskManager
 
 from helpers import REPO
 from nanollama_jax import checkpoint, errors, generate, harness, model
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 torch.set_num_threads(2)
 MC_TASK, GEN_TASK = "tinystories_next_sentence", "tinystories_continue"
@@ -31,7 +31,7 @@ def sentences(text: str) -> list[str]:
 def greedy_until_period(run, prompts: list[str]) -> list[str]:
   """Our model's greedy continuations of `prompts`, cut at the first '.', by hand."""
   cfg, params, _ = checkpoint.load_run(str(run))
-  tok = Tokenizer(str(run / "tokenizer.model"))
+  tok = load_tokenizer(str(run / "tokenizer.model"))
   ids = [([tok.bos_id] + tok.encode(p))[-(cfg.model.max_seq_len - MAX_GEN):] for p in prompts]
   new = generate.generate(cfg.model, params, ids, MAX_GEN, eos_id=tok.eos_id, pad_id=tok.pad_id)
   return [tok.decode(n).split(".")[0] for n in new]
@@ -114,7 +114,7 @@ def test_log_likelihoods_and_generations_match_the_hf_backend(trained_run, tasks
 
   # Multiple choice: every (context, choice) log-likelihood and greedy flag, request by request.
   worst, n_requests, n_long = 0.0, 0, 0
-  tok = Tokenizer(str(trained_run / "tokenizer.model"))
+  tok = load_tokenizer(str(trained_run / "tokenizer.model"))
   for a, b, doc in zip(by_doc(ours, MC_TASK), by_doc(theirs, MC_TASK), docs[MC_TASK]):
     assert [r[0] for r in a["arguments"]] == [r[0] for r in b["arguments"]]
     for (ll_a, greedy_a), (ll_b, greedy_b) in zip([r[0] for r in a["resps"]],
@@ -189,7 +189,7 @@ def test_rolling_log_likelihood_matches_the_hf_backend_without_a_second_bos(trai
   hf = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=4,
             add_bos_token=False)
   theirs = hf.loglikelihood_rolling(requests)
-  tok = Tokenizer(str(trained_run / "tokenizer.model"))
+  tok = load_tokenizer(str(trained_run / "tokenizer.model"))
   lengths = [len(tok.encode(t)) for t in texts]
   print("tokens", lengths, "\nours  ", ours, "\ntheirs", theirs)
   assert max(lengths) > 2 * 128  # three windows or more

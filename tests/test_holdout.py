@@ -20,7 +20,7 @@ from helpers import REPO, tiny_config
 from nanollama_jax import data_spec
 from nanollama_jax import config, evaluate, model, train
 from nanollama_jax.data import CHAT_SAMPLE, holdout, pipeline, records, shards, sources
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 FRACTION = 0.2
 KEPT, HELD = 869, 231  # the sample's split at FRACTION: it changes only if the hash does
@@ -29,7 +29,7 @@ HELD_CHATS = 70  # of the chat sample's 360 conversations
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-  return Tokenizer(str(tokenizer_path))
+  return load_tokenizer(str(tokenizer_path))
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +193,7 @@ def test_a_hub_split_holds_out_the_same_documents_streamed_or_downloaded(
 
 
 def test_pretokenized_chat_and_mixture_sources_hold_out_too(sample_dir, tok, texts, tmp_path):
-  writer = shards.ShardWriter(str(tmp_path / "tokens"), tok.proto, tok.vocab_size,
-                              shard_tokens=20_000)
+  writer = shards.ShardWriter(str(tmp_path / "tokens"), tok, shard_tokens=20_000)
   writer.add(tok.encode(t) for t in texts)
   writer.close()
   ids = [np.array(d, np.int32) for d in _ids(texts, tok)]

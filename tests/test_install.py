@@ -99,7 +99,7 @@ def test_validate_refuses_init_from_a_hugging_face_directory_without_the_hf_extr
   sample_cfg.train.init_from = str(hf)
   with pytest.raises(config.ConfigError) as e:
     config.validate(sample_cfg)
-  assert str(e.value) == (f"train.init_from='{hf}': reading a Hugging Face directory needs "
+  assert str(e.value) == (f"train.init_from='{hf}': reading Hugging Face weights needs "
                           f"safetensors: {_pip_command('hf')}")
   sample_cfg.train.init_from = str(tmp_path / "run")  # an orbax workdir needs no extra
   config.validate(sample_cfg)

@@ -20,7 +20,7 @@ from nanollama_jax import config, model, optim, sharding
 from nanollama_jax.attention import Target
 from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.data import pipeline
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 from nanollama_jax import step as step_lib
 
 
@@ -109,7 +109,7 @@ def test_a_sharded_step_equals_the_single_device_step(sample_dir, tokenizer_path
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
   graphdef = model.graph(cfg.model)
-  batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
+  batch = next(pipeline.train_batches(cfg.data, load_tokenizer(str(tokenizer_path))))
 
   params = model.init_params(cfg.model, 0)
   one = step_lib.make_train_step(cfg, graphdef, tx, schedule)
@@ -148,7 +148,7 @@ def test_gradient_accumulation_on_a_mesh_matches_one_big_batch(sample_dir, token
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
   graphdef = model.graph(cfg.model)
-  batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
+  batch = next(pipeline.train_batches(cfg.data, load_tokenizer(str(tokenizer_path))))
   batch["loss_mask"][5, 7:] = 0.0  # uneven token counts across micro-batches
   mesh = sharding.make_mesh(cfg.mesh)
   _, shardings = step_lib.state_sharding(cfg, tx, mesh)
@@ -207,7 +207,7 @@ def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
 
   # The same steps on one device, each global batch the two processes' local batches.
   cfg = config.from_json((tmp_path / "config.json").read_text())
-  tok = Tokenizer(str(tokenizer_path))
+  tok = load_tokenizer(str(tokenizer_path))
   shares = [pipeline.train_batches(cfg.data, tok, i, 2) for i in range(2)]
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   step = step_lib.make_train_step(cfg, model.graph(cfg.model), tx,

@@ -21,12 +21,12 @@ import pytest
 from helpers import REPO, cpu_env
 from nanollama_jax import checkpoint, config, workdir as workdir_lib
 from nanollama_jax.data import pipeline
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-  return Tokenizer(str(tokenizer_path))
+  return load_tokenizer(str(tokenizer_path))
 
 
 def _data_cfg(sample_dir, **fields):

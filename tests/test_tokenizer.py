@@ -9,13 +9,16 @@ import pytest
 
 from helpers import run_script, train_pre_chat_tokenizer
 from nanollama_jax import config
-from nanollama_jax.data import records, tokenizer
-from nanollama_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
+from nanollama_jax.data import chat, records
+from nanollama_jax.data import spm_tokenizer as tokenizer
+from nanollama_jax.data.spm_tokenizer import train_tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
+from nanollama_jax.data.tokenizer_source import load_or_train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-  return Tokenizer(str(tokenizer_path))
+  return load_tokenizer(str(tokenizer_path))
 
 
 def _sample_docs(sample_dir):
@@ -54,11 +57,12 @@ def test_no_text_encodes_to_a_special_token(tok, sample_dir):
 
 def test_a_tokenizer_without_chat_tokens_is_recognised(sample_dir, tmp_path):
   path = train_pre_chat_tokenizer(_sample_docs(sample_dir)[:200], 400, tmp_path / "old.model")
-  old = Tokenizer(str(path))
+  old = load_tokenizer(str(path))
   assert old.vocab_size == 400 and not old.has_chat_tokens
-  with pytest.raises(ValueError, match=r"old.model has no chat tokens \(<\|system\|> .* at ids "
-                     r"4-9\): it was trained before they were reserved"):
-    old.require_chat_tokens()
+  with pytest.raises(ValueError, match=r"old.model \(400 ids\) has no chat template and not "
+                     r"this project's chat tokens \(<\|system\|> .*\): data.format='chat' needs "
+                     r"one or the other"):
+    chat.formatter(old)
 
 
 def test_round_trip_of_every_sample_document(tok, sample_dir):
@@ -81,8 +85,8 @@ def test_newlines_digits_and_no_bos_eos(tok):
 
 def test_pickles_without_its_file(tok, tmp_path):
   path = tmp_path / "copy.model"
-  shutil.copyfile(tok.model_path, path)
-  copy = Tokenizer(str(path))
+  shutil.copyfile(tok.source, path)
+  copy = load_tokenizer(str(path))
   path.unlink()
   restored = pickle.loads(pickle.dumps(copy))
   assert restored.encode("Once upon a time\n") == tok.encode("Once upon a time\n")
@@ -109,7 +113,7 @@ def test_not_a_model_file(tmp_path):
   path = tmp_path / "bad.model"
   path.write_bytes(b"not a model")
   with pytest.raises(ValueError, match="bad.model: not a sentencepiece model"):
-    Tokenizer(str(path))
+    load_tokenizer(str(path))
 
 
 def _data_cfg(sample_dir, **fields):
@@ -141,7 +145,8 @@ def test_load_or_train_copies_a_given_tokenizer(sample_dir, tokenizer_path, tmp_
 def test_load_or_train_refuses_to_swap_tokenizers(sample_dir, tokenizer_path, tmp_path):
   load_or_train_tokenizer(_data_cfg(sample_dir, tokenizer_train_docs=200), 400, str(tmp_path))
   cfg = _data_cfg(sample_dir, tokenizer=str(tokenizer_path))
-  with pytest.raises(ValueError, match="data.tokenizer=.* differs from .*tokenizer.model"):
+  with pytest.raises(ValueError, match="data.tokenizer=.* differs from the tokenizer this "
+                     "workdir was started with"):
     load_or_train_tokenizer(cfg, 400, str(tmp_path))
 
 
@@ -152,7 +157,7 @@ def test_train_tokenizer_script_json(sample_dir, tmp_path):
                       cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads(result.stdout)
-  tok = Tokenizer(str(out))
+  tok = load_tokenizer(str(out))
   assert summary["vocab_size"] == tok.vocab_size == 512
   assert summary["documents"] == 300
   assert summary["sample"] == "One day, a little girl named Lily found a needle in her room"

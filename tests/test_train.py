@@ -17,14 +17,14 @@ import pytest
 from helpers import REPO, tiny_config
 from nanollama_jax import evaluate, model, optim, train
 from nanollama_jax.data import pipeline
-from nanollama_jax.data.tokenizer import Tokenizer
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 from nanollama_jax import step as step_lib
 
 
 @pytest.mark.slow
 def test_training_lowers_validation_loss(sample_dir, tokenizer_path, tmp_path):
   cfg = tiny_config(sample_dir, tokenizer_path)
-  tokenizer = Tokenizer(str(tokenizer_path))
+  tokenizer = load_tokenizer(str(tokenizer_path))
   eval_set = pipeline.eval_batches(cfg.data, tokenizer, cfg.train.eval_steps)
   eval_step = evaluate.make_eval_step(model.graph(cfg.model))
   before = evaluate.mean_loss(eval_step, model.init_params(cfg.model, cfg.train.seed), eval_set)
@@ -55,7 +55,7 @@ def test_training_lowers_validation_loss(sample_dir, tokenizer_path, tmp_path):
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(sample_dir, tokenizer_path):
   cfg = tiny_config(sample_dir, tokenizer_path)
-  batch = next(pipeline.train_batches(cfg.data, Tokenizer(str(tokenizer_path))))
+  batch = next(pipeline.train_batches(cfg.data, load_tokenizer(str(tokenizer_path))))
   batch["loss_mask"][3, 10:] = 0.0  # uneven token counts across micro-batches
   results = []
   for accum in (1, 4):
@@ -98,7 +98,7 @@ def test_command_line_writes_the_workdir(sample_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"]["dim"] == 32 and saved["data"]["seq_len"] == 32
-  assert Tokenizer(str(workdir / "tokenizer.model")).vocab_size == 384  # trained for this run
+  assert load_tokenizer(str(workdir / "tokenizer.model")).vocab_size == 384  # trained for this run
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [2, 4, 4]
   assert "eval_loss" in rows[2] and rows[2]["eval_loss"] > 0
@@ -234,7 +234,7 @@ def test_epochs_samples_and_progress_are_reported(sample_dir, tokenizer_path, tm
                     eval_steps=2, sample_tokens=8, sample_prompts="Once upon a time|Tom")
   cfg.data.train_files = str(tmp_path / "small.jsonl")
   cfg.optim.warmup_steps = 2
-  tok = Tokenizer(str(tokenizer_path))
+  tok = load_tokenizer(str(tokenizer_path))
   epoch_tokens = sum(len(tok.encode(json.loads(d)["text"])) + 2 for d in docs)
   steps_per_epoch = epoch_tokens / (16 * 64)
   with caplog.at_level("INFO"):

@@ -12,7 +12,7 @@ from typing import Any
 
 import grain
 
-from nanollama_jax import config
+from nanollama_jax import config, errors, hf_files
 from nanollama_jax.data import DataError, HubUnreachable
 from nanollama_jax.data.holdout import Holdout, kept
 from nanollama_jax.data.records import (Document, conversation_or_skip, document_or_skip,
@@ -33,9 +33,6 @@ class _Column(Sequence[str]):
     return self._dataset[index][self._key] or ""
 
 
-HUB_PROBE_TIMEOUT_S = 5.0
-
-
 def _is_hub_dataset(path: str) -> bool:
   """Whether `path` names a Hub dataset, not a local folder or a packaged loader ("json")."""
   from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES  # pylint: disable=import-outside-toplevel
@@ -45,26 +42,16 @@ def _is_hub_dataset(path: str) -> bool:
 def check_hub_reachable(path: str) -> None:
   """Raises HubUnreachable within seconds when the Hub that serves `path` cannot be reached.
 
-  `datasets` would retry for about 30 s and then report a missing dataset; one HTTP request to
-  the endpoint (proxies honoured) tells the network apart from a wrong name first. Local folders,
-  packaged loaders and HF_HUB_OFFLINE=1 (the local cache) need no network and are not probed.
+  `datasets` would retry for about 30 s and then report a missing dataset; the probe
+  (hf_files.probe) tells the network apart from a wrong name first. Local folders, packaged
+  loaders and HF_HUB_OFFLINE=1 (the local cache) need no network and are not probed.
   """
-  import urllib.error  # pylint: disable=import-outside-toplevel
-  import urllib.request  # pylint: disable=import-outside-toplevel
-
-  from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
-
-  if constants.HF_HUB_OFFLINE or not _is_hub_dataset(path):
+  if not _is_hub_dataset(path):
     return
   try:
-    urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
-                           timeout=HUB_PROBE_TIMEOUT_S).close()
-  except urllib.error.HTTPError:
-    return  # the server answered: the network is fine
-  except (OSError, ValueError) as e:
-    reason = getattr(e, "reason", e)
-    raise HubUnreachable(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to read "
-                         f"{path!r} ({reason}): the network is down or blocked") from None
+    hf_files.probe(repr(path))
+  except errors.NetworkError as e:
+    raise HubUnreachable(str(e)) from None
 
 
 def load_hub_dataset(path: str, name: str | None, split: str,

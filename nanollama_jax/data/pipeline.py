@@ -51,7 +51,7 @@ import numpy as np
 from absl import flags
 
 from nanollama_jax import config, data_spec, errors
-from nanollama_jax.data import DataError, chat, records, shards, sources
+from nanollama_jax.data import DataError, chat, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -109,33 +109,31 @@ class _TokenizeChunk(grain.transforms.Map):
 
   def __init__(self, tokenizer: Tokenizer):
     self._tokenizer = tokenizer
+    self._chat = None  # the chat format, made at the first conversation
 
   def map(self, chunk: list[tuple[Any, int]]) -> Chunk:
     t = self._tokenizer
-    texts = records.texts(doc for doc, _ in chunk if not isinstance(doc, np.ndarray))
+    texts = [doc for doc, _ in chunk if isinstance(doc, str)]
     encoded = iter(t.encode_batch(texts) if texts else [])
     bos, eos = np.array([t.bos_id], np.int32), np.array([t.eos_id], np.int32)
-    pieces, ends, epochs, total = [], [], [], 0
-    conversations = []  # (start, trained flags): text tokens are all trained
+    pieces, flags, ends, epochs, total = [], [], [], [], 0
     for doc, epoch in chunk:
       if isinstance(doc, (str, np.ndarray)):
         ids = next(encoded) if isinstance(doc, str) else doc
         if not len(ids):
           continue
-        pieces += (bos, ids, eos)
-        size = len(ids) + 2
+        pieces += (bos, np.asarray(ids, np.int32), eos)
+        flags.append(np.ones(len(ids) + 2, np.uint8))
       else:
-        tokens, trained = chat.assemble(doc, encoded)
+        self._chat = self._chat or chat.formatter(t)
+        tokens, trained = self._chat.encode(doc)
         pieces.append(tokens)
-        conversations.append((total, trained))
-        size = len(tokens)
-      total += size
+        flags.append(trained)
+      total += len(flags[-1])
       ends.append(total)
       epochs.append(epoch)
     tokens = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else bos[:0]
-    trained = np.ones(total, np.uint8)
-    for start, conversation in conversations:
-      trained[start:start + len(conversation)] = conversation
+    trained = np.concatenate(flags) if flags else np.zeros(0, np.uint8)
     return tokens, trained, np.array(ends, np.int64), np.array(epochs, np.int32)
 
 
@@ -267,10 +265,11 @@ class _Tag(grain.transforms.Map):
 
 
 def _check_tokenizer(found: sources.Documents, tokenizer: Tokenizer) -> None:
-  if found.pretokenized and found.docs.tokenizer_sha256 != shards.sha256(tokenizer.proto):
+  if found.pretokenized and found.docs.tokenizer_sha256 != tokenizer.fingerprint:
     raise DataError(
-      f"{found.name} was prepared with another tokenizer than this run's ({tokenizer.model_path})"
-      f": set data.tokenizer to its {shards.TOKENIZER}, or prepare it again with this one")
+      f"{found.name} was prepared with another tokenizer than this run's "
+      f"({tokenizer.describe()}): set data.tokenizer to the dataset's directory (it holds its "
+      "tokenizer), or prepare it again with this one")
 
 
 def _mp_prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
@@ -344,7 +343,7 @@ def windows(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, split: st
   `epoch` (of its newest document) and `source` (the index of its source).
   """
   if data_cfg.format == "chat":
-    tokenizer.require_chat_tokens()
+    chat.formatter(tokenizer)  # refuses a tokenizer without a chat format before any reading
   if split == "train":
     found, weights = _train_sources(data_cfg, stream, streams)
   else:

@@ -2,9 +2,10 @@
 
 A dataset is a directory:
 
-  index.json          format, dtype, vocabulary size, the tokenizer's SHA-256, counts, and the
-                      list of shards
-  tokenizer.model     the sentencepiece model the ids come from
+  index.json          format, dtype, vocabulary size, the tokenizer's fingerprint (the SHA-256
+                      of its model file), counts, and the list of shards
+  tokenizer.model     the tokenizer the ids come from: its own files (tokenizer.model, or
+  (or tokenizer.json) tokenizer.json and its configuration; data/tokenizer_source.py)
   tokens-00000.bin    the token ids of whole documents back to back, without BOS/EOS, as raw
                       little-endian uint16 (vocabularies up to 65,536) or uint32
   offsets-00000.npy   int64 [documents + 1]: where each document starts in the .bin file
@@ -17,7 +18,6 @@ the per-host split are index arithmetic.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -26,17 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.data import DataError
+from nanollama_jax.data.tokenizer import Tokenizer
 
 INDEX = "index.json"
-TOKENIZER = workdir_lib.TOKENIZER  # a shard directory names its tokenizer as a workdir does
 FORMAT = "nanollama-tokens"
 VERSION = 1
-
-
-def sha256(blob: bytes) -> str:
-  return hashlib.sha256(blob).hexdigest()
 
 
 def is_dataset(path: str) -> bool:
@@ -63,21 +58,22 @@ class ShardWriter:
   directory with an index is always complete.
   """
 
-  def __init__(self, out_dir: str, tokenizer_proto: bytes, vocab_size: int,
-               shard_tokens: int = 100_000_000, overwrite: bool = False,
-               source: dict[str, Any] | None = None):
+  def __init__(self, out_dir: str, tokenizer: Tokenizer, shard_tokens: int = 100_000_000,
+               overwrite: bool = False, source: dict[str, Any] | None = None):
     if os.path.exists(out_dir) and not overwrite:
       raise FileExistsError(f"{out_dir} exists: choose a new directory or pass --overwrite")
     self._out_dir = out_dir.rstrip("/")
     self._tmp = self._out_dir + ".tmp"
     shutil.rmtree(self._tmp, ignore_errors=True)
     os.makedirs(self._tmp)
-    with open(os.path.join(self._tmp, TOKENIZER), "wb") as f:
-      f.write(tokenizer_proto)
+    for name, blob in tokenizer.files.items():
+      with open(os.path.join(self._tmp, name), "wb") as f:
+        f.write(blob)
+    vocab_size = tokenizer.vocab_size
     self._dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
     self._index: dict[str, Any] = {
       "format": FORMAT, "version": VERSION, "dtype": self._dtype.str, "vocab_size": vocab_size,
-      "tokenizer_sha256": sha256(tokenizer_proto), "documents": 0, "tokens": 0, "shards": [],
+      "tokenizer_sha256": tokenizer.fingerprint, "documents": 0, "tokens": 0, "shards": [],
       "source": source or {},
     }
     self._shard_tokens = shard_tokens

@@ -135,11 +135,12 @@ def _local_train_paths(data_cfg: ml_collections.ConfigDict) -> list[str] | None:
   return None
 
 
-def pretokenized_tokenizer(data_cfg: ml_collections.ConfigDict) -> str | None:
-  """The tokenizer.model of the (first) pretokenized training dataset, if the data is one."""
+def pretokenized_dataset(data_cfg: ml_collections.ConfigDict) -> str | None:
+  """The (first) pretokenized training dataset's directory, which holds its tokenizer, if the
+  training data is one."""
   paths = _local_train_paths(data_cfg)
   if paths and shards.is_dataset(paths[0]):
-    return os.path.join(paths[0], shards.TOKENIZER)
+    return paths[0]
   return None
 
 
@@ -154,8 +155,8 @@ def first_documents(data_cfg: ml_collections.ConfigDict, n: int) -> list[Documen
       return [doc for doc, _ in itertools.islice(it, n)]
     return [found.docs[i] for i in range(min(n, len(found.docs)))]
   if any(os.path.isdir(p) for p in paths):
-    raise DataError("the training data is pretokenized: set data.tokenizer to the model it was "
-                    "prepared with (its tokenizer.model)")
+    raise DataError("the training data is pretokenized: set data.tokenizer to the tokenizer it "
+                    "was prepared with (the dataset's directory holds it)")
   skipped: collections.Counter = collections.Counter()
   docs = list(itertools.islice(kept(read_files(
     paths, data_cfg.text_key, data_cfg.text_separator, skipped, data_cfg.format),
