@@ -6,6 +6,12 @@ each head of q and k before RoPE), tied embeddings, vocab 32768, context 2048, R
 the layers and final norm): the name is the shape's working title, not its count; a SwiGLU FFN
 of 2048 with three matrices is what makes it larger than 180M. One step = 128 x 2048 =
 262,144 tokens in 4 micro-batches; the layer scan keeps compile time flat in the 32 layers.
+
+Tokenizer: Mistral's v3 (32,768 pieces, sentencepiece), read from the Hub as
+hf:mistralai/Mistral-7B-v0.3 (gated: accept its terms on the model's page and set HF_TOKEN).
+The same model file ships in the mistral-common wheel (pip install mistral-common):
+--config.data.tokenizer=SITE_PACKAGES/mistral_common/data/mistral_instruct_tokenizer_240323.model.v3
+reads it offline; --config.data.tokenizer= (empty) trains this project's own instead.
 """
 
 from nanollama_jax.config import get_default_config
@@ -42,7 +48,8 @@ def get_config():
   cfg.data.seq_len = 2048
   cfg.data.batch_size = 128
   cfg.data.num_workers = 8
-  cfg.data.tokenizer_train_docs = 200_000
+  cfg.data.tokenizer = "hf:mistralai/Mistral-7B-v0.3"  # Mistral's v3 (see above)
+  cfg.data.tokenizer_train_docs = 200_000  # with data.tokenizer empty: train our own on these
 
   cfg.optim.lr = 1e-3
   cfg.optim.min_lr = 1e-4

@@ -16,6 +16,13 @@ for the hardware on a CPU host (scripts/aot_compile.py; the numbers are in docs/
   python scripts/aot_compile.py --config configs/llama3_1_8b.py --targets v5p-128
   python scripts/aot_compile.py --config configs/llama3_1_8b.py:h100x8 --targets h100_sxm:8
 
+Tokenizer: Llama 3's (128,256 ids, byte-level BPE), read from the Hub as
+hf:meta-llama/Llama-3.1-8B. Meta's repositories are gated: accept the licence on
+https://huggingface.co/meta-llama/Llama-3.1-8B and set HF_TOKEN (or `hf auth login`), or copy
+its tokenizer.json and tokenizer_config.json to a directory and pass
+--config.data.tokenizer=DIR; --config.data.tokenizer= (empty) trains this project's own
+sentencepiece tokenizer instead.
+
 Data: FineWeb-Edu (sample-100BT) from the Hub, or data.source=files for your own shards.
 """
 
@@ -60,7 +67,8 @@ def get_config(sizing: str = "v5p_128"):
   cfg.data.seq_len = 8192
   cfg.data.batch_size = 128
   cfg.data.num_workers = 8
-  cfg.data.tokenizer_train_docs = 500_000
+  cfg.data.tokenizer = "hf:meta-llama/Llama-3.1-8B"  # Llama 3's; gated (see above)
+  cfg.data.tokenizer_train_docs = 500_000  # with data.tokenizer empty: train our own on these
 
   cfg.optim.lr = 3e-4
   cfg.optim.min_lr = 3e-5

@@ -5,8 +5,14 @@ embeddings, RoPE theta 500000 with the Llama 3.1 frequency scaling (factor 32, l
 frequency factors 1/4, original context 8192): 1,235,814,400 parameters, Meta's published
 count for Llama 3.2 1B.
 
-The project trains its own sentencepiece tokenizer with model.vocab_size pieces; to evaluate or
-continue Meta's weights, their weights would have to be imported (not built yet). Data:
+Tokenizer: Llama 3's (128,256 ids, byte-level BPE), read from the Hub as
+hf:meta-llama/Llama-3.2-1B. Meta's repositories are gated: accept the licence on
+https://huggingface.co/meta-llama/Llama-3.2-1B and set HF_TOKEN (or `hf auth login`), or copy
+its tokenizer.json and tokenizer_config.json to a directory and pass
+--config.data.tokenizer=DIR; --config.data.tokenizer= (empty) trains this project's own
+sentencepiece tokenizer of model.vocab_size pieces instead. To continue Meta's weights rather
+than start from scratch: --config.train.init_from=hf:meta-llama/Llama-3.2-1B (the shape and the
+tokenizer then come from there; docs/checkpoints.md). Data:
 FineWeb-Edu (sample-10BT) from the Hub; it has only a train split, so evaluation reads 0.5%
 of its documents held out of training (data.holdout_fraction) -- or point data.source=files
 at your own shards. One step = 64 x 2048 = 131,072 tokens in 8 micro-batches of 8, each
@@ -54,7 +60,8 @@ def get_config():
   cfg.data.seq_len = 2048
   cfg.data.batch_size = 64
   cfg.data.num_workers = 8
-  cfg.data.tokenizer_train_docs = 200_000
+  cfg.data.tokenizer = "hf:meta-llama/Llama-3.2-1B"  # Llama 3's; gated (see above)
+  cfg.data.tokenizer_train_docs = 200_000  # with data.tokenizer empty: train our own on these
 
   cfg.optim.lr = 3e-4
   cfg.optim.min_lr = 3e-5

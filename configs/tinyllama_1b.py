@@ -4,7 +4,10 @@
 output projection, RoPE theta 10000, context 2048: 1,100,048,384 parameters, the count of the
 published TinyLlama-1.1B checkpoints. TinyLlama was trained on SlimPajama and StarCoder data
 with batch 1024 x 2048 tokens and lr 4e-4; this recipe keeps the shape and the lr and uses
-FineWeb-Edu, every layer rematerialised.
+FineWeb-Edu, every layer rematerialised. Tokenizer: Llama 2's (32,000 pieces, sentencepiece),
+as TinyLlama used it, read from the Hub as hf:TinyLlama/TinyLlama_v1.1 (not gated); offline,
+copy its tokenizer.model (or tokenizer.json) to a directory and pass --config.data.tokenizer=DIR,
+or --config.data.tokenizer= (empty) to train this project's own.
 
 Two sizings, checked by compiling for the hardware on a CPU host (scripts/aot_compile.py; the
 numbers are in docs/performance.md):
@@ -58,7 +61,8 @@ def get_config(sizing: str = "h100"):
   cfg.data.seq_len = 2048
   cfg.data.batch_size = SIZINGS[sizing][0]
   cfg.data.num_workers = 8
-  cfg.data.tokenizer_train_docs = 200_000
+  cfg.data.tokenizer = "hf:TinyLlama/TinyLlama_v1.1"  # Llama 2's (see above)
+  cfg.data.tokenizer_train_docs = 200_000  # with data.tokenizer empty: train our own on these
 
   cfg.optim.lr = 4e-4
   cfg.optim.min_lr = 4e-5

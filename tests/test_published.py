@@ -4,6 +4,8 @@ their chat templates against transformers' apply_chat_template; their export to 
 
 import json
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,8 +13,8 @@ import pytest
 import transformers
 from safetensors.numpy import load_file
 
-from helpers import LLAMA3_SPECIALS, free_port, model_cfg, random_params
-from nanollama_jax import config, errors, export
+from helpers import LLAMA3_SPECIALS, REPO, cpu_env, free_port, model_cfg, random_params
+from nanollama_jax import config, errors, export, recipe
 from nanollama_jax.data import CHAT_SAMPLE, DataError, chat, records, tokenizer_source
 from nanollama_jax.data.hf_tokenizer import HFTokenizer
 from nanollama_jax.data.spm_tokenizer import SentencePieceTokenizer
@@ -314,3 +316,47 @@ def test_an_export_that_fails_leaves_nothing(l3, tmp_path, monkeypatch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "notes", "out"]
   written = load_file(str(tmp_path / "out" / "model.safetensors"))
   assert np.array_equal(written["model.norm.weight"], params["final_norm"]["scale"])
+
+
+# --- Recipes ------------------------------------------------------------------------------------
+
+RECIPES = {"llama3_2_1b": "hf:meta-llama/Llama-3.2-1B",
+           "llama3_1_8b": "hf:meta-llama/Llama-3.1-8B",
+           "tinyllama_1b": "hf:TinyLlama/TinyLlama_v1.1",
+           "dense_180m": "hf:mistralai/Mistral-7B-v0.3"}
+
+
+def test_the_published_recipes_use_the_published_tokenizers_and_say_what_to_do_offline(
+    monkeypatch, tmp_path):
+  from huggingface_hub import constants
+  monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+  for name, spec in RECIPES.items():
+    cfg = recipe.load(f"configs/{name}.py")
+    assert cfg.data.tokenizer == spec
+    start = time.perf_counter()
+    with pytest.raises(errors.NetworkError) as caught:
+      tokenizer_source.load_or_train_tokenizer(cfg.data, cfg.model.vocab_size,
+                                               str(tmp_path / name))
+    assert time.perf_counter() - start < 10
+    assert f"data.tokenizer='{spec}'" in str(caught.value)
+    command = f"--input 'YOUR_TEXT/*.jsonl' --vocab-size {cfg.model.vocab_size} --out"
+    assert f"python scripts/train_tokenizer.py {command}" in str(caught.value)
+    assert not (tmp_path / name).exists()
+  # The TinyStories recipes keep training their own.
+  assert recipe.load("configs/tinystories.py").data.tokenizer == ""
+
+
+@pytest.mark.slow
+def test_an_offline_published_recipe_stops_in_one_line(tmp_path):
+  env = {**cpu_env(1), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "0"}
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "nanollama_jax.train", "--config",
+                         "configs/dense_180m.py", "--workdir", str(tmp_path / "run")],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert proc.returncode == 75, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("network error: cannot reach the Hugging Face Hub at ")
+  assert "data.tokenizer='hf:mistralai/Mistral-7B-v0.3'" in last and "train_tokenizer.py" in last
+  assert not (tmp_path / "run").exists()
+  print(f"stopped after {time.perf_counter() - start:.1f}s")

@@ -60,19 +60,20 @@ def load_dir(directory: str) -> Tokenizer | None:
   return None
 
 
-def _no_hub_hint(spec: str) -> str:
+def _no_hub_hint(spec: str, vocab_size: int | None) -> str:
   return (f"Without the Hub: copy the repository's tokenizer files (tokenizer.json and "
           f"tokenizer_config.json, or tokenizer.model) to a directory and set data.tokenizer to "
           f"it, or train this project's own instead of {spec}: python scripts/train_tokenizer.py "
-          "--input 'YOUR_TEXT/*.jsonl' --vocab-size N --out tokenizer.model, then "
-          "--config.data.tokenizer=tokenizer.model (or leave it empty: the run trains one on its "
-          "data)")
+          f"--input 'YOUR_TEXT/*.jsonl' --vocab-size {vocab_size or 'N'} --out tokenizer.model, "
+          "then --config.data.tokenizer=tokenizer.model (or leave it empty: the run trains one on "
+          "its data)")
 
 
-def load(spec: str, key: str = "data.tokenizer") -> Tokenizer:
-  """The tokenizer `spec` names (see the module docstring); errors are one line naming `key`."""
+def load(spec: str, key: str = "data.tokenizer", vocab_size: int | None = None) -> Tokenizer:
+  """The tokenizer `spec` names (see the module docstring); errors are one line naming `key`
+  (and, when the Hub cannot be reached, the command that trains a tokenizer of `vocab_size`)."""
   if hf_files.is_hub_name(spec):
-    directory = hf_files.download(spec, list(FILES), key, _no_hub_hint(spec))
+    directory = hf_files.download(spec, list(FILES), key, _no_hub_hint(spec, vocab_size))
     tokenizer = load_dir(directory)
     if tokenizer is None:
       raise DataError(f"{key}={spec!r}: the repository has no tokenizer.json or tokenizer.model")
@@ -123,10 +124,11 @@ def check_vocab(tokenizer: Tokenizer, model_cfg: ml_collections.ConfigDict) -> N
                  model_cfg.vocab_size - tokenizer.vocab_size, tokenizer.vocab_size)
 
 
-def _given(data_cfg: ml_collections.ConfigDict, kept: Tokenizer | None) -> Tokenizer:
+def _given(data_cfg: ml_collections.ConfigDict, vocab_size: int, kept: Tokenizer | None
+           ) -> Tokenizer:
   """data.tokenizer, loaded; a Hub that cannot be reached falls back on the workdir's copy."""
   try:
-    return load(data_cfg.tokenizer)
+    return load(data_cfg.tokenizer, vocab_size=vocab_size)
   except errors.NetworkError as e:
     if kept is None or not hf_files.is_hub_name(data_cfg.tokenizer):
       raise
@@ -142,7 +144,7 @@ def load_or_train_tokenizer(data_cfg: ml_collections.ConfigDict, vocab_size: int
   pretokenized data's, or one trained on the corpus, in that order."""
   kept = load_dir(workdir)
   if data_cfg.tokenizer:
-    given = _given(data_cfg, kept)
+    given = _given(data_cfg, vocab_size, kept)
     if kept is None:
       save(given, workdir)
       logging.info("Copied %s to %s", given.describe(), workdir)
