@@ -13,11 +13,19 @@ enough of them (a step's block can still be in use when the next step allocates,
 blocks fragment); then host memory stays flat. The process keeps a few scratch sizes of host
 memory until it exits, which a training process would hold anyway. It must run before JAX starts its CPU backend: threads that already hold an arena
 keep it.
+
+One arena serializes the allocations of every thread, so a native library that allocates from
+many threads at once slows down: the `tokenizers` library's batch encoding (a tokenizer.json
+read in the training process, data.num_workers=0) ran at 0.22-0.24M tokens/s on 2 cores with
+its thread per core, 0.49M with one thread (scripts/benchmark.py --sections data).
+`keep_freed_memory` therefore sets TOKENIZERS_PARALLELISM=false unless it is set already; grain's
+worker processes start with glibc's defaults.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # mallopt parameters, from glibc's malloc.h.
@@ -48,6 +56,8 @@ def keep_freed_memory() -> bool:
   # mallopt returns 1 on success and 0 on error.
   _applied = all(mallopt(param, value) == 1 for param, value in (
     (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
+  if _applied:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   return _applied
 
 

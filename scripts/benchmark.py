@@ -297,8 +297,8 @@ def data(data_dir: str, target_tokens: int) -> dict:
     rates: dict = {}
     for label, fields, n, encoder in [
       ("on_the_fly", dict(num_workers=0), 60, tok),
-      ("on_the_fly_2_workers", dict(num_workers=2), 60, tok),
       ("on_the_fly_tokenizer_json", dict(num_workers=0), 60, bpe),
+      ("on_the_fly_2_workers", dict(num_workers=2), 60, tok),
       ("on_the_fly_tokenizer_json_2_workers", dict(num_workers=2), 60, bpe),
       ("pretokenized", dict(train_files=os.path.join(tmp, "tokens")), 300, tok),
       ("pretokenized_first_fit", dict(train_files=os.path.join(tmp, "tokens"),

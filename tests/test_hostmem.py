@@ -1,6 +1,7 @@
 """hostmem.keep_freed_memory: XLA:CPU's per-call scratch space stops being page-faulted in."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,16 @@ def test_scratch_space_is_reused_instead_of_faulted_in():
   # most calls reuse a block and fault nothing.
   faulting = sum(f > 1_000 for f in keep["faults"])
   assert faulting <= len(keep["faults"]) // 2, keep["faults"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_one_arena_turns_the_tokenizers_threads_off_unless_asked_for():
+  code = ("import os; from nanollama_jax import hostmem; "
+          "print(hostmem.keep_freed_memory(), os.environ.get('TOKENIZERS_PARALLELISM'))")
+  env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+
+  def run(env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env).stdout.split()
+  assert run(env) == ["True", "false"]
+  assert run({**env, "TOKENIZERS_PARALLELISM": "true"}) == ["True", "true"]

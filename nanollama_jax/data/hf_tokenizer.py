@@ -122,7 +122,8 @@ class HFTokenizer(Tokenizer):
     return self._text.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._text.encode_batch(list(texts), add_special_tokens=False)]
+    # The fast variant computes no character offsets (a third faster on the sample's stories).
+    return [e.ids for e in self._text.encode_batch_fast(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._text.decode([int(i) for i in ids], skip_special_tokens=True)

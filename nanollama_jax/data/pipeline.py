@@ -41,6 +41,7 @@ so a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import collections
+import os
 import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -84,11 +85,13 @@ def single_document_rows(tokens_BxT1: np.ndarray) -> Batch:
 _DOCS_PER_CHUNK = 32
 
 
-def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+def _init_worker(worker_index: int, worker_count: int) -> None:
   """Ctrl-C reaches the whole process group: workers leave it to the trainer, which saves a
-  checkpoint and then stops them."""
+  checkpoint and then stops them. Each worker tokenizes on one thread (the `tokenizers` library
+  would start a thread per core in every worker): workers are the parallelism."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 class _WithEpoch(grain.transforms.MapWithIndex):
@@ -278,7 +281,7 @@ def _mp_prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                        worker_init_fn=_ignore_sigint)
+                        worker_init_fn=_init_worker)
 
 
 def _windows_of(found: sources.Documents, data_cfg: ml_collections.ConfigDict,
