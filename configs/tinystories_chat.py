@@ -37,8 +37,9 @@ def get_config():
   cfg.train.eval_every = 20
   cfg.train.eval_steps = 50  # the whole validation split
   cfg.train.ckpt_every = 0  # the end only
-  # Greedy replies to these user turns at each evaluation.
+  # Greedy replies to these user turns, at each evaluation.
   cfg.train.sample_prompts = ("Tell me a short story about a little dog named Max.|"
                               "Write a story that begins with: One day, Lily found a red ball.")
   cfg.train.sample_tokens = 64
+  cfg.train.sample_every = 20
   return cfg

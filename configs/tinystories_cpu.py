@@ -39,5 +39,6 @@ def get_config():
   cfg.train.eval_every = 100
   cfg.train.eval_steps = 50
   cfg.train.ckpt_every = 100
-  cfg.train.sample_tokens = 48  # greedy stories from the prompts at each evaluation
+  cfg.train.sample_tokens = 48  # greedy stories from the prompts, at each evaluation
+  cfg.train.sample_every = 100
   return cfg

@@ -36,18 +36,12 @@ import ml_collections
 
 from nanollama_jax import attention, errors, evaluate, model, sharding, targets
 from nanollama_jax import step as step_lib
-from nanollama_jax import config as config_lib
 
 PROGRAMS = ("train_step", "eval_step", "prefill", "decode")
-INSTALL = 'pip install -e ".[aot]"'
 # Custom calls that are attention kernels, by platform: our Pallas kernel through XLA's Triton
 # on a GPU, splash (Mosaic) on a TPU.
 _KERNEL_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 MAX_BATCH_LIMIT = 4096  # --max-batch looks no further than this many sequences per device
-
-
-class Unavailable(errors.InstallError):
-  """This install cannot compile for the platform (the aot extra is missing)."""
 
 
 @dataclasses.dataclass
@@ -117,6 +111,7 @@ def one_line(error: BaseException) -> str:
 def devices(target: targets.Target) -> tuple[Any, ...]:
   """Compile-only devices of `target` (no hardware needed)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  errors.require((errors.AOT_PLUGINS[target.platform],), "aot", f"compiling for {target.name}")
   # A compile-only executable cannot be loaded back from JAX's persistent compilation cache
   # (there is no device client to load it into): caching one only costs a write and a warning.
   jax.config.update("jax_enable_compilation_cache", False)
@@ -139,9 +134,10 @@ def devices(target: targets.Target) -> tuple[Any, ...]:
         wrap=(False, False, False))
   except (RuntimeError, ValueError, KeyError) as e:
     need = "the CUDA plugin and nvcc" if target.platform == "cuda" else "libtpu"
-    raise Unavailable(f"cannot describe {target.name} to a compiler ({one_line(e)}): compiling "
-                      f"for {target.platform} needs {need}: {INSTALL}; and JAX_PLATFORMS=cpu "
-                      "set before JAX starts") from e
+    raise errors.InstallError(
+      f"cannot describe {target.name} to a compiler ({one_line(e)}): compiling for "
+      f"{target.platform} needs {need}: {errors.install_command('aot')}; and JAX_PLATFORMS=cpu "
+      "set before JAX starts") from e
   found = tuple(topology.devices)
   if len(found) != target.devices:
     raise RuntimeError(f"{target.name}: the compiler describes {len(found)} devices, "
@@ -226,7 +222,7 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
                    progress: Callable[[str], None] | None = None) -> Report:
   """Compiles `programs` of `cfg` for `target`; a program that fails is reported, not raised."""
   found = devices(target)
-  attn_target = attention.Target(target.platform, target.generation)
+  attn_target = attention.Platform(target.platform, target.generation)
   impl = attention.resolve(cfg.model.attention, attn_target)
   shape = sharding.mesh_shape(cfg.mesh, len(found))
   split = shape["data"] * shape["fsdp"]
@@ -236,7 +232,7 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
   mesh = sharding.make_mesh(cfg.mesh, found)
   try:
     sharding.check_batch(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
-  except config_lib.ConfigError as e:
+  except errors.ConfigError as e:
     report.error = f"{e} ({target.devices} devices on {target.name})"
     return report
   built = step_lib.build(cfg, mesh, attn_target)

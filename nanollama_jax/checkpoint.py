@@ -18,6 +18,7 @@ then moves it to WORKDIR/checkpoints_damaged/ and falls back to the previous one
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging as std_logging
 import os
@@ -25,7 +26,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,6 @@ _ITEMS = ("params", "opt_state", "data", "meta", "config")
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "qk_norm",
               "tie_embeddings")
 
-
-CheckpointError = errors.CheckpointError
 
 # Reading a checkpoint can fail for reasons that say nothing about its files: the network or the
 # object store failed (a retry may work), the device or host ran out of memory (a smaller slice),
@@ -104,8 +103,9 @@ class _DataPositionsHandler(ocp.CheckpointHandler):
         found[int(match[2])] = (int(match[3]), path)
     counts = {count for count, _ in found.values()}
     if len(counts) != 1 or set(found) != set(range(next(iter(counts)))):
-      raise CheckpointError(f"{directory} does not hold the position of every data stream (it "
-                            f"holds {sorted(p.name for _, p in found.values())})")
+      raise errors.CheckpointError(
+        f"{directory} does not hold the position of every data stream (it "
+        f"holds {sorted(p.name for _, p in found.values())})")
     return {"streams": counts.pop(),
             "positions": {str(s): json.loads(path.read_text()) for s, (_, path) in found.items()}}
 
@@ -152,7 +152,8 @@ def refuse_other_shape(saved: dict[str, Any], model_cfg: Any, where: str,
                         advice: str = "") -> None:
   diff = shape_differences(saved, model_cfg)
   if diff:
-    raise CheckpointError(f"{where} holds a model of another shape ({'; '.join(diff)}){advice}")
+    raise errors.CheckpointError(
+      f"{where} holds a model of another shape ({'; '.join(diff)}){advice}")
 
 
 class _DropReadOnlyNotice(std_logging.Filter):
@@ -185,11 +186,12 @@ def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any
     r = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
   except Exception as e:  # pylint: disable=broad-except  # tensorstore's and orbax's many errors
-    raise CheckpointError(f"{where}: step {step} could not be read, it is damaged: "
-                          f"{type(e).__name__}: {e}") from e
+    raise errors.CheckpointError(f"{where}: step {step} could not be read, it is damaged: "
+                                 f"{type(e).__name__}: {e}") from e
   if fingerprints.mismatched({"params": r["params"]}, r["meta"]["fingerprint"]):
-    raise CheckpointError(f"{where}: step {step} reads back different values than were saved: "
-                          "it is damaged")
+    raise errors.CheckpointError(
+      f"{where}: step {step} reads back different values than were saved: "
+      "it is damaged")
   return r["params"]
 
 
@@ -240,19 +242,40 @@ def check_workdir(workdir: str, checkpoint_bytes: int, keep: int) -> None:
     paths.write(probe, "ok")
     paths.remove(probe)
   except OSError as e:
-    raise CheckpointError(f"the workdir {workdir} is not writable: {e}") from e
+    raise errors.CheckpointError(f"the workdir {workdir} is not writable: {e}") from e
   if paths.is_remote(workdir):
     return
   free = shutil.disk_usage(workdir).free
-  gib = 1 << 30
   if free < checkpoint_bytes:
-    raise CheckpointError(
-      f"{free / gib:.2f} GiB free under {workdir}, but one checkpoint takes about "
-      f"{checkpoint_bytes / gib:.2f} GiB: free some space or use another workdir")
+    raise errors.CheckpointError(
+      f"{_size(free)} free under {workdir}, but one checkpoint takes about "
+      f"{_size(checkpoint_bytes)}: free some space or use another workdir")
   if free < (keep + 1) * checkpoint_bytes:
-    logging.warning(
-      "%.2f GiB free under %s: fewer than train.keep_ckpts + 1 = %d checkpoints of %.2f GiB fit",
-      free / gib, workdir, keep + 1, checkpoint_bytes / gib)
+    logging.warning("%s free under %s: fewer than train.keep_ckpts + 1 = %d checkpoints of %s fit",
+                    _size(free), workdir, keep + 1, _size(checkpoint_bytes))
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or one it came from) is a write that found no space left (ENOSPC)."""
+  seen: BaseException | None = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(seen) or "os_error_code='28'" in str(seen):
+      return True
+    seen = seen.__cause__ or seen.__context__
+  return False
+
+
+def _size(n: int) -> str:
+  """Bytes as people read them: GiB from 1 GiB up, else MiB."""
+  return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _tree_bytes(directory: str) -> int:
+  """The bytes of the files under a local directory."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(directory) for name in names)
 
 
 def finished(step_dir: str) -> bool:
@@ -285,6 +308,7 @@ class Checkpointer:
           paths.remove(paths.join(self.directory, name))
     self._manager = self._new_manager(keep, async_save)
     self.last_blocking_s = 0.0
+    self._disk_full = False  # a save failed on a full disk, and that was said
 
   def _new_manager(self, keep: int, async_save: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -311,23 +335,57 @@ class Checkpointer:
     if not finite:
       logging.error("not saving step %d: the parameters or optimizer state are not finite", step)
       return False
-    self._manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      data=ProcessJsonSave(data_state),
-      meta=ocp.args.JsonSave({**meta.to_json(), "fingerprint": hashes}),
-      config=ocp.args.JsonSave(json.loads(config_json)),
-    ), force=True)
+    try:  # an asynchronous save that failed raises here, at the next save
+      self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        data=ProcessJsonSave(data_state),
+        meta=ocp.args.JsonSave({**meta.to_json(), "fingerprint": hashes}),
+        config=ocp.args.JsonSave(json.loads(config_json)),
+      ), force=True)
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore's and orbax's many errors
+      self._failed_save(e)
     self.last_blocking_s = time.perf_counter() - start
     return True
 
   def wait(self) -> None:
     """Blocks until every started save is on disk; raises if one failed."""
-    self._manager.wait_until_finished()
-    self._manager.check_for_errors()
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed_save(e)
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not self._disk_full:  # said once already
+        self._failed_save(e)
+
+  def _failed_save(self, error: Exception) -> NoReturn:
+    """Raises `error`, or for a disk that filled up during a save, CheckpointError in one line
+    that says how much a checkpoint needs, what is free, and which checkpoint the run resumes
+    from; the save's half-written folder is removed (nothing complete is touched)."""
+    if not is_disk_full(error):
+      raise error
+    self._disk_full = True
+    half = [n for n in paths.listdir(self.directory) if _TMP_SUFFIX in n]
+    if jax.process_index() == 0:
+      for name in half:
+        paths.remove(paths.join(self.directory, name))
+    failed = sorted({int(n.split(".")[0]) for n in half if n.split(".")[0].isdigit()})
+    complete = step_dirs(self.directory)
+    need = _tree_bytes(paths.join(self.directory, str(complete[-1]))) if complete else 0
+    free = shutil.disk_usage(self.workdir).free
+    newest = (f"the newest complete checkpoint is step {complete[-1]}; rerunning the same command "
+              "resumes from it" if complete else "no checkpoint is complete yet; rerunning the "
+              "same command starts over")
+    raise errors.CheckpointError(
+      f"the disk of {self.workdir} is full: checkpoint "
+      f"{' and '.join(map(str, failed)) or '(the newest)'} could not be written and was removed "
+      f"(a checkpoint takes {_size(need)}, {_size(free)} are free); {newest} once "
+      "there is room (free some space, or lower train.keep_ckpts)") from None
 
   def read_config(self, step: int) -> dict[str, Any]:
     return _read_config(self._manager, step)
@@ -345,8 +403,8 @@ class Checkpointer:
       tree["opt_state"] = r["opt_state"]
     bad = fingerprints.mismatched(tree, r["meta"]["fingerprint"])
     if bad:
-      raise CheckpointError(f"the values read back differ from the ones saved in {bad[:3]}"
-                            f"{' and others' if len(bad) > 3 else ''}")
+      raise errors.CheckpointError(f"the values read back differ from the ones saved in {bad[:3]}"
+                                   f"{' and others' if len(bad) > 3 else ''}")
     return Restored(step=step, params=r["params"], opt_state=r.get("opt_state"),
                     data_state=r.get("data"), meta=Meta.from_json(r["meta"]),
                     config=r["config"])
@@ -385,17 +443,17 @@ class Checkpointer:
         logging.warning("resuming from step %d instead: %d newer checkpoint(s) were damaged",
                         step, len(damaged))
       return restored
-    raise CheckpointError(
+    raise errors.CheckpointError(
       f"none of the checkpoints in {self.directory} could be read; they were moved to "
       f"{', '.join(damaged)}. Rerun to start from step 0, or move one back to retry it")
 
   def _set_aside(self, step: int, error: Exception) -> str:
-    """Moves a damaged checkpoint aside; raises CheckpointError, moving nothing, when `error`
+    """Moves a damaged checkpoint aside; raises errors.CheckpointError, moving nothing, when `error`
     is not damage."""
     src = paths.join(self.directory, str(step))
     if not is_damage(error):
       network = isinstance(error, (ConnectionError, TimeoutError)) or _names(error, _NETWORK)
-      kind = errors.NetworkError if network else CheckpointError
+      kind = errors.NetworkError if network else errors.CheckpointError
       raise kind(f"checkpoint {src} could not be read, for a reason that says nothing about its "
                  f"files, so it was left in place: {type(error).__name__}: "
                  f"{str(error).splitlines()[0][:500] if str(error) else ''}") from error
@@ -438,12 +496,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
   paths.check_backend(workdir)
   steps = steps_on_disk(workdir)
   if not steps:
-    raise CheckpointError(f"{workdir} has no checkpoint (looked in "
-                          f"{paths.join(workdir, workdir_lib.CHECKPOINTS)})")
+    raise errors.CheckpointError(f"{workdir} has no checkpoint (looked in "
+                                 f"{paths.join(workdir, workdir_lib.CHECKPOINTS)})")
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise CheckpointError(f"{workdir} has no checkpoint for step {step}; it has {steps}")
+    raise errors.CheckpointError(f"{workdir} has no checkpoint for step {step}; it has {steps}")
   manager = _read_only_manager(paths.join(workdir, workdir_lib.CHECKPOINTS))
   try:
     cfg = config_lib.from_json(json.dumps(_read_config(manager, step)))

@@ -14,9 +14,9 @@ import sys
 
 from absl import app, flags, logging
 
-from nanollama_jax import errors, hostmem, model, recipe, sharding, train
+from nanollama_jax import checkpoint, errors, hostmem, model, recipe, sharding, train
 from nanollama_jax import config as config_lib
-from nanollama_jax.data import HubUnreachable
+from nanollama_jax.errors import HubUnreachable
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.")
 _COORDINATOR = flags.DEFINE_string(
@@ -111,14 +111,35 @@ def dry_run(cfg) -> str:
 class _QuietLibraries(std_logging.Filter):
   """Drops the INFO chatter of orbax (dozens of lines per save), JAX's start-up notes (such as
   "Unable to initialize backend 'tpu'" on every machine without one) and, in a gs:// workdir,
-  fsspec's and gcsfs's (a line for every file orbax reads); warnings still show."""
+  fsspec's and gcsfs's (a line for every file orbax reads); warnings still show. The tracebacks
+  of a save that found the disk full (orbax's threads, asyncio's unretrieved tasks) are dropped
+  too: the run says that in one line (checkpoint.Checkpointer)."""
 
   _CHATTY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}",
              f"{os.sep}fsspec{os.sep}", f"{os.sep}gcsfs{os.sep}")
+  _ORBAX = f"{os.sep}orbax{os.sep}"
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if ((self._ORBAX in record.pathname and "No space left on device" in record.getMessage())
+        or (record.exc_info and checkpoint.is_disk_full(record.exc_info[1]))):
+      return False
     return record.levelno >= std_logging.WARNING or not any(
       part in record.pathname for part in self._CHATTY)
+
+
+def _drop_abandoned_orbax_writes(unraisable) -> None:
+  """sys.unraisablehook: when an asynchronous save fails (a full disk), orbax abandons its other
+  writes, whose coroutines and callbacks then find their event loop closed; Python prints each as
+  a traceback, which says nothing the run's own error line does not. Those are logged at debug
+  level; every other unraisable exception is printed as usual."""
+  code = getattr(unraisable.object, "cr_code", None)
+  orbax = code is not None and _QuietLibraries._ORBAX in code.co_filename  # pylint: disable=protected-access
+  closed = (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+  if orbax or closed:
+    logging.debug("abandoned asynchronous write: %r", unraisable.exc_value)
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def offline_command(workdir: str) -> str:
@@ -137,6 +158,7 @@ def offline_command(workdir: str) -> str:
 
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _drop_abandoned_orbax_writes
   if len(argv) > 1:
     raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (see --help)")
   if _Recipe.spec is None or _WORKDIR.value is None:

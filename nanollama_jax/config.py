@@ -32,8 +32,6 @@ ROPE_SCALING_KEYS = (
 )
 
 
-ConfigError = errors.ConfigError
-
 
 def get_default_config() -> ml_collections.ConfigDict:
   """Returns the single source of defaults: a small LLaMA on local files, float32."""
@@ -170,15 +168,17 @@ def _train_defaults() -> ml_collections.ConfigDict:
   # with data.tokenizer empty, the tokenizer (init_from.py). Ignored when the workdir has a
   # checkpoint to resume.
   train.init_from = ""
-  # At each evaluation, greedy continuations of these prompts ("|"-separated) go to the log and
-  # to TensorBoard's text tab; sample_tokens=0 turns them off.
+  # Every sample_every steps and at the end, greedy continuations of these prompts ("|"-separated)
+  # of sample_tokens tokens go to the log and to TensorBoard's text tab; sample_tokens=0: none.
   train.sample_prompts = "Once upon a time|One day, a little"
   train.sample_tokens = 0
-  # A Hub model repository ("user/name") that receives the Hugging Face export of the run every
-  # push_every checkpoints and at the end, uploaded by a background process (nanollama_jax/hub.py)
-  # with the token huggingface_hub finds (HF_TOKEN or `hf auth login`); "" uploads nothing.
+  train.sample_every = 200
+  # A Hub model repository ("user/name") that receives the Hugging Face export of the run's
+  # checkpoint every push_every steps (a multiple of ckpt_every; 0: every checkpoint) and at the
+  # end, uploaded by a background process (nanollama_jax/hub.py) with the token huggingface_hub
+  # finds (HF_TOKEN or `hf auth login`); "" uploads nothing.
   train.push_to_hub = ""
-  train.push_every = 1
+  train.push_every = 0
   return train
 
 
@@ -198,7 +198,7 @@ def head_dim(model: ml_collections.ConfigDict) -> int:
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-  raise ConfigError(f"{key}={value!r}: {allowed}")
+  raise errors.ConfigError(f"{key}={value!r}: {allowed}")
 
 
 def _is_group(value: Any) -> bool:
@@ -214,7 +214,7 @@ def _all_keys(group: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return keys
 
 
-def _unknown_key(name: str) -> ConfigError:
+def _unknown_key(name: str) -> errors.ConfigError:
   """The error for a key the schema lacks, naming the closest keys at its depth."""
   group, _, last = name.rpartition(".")
   peers = [k for k in _all_keys(get_default_config()) if k.count(".") == name.count(".")]
@@ -223,8 +223,9 @@ def _unknown_key(name: str) -> ConfigError:
     close = [k for k in peers if k.startswith(group + ".")
              and difflib.SequenceMatcher(None, k.rpartition(".")[2], last).ratio() >= 0.5][:3]
   hint = f"did you mean {' or '.join(close)}? " if close else ""
-  return ConfigError(f"unknown config key {name!r}; {hint}every field and its default are in "
-                     "nanollama_jax/config.py")
+  return errors.ConfigError(
+    f"unknown config key {name!r}; {hint}every field and its default are in "
+    "nanollama_jax/config.py")
 
 
 def check_key(name: str) -> None:
@@ -370,10 +371,17 @@ def _check_optim(optim_cfg: ml_collections.ConfigDict, steps: int) -> None:
 def _check_train(train_cfg: ml_collections.ConfigDict) -> None:
   _check_ints({f"train.{k}": train_cfg[k] for k in (
     "steps", "log_every", "eval_every", "eval_steps", "keep_ckpts", "max_bad_steps",
-    "push_every")}, 1)
+    "sample_every")}, 1)
   if train_cfg.push_to_hub and len(train_cfg.push_to_hub.split("/")) != 2:
     _fail("train.push_to_hub", train_cfg.push_to_hub, "must be a Hub repository id, user/name")
-  _check_ints({f"train.{k}": train_cfg[k] for k in ("seed", "ckpt_every", "sample_tokens")}, 0)
+  _check_ints({f"train.{k}": train_cfg[k] for k in (
+    "seed", "ckpt_every", "sample_tokens", "push_every")}, 0)
+  every, ckpt_every = train_cfg.push_every, train_cfg.ckpt_every
+  if train_cfg.push_to_hub and every and (not ckpt_every or every % ckpt_every):
+    multiple = (f"a multiple of train.ckpt_every={ckpt_every}" if ckpt_every else
+                "0 when train.ckpt_every=0 (checkpoints at the end only)")
+    _fail("train.push_every", every, f"counts steps between pushes, and a push uploads a "
+          f"checkpoint: must be {multiple}, or 0 to push every checkpoint")
   profile_steps(train_cfg.profile_steps)
 
 
@@ -447,7 +455,7 @@ def _check_installed(train_cfg: ml_collections.ConfigDict) -> None:
 
 
 def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
-  """Raises ConfigError naming the first key whose value cannot work.
+  """Raises errors.ConfigError naming the first key whose value cannot work.
 
   `check_files`: also that the files the config names exist and the extras it uses are installed
   (off where the config is only compiled, e.g. on another machine).
@@ -472,9 +480,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   cfg = get_default_config()
   for group, fields in json.loads(text).items():
     if group not in cfg:
-      raise ConfigError(f"unknown config group {group!r} in the saved config")
+      raise errors.ConfigError(f"unknown config group {group!r} in the saved config")
     for key, value in fields.items():
       if key not in cfg[group]:
-        raise ConfigError(f"unknown config key '{group}.{key}' in the saved config")
+        raise errors.ConfigError(f"unknown config key '{group}.{key}' in the saved config")
       cfg[group][key] = value
   return cfg

@@ -59,6 +59,23 @@ class NetworkError(Error, ConnectionError):
   exit_code = 75  # EX_TEMPFAIL
 
 
+class HubUnreachable(NetworkError, DataError):
+  """The Hugging Face Hub cannot be reached to read a dataset: the network, not the config or
+  the data (the training command then offers the offline sample)."""
+
+
+class ExportError(CheckpointError):
+  """A model, tokenizer or directory that the Hugging Face export cannot take."""
+
+
+class TargetError(UsageError):
+  """A target name that is not in the hardware tables, or a count that does not make a slice."""
+
+
+class WorkdirHeld(UsageError):
+  """Another run holds the workdir (lease.py)."""
+
+
 class InstallError(Error, ImportError):
   """A feature needs a package that is not installed; the message gives the pip command."""
 
@@ -101,6 +118,13 @@ MODULES = {
   "eval": ("lm_eval",),
   "gcs": ("gcsfs", "google.cloud.storage"),
 }
+# The module of the aot extra that compiles for each platform: XLA's CUDA plugin, libtpu.
+AOT_PLUGINS = {"cuda": "jax_cuda12_plugin", "tpu": "libtpu"}
+
+
+def install_command(extra: str) -> str:
+  """The pip command that installs `extra`, as every install message gives it."""
+  return f"pip install 'nanollama_jax[{extra}]' (or pip install -e \".[{extra}]\" in a clone)"
 
 
 def require(modules: tuple[str, ...], extra: str, feature: str) -> None:
@@ -114,8 +138,7 @@ def require(modules: tuple[str, ...], extra: str, feature: str) -> None:
       return False
   missing = [m for m in modules if not installed(m)]
   if missing:
-    raise InstallError(f"{feature} needs {', '.join(missing)}: pip install "
-                       f"'nanollama_jax[{extra}]' (or pip install -e \".[{extra}]\" in a clone)")
+    raise InstallError(f"{feature} needs {', '.join(missing)}: {install_command(extra)}")
 
 
 def cli(main: Callable[[], Any]) -> NoReturn:

@@ -46,16 +46,13 @@ _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _DTYPES = tuple(_NUMPY_DTYPES)
 
 
-class ExportError(errors.CheckpointError):
-  """The model or directory cannot be converted; the message says why."""
-
-
 def hf_config(model_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,
               dtype: str) -> dict[str, Any]:
   """The config.json of the Hugging Face Llama equivalent of `model_cfg`."""
   if model_cfg.qk_norm:
-    raise ExportError("model.qk_norm=True has no Hugging Face Llama equivalent (LlamaForCausalLM "
-                      "has no per-head q/k norm); export a model trained without QK-norm")
+    raise errors.ExportError(
+      "model.qk_norm=True has no Hugging Face Llama equivalent (LlamaForCausalLM has no "
+      "per-head q/k norm); export a model trained without QK-norm")
   rope = {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)}
   legacy_scaling = None
   if model_cfg.rope_scaling is not None:
@@ -132,7 +129,7 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], model_cfg: ml_collections.Co
 
   def get(name: str) -> np.ndarray:
     if name not in tensors:
-      raise ExportError(f"tensor {name!r} is missing")
+      raise errors.ExportError(f"tensor {name!r} is missing")
     return np.asarray(tensors[name], np.float32)
 
   def stack(fn) -> np.ndarray:
@@ -171,7 +168,7 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
     try:
       spm_tokenizer.check_convertible(tokenizer)
     except errors.DataError as e:
-      raise ExportError(str(e)) from None
+      raise errors.ExportError(str(e)) from None
 
 
 def write_tokenizer(tokenizer: Tokenizer, out_dir: str, max_length: int) -> None:
@@ -214,11 +211,11 @@ def _ordinary_permissions(path: str) -> None:
 def _check_out(out_dir: str) -> None:
   """Refuses an --out that is a file, or a directory that holds something else than a model."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ExportError(f"{out_dir} is a file: name the directory to write")
+    raise errors.ExportError(f"{out_dir} is a file: name the directory to write")
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
       os.path.join(out_dir, HF_CONFIG)):
-    raise ExportError(f"{out_dir} is a directory that holds other files than a model's: name a "
-                      "new directory (an earlier export there is replaced)")
+    raise errors.ExportError(f"{out_dir} is a directory that holds other files than a model's: "
+                             "name a new directory (an earlier export there is replaced)")
 
 
 def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
@@ -232,7 +229,7 @@ def save_hf(out_dir: str, params: dict, model_cfg: ml_collections.ConfigDict,
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
   if dtype not in _DTYPES:
-    raise ExportError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
+    raise errors.ExportError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
   out_dir = out_dir.rstrip("/") or "/"
   _check_out(out_dir)
   hf_cfg = hf_config(model_cfg, tokenizer, dtype)
@@ -267,13 +264,13 @@ def model_config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   """Our model config for a Hugging Face Llama config.json; refuses what we cannot represent."""
   arch = hf.get("architectures") or ["LlamaForCausalLM"]
   if hf.get("model_type", "llama") != "llama" or arch[0] != "LlamaForCausalLM":
-    raise ExportError(f"not a Llama model: model_type={hf.get('model_type')!r}, "
-                      f"architectures={arch}")
+    raise errors.ExportError(f"not a Llama model: model_type={hf.get('model_type')!r}, "
+                             f"architectures={arch}")
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
-      raise ExportError(f"{key}=True: our Llama has no biases")
+      raise errors.ExportError(f"{key}=True: our Llama has no biases")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ExportError(f"hidden_act={hf['hidden_act']!r}: only silu (SwiGLU) is supported")
+    raise errors.ExportError(f"hidden_act={hf['hidden_act']!r}: only silu (SwiGLU) is supported")
   model_cfg = config_lib.get_default_config().model
   model_cfg.vocab_size = hf["vocab_size"]
   model_cfg.dim = hf["hidden_size"]
@@ -281,7 +278,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   model_cfg.n_heads = hf["num_attention_heads"]
   model_cfg.n_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
   if hf.get("head_dim") not in (None, config_lib.head_dim(model_cfg)):
-    raise ExportError(f"head_dim={hf['head_dim']} differs from hidden_size / heads")
+    raise errors.ExportError(f"head_dim={hf['head_dim']} differs from hidden_size / heads")
   model_cfg.ffn_dim = hf["intermediate_size"]
   model_cfg.norm_eps = hf.get("rms_norm_eps", 1e-6)
   model_cfg.max_seq_len = hf.get("max_position_embeddings", 2048)
@@ -292,7 +289,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   if scaling:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "llama3":
-      raise ExportError(f"rope scaling {kind!r}: only llama3 (Llama 3.1) scaling is supported")
+      raise errors.ExportError(
+        f"rope scaling {kind!r}: only llama3 (Llama 3.1) scaling is supported")
     model_cfg.rope_scaling = {k: scaling[k] for k in config_lib.ROPE_SCALING_KEYS}
   return model_cfg
 
@@ -309,7 +307,7 @@ def load_hf(directory: str, dtype: Any = np.float32) -> tuple[ml_collections.Con
 
   path = os.path.join(directory, HF_CONFIG)
   if not os.path.isfile(path):
-    raise ExportError(f"{directory} has no config.json: not a Hugging Face model directory")
+    raise errors.ExportError(f"{directory} has no config.json: not a Hugging Face model directory")
   with open(path, encoding="utf-8") as f:
     model_cfg = model_config_from_hf(json.load(f))
   index = os.path.join(directory, SAFETENSORS + ".index.json")
@@ -319,8 +317,8 @@ def load_hf(directory: str, dtype: Any = np.float32) -> tuple[ml_collections.Con
   elif os.path.isfile(os.path.join(directory, SAFETENSORS)):
     files = [SAFETENSORS]
   else:
-    raise ExportError(f"{directory} has no {SAFETENSORS} (nor an index of shards); "
-                      "pickled .bin weights are not read")
+    raise errors.ExportError(f"{directory} has no {SAFETENSORS} (nor an index of shards); "
+                             "pickled .bin weights are not read")
   tensors: dict[str, np.ndarray] = {}
   for name in files:
     tensors.update(load_file(os.path.join(directory, name)))

@@ -6,7 +6,7 @@ the recipe, tokens seen and the latest losses). The checkpoint is read back from
 against the fingerprints saved with it: a damaged checkpoint is never pushed.
 
 With `train.push_to_hub`, the trainer runs that command in a separate process (`Pusher`) every
-`train.push_every` checkpoints and at the end: training never waits on the network, a failed
+`train.push_every` steps (0: every checkpoint) and at the end: training never waits on the network, a failed
 push is a warning, and the next push retries with the newer checkpoint.
 """
 
@@ -33,8 +33,8 @@ def _wait_for_step(workdir: str, step: int, timeout_s: float) -> None:
   deadline = time.monotonic() + timeout_s
   while step not in checkpoint.steps_on_disk(workdir):
     if time.monotonic() > deadline:
-      raise checkpoint.CheckpointError(f"checkpoint {step} did not appear in {workdir} within "
-                                       f"{timeout_s:.0f}s")
+      raise errors.CheckpointError(f"checkpoint {step} did not appear in {workdir} within "
+                                   f"{timeout_s:.0f}s")
     time.sleep(1.0)
 
 

@@ -37,7 +37,6 @@ from nanollama_jax.attention import pallas
 KERNELS = ("fwd", "dq", "dkv")
 DTYPES = ("bfloat16", "float32")
 SEQ_LEN = 200  # not a multiple of any block: the padded path, as training's packed sequences
-INSTALL = aot.INSTALL
 # XLA optimises these compiles fully whatever XLA_FLAGS say (the tests' level 0 changes the
 # kernels' registers, not their shared memory).
 _OPTIONS = {"xla_backend_optimization_level": 3}
@@ -185,7 +184,7 @@ def check_entry(generation: str, dtype: str, head_dim: int,
 def check(generations: Iterable[str] = pallas.GENERATIONS,
           head_dims: Iterable[int] = pallas.HEAD_DIMS, dtypes: Iterable[str] = DTYPES,
           progress: Callable[[int, int, Entry], None] | None = None) -> list[Entry]:
-  """Every entry (generation x dtype x head dim) compiled by XLA; raises aot.Unavailable
+  """Every entry (generation x dtype x head dim) compiled by XLA; raises errors.InstallError
   without the CUDA plugin. `progress(done, total, entry)` hears of each entry compiled."""
   todo = [(g, d, h) for g in generations for d in dtypes for h in head_dims]
   entries = []

@@ -35,10 +35,6 @@ STALE_S = 300.0  # no heartbeat for this long: the holder is gone
 _SETTLE_S = 2.0  # an object store: how long two writers of one new lease may race
 
 
-class WorkdirHeld(errors.UsageError):
-  """Another run holds the workdir."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Holder:
   host: str
@@ -153,7 +149,7 @@ def _write(workdir: str, holder: Holder, exclusive: bool = False) -> bool:
 
 
 def _take(workdir: str) -> Holder:
-  """Process 0's side of `acquire`: the new holder, or WorkdirHeld."""
+  """Process 0's side of `acquire`: the new holder, or errors.WorkdirHeld."""
   now = time.time()
   mine = Holder(host=socket.gethostname(), pid=os.getpid(), run=uuid.uuid4().hex, started=now,
                 heartbeat=now, processes=jax.process_count())
@@ -162,9 +158,10 @@ def _take(workdir: str) -> Holder:
     if held is not None:
       why = _gone(held, time.time())
       if why is None:
-        raise WorkdirHeld(f"the workdir {workdir} is in use by another run ({held.describe(now)}):"
-                          f" stop that run first, or use another workdir (a run that died is "
-                          f"taken over {STALE_S / 60:.0f} minutes after its last heartbeat)")
+        raise errors.WorkdirHeld(
+          f"the workdir {workdir} is in use by another run ({held.describe(now)}): stop that run "
+          f"first, or use another workdir (a run that died is taken over {STALE_S / 60:.0f} "
+          "minutes after its last heartbeat)")
       logging.warning("taking over the workdir %s from a run that is gone (%s): %s", workdir,
                       held.describe(now), why)
       _write(workdir, mine)
@@ -175,18 +172,18 @@ def _take(workdir: str) -> Holder:
     time.sleep(_SETTLE_S if paths.is_remote(workdir) else 0.2)
     if (now_held := read(workdir)) is not None and now_held.run == mine.run:
       return mine
-  raise WorkdirHeld(f"the workdir {workdir} is being taken by another run at the same moment: "
-                    "stop the other one, or use another workdir")
+  raise errors.WorkdirHeld(f"the workdir {workdir} is being taken by another run at the same "
+                           "moment: stop the other one, or use another workdir")
 
 
 def acquire(workdir: str) -> Lease:
-  """Takes the workdir for this run (every process calls it); raises WorkdirHeld, before
+  """Takes the workdir for this run (every process calls it); raises errors.WorkdirHeld, before
   anything in the workdir changes, when another live run holds it."""
   holder, refusal = None, ""
   if jax.process_index() == 0:
     try:
       holder = _take(workdir)
-    except WorkdirHeld as e:
+    except errors.WorkdirHeld as e:
       refusal = str(e)
     except OSError as e:
       raise errors.CheckpointError(f"the workdir {workdir} is not writable: {e}") from e
@@ -198,6 +195,6 @@ def acquire(workdir: str) -> Lease:
       refusal = (f"the workdir {workdir} is in use by another run"
                  f"{f' ({held.describe(time.time())})' if held else ''}: process 0 refused it")
   if refusal:
-    raise WorkdirHeld(refusal)
+    raise errors.WorkdirHeld(refusal)
   return Lease(workdir, holder)
 

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: the console, WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tb)."""
+"""Where a run's numbers go (the console, WORKDIR/metrics.jsonl and TensorBoard, WORKDIR/tb), and
+how they are counted: FLOPs per token, the device's peak, MFU, throughput (RunLog)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import tqdm
 from absl import logging
 
-from nanollama_jax import config as config_lib
-from nanollama_jax import paths, targets
+from nanollama_jax import model, paths, targets
 from nanollama_jax import workdir as workdir_lib
 
 
@@ -43,11 +45,8 @@ def model_flops_per_token(model_cfg, seq_len: int) -> float:
   key) pair forward, and with causal masking a query sees (T + 1) / 2 keys on average. The
   masked half that the XLA path computes anyway is not counted.
   """
-  D, H, K, L = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.n_layers
-  E, F, V = config_lib.head_dim(model_cfg), model_cfg.ffn_dim, model_cfg.vocab_size
-  attn_proj = 2 * D * H * E + 2 * D * K * E
-  layer_matmuls = attn_proj + 3 * D * F
-  dense = 6 * (L * layer_matmuls + D * V)
+  D, L, V = model_cfg.dim, model_cfg.n_layers, model_cfg.vocab_size
+  dense = 6 * (L * model.layer_matmul_param_count(model_cfg) + D * V)
   attention = 3 * L * 4 * D * (seq_len + 1) / 2
   return dense + attention
 
@@ -240,3 +239,62 @@ def log_line(step: int, total_steps: int, row: dict[str, Any], eta_s: float | No
   if eta_s is not None:
     parts.append(f"eta {int(eta_s // 60)}m{int(eta_s % 60):02d}s")
   say(" | ".join(parts), bar)
+
+
+class RunLog:
+  """The rows of a training run: the console (or a progress bar), metrics.jsonl, TensorBoard, and
+  the throughput, MFU and ETA of the steps between two logged ones.
+
+  `data_stats()` gives the data's own numbers for each training row (epoch, padding).
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, start_step: int,
+               skipped: int, data_stats: Callable[[], dict[str, Any]]):
+    self.cfg, self._data_stats = cfg, data_stats
+    self.writer = MetricsWriter(workdir, start_step=start_step)
+    self.bar = progress(start_step, cfg.train.steps)
+    self.last: dict[str, Any] = {}
+    self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak_flops, peak_source = device_peak_flops()
+    self.peak_flops = peak_flops * jax.device_count()
+    logging.info("%.3g model FLOPs per token; MFU against %.3g FLOP/s (%s, x%d devices)",
+                 self.flops_per_token, self.peak_flops, peak_source, jax.device_count())
+    self.skipped_total = skipped  # non-finite steps skipped so far, counted on as steps retire
+    self.mark_time, self.mark_step = time.time(), start_step + 1
+
+  def restart_clock(self) -> None:
+    """Time from now on counts as training (not compilation, evaluation or saving)."""
+    self.mark_time = time.time()
+
+  def train_row(self, done: int, values: dict[str, Any]) -> None:
+    """Logs step `done`'s metrics with the throughput since the last logged step."""
+    loss = float(values["loss"])
+    row = {"loss": loss, "perplexity": perplexity(loss), "lr": float(values["lr"]),
+           "grad_norm": float(values["grad_norm"]), "tokens_seen": done * self.tokens_per_step,
+           "skipped_steps": self.skipped_total, **self._data_stats()}
+    eta = None
+    now = time.time()
+    if done > self.mark_step:  # the first step's time is compilation, reported on its own
+      step_time = (now - self.mark_time) / (done - self.mark_step)
+      tokens_per_s = self.tokens_per_step / step_time
+      row.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
+                 mfu=tokens_per_s * self.flops_per_token / self.peak_flops)
+      eta = (self.cfg.train.steps - done) * step_time
+      self.mark_time, self.mark_step = now, done
+    self.record(done, row, eta)
+    if self.bar is not None:
+      self.bar.show(row)
+
+  def record(self, done: int, row: dict[str, Any], eta: float | None = None) -> None:
+    self.writer.write(done, row)
+    log_line(done, self.cfg.train.steps, row, eta_s=eta, bar=self.bar)
+    self.last.update(row)
+
+  def say(self, text: str) -> None:
+    say(text, self.bar)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    self.writer.close()

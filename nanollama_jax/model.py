@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nanollama_jax import config as config_lib
 from nanollama_jax import sharding
-from nanollama_jax.attention import Target, attention
+from nanollama_jax.attention import Platform, attention
 from nanollama_jax.attention.xla import masked_attention
 
 # What each model.remat policy (config.REMAT_POLICIES names them) keeps for the backward pass;
@@ -106,7 +106,7 @@ def apply_rope(x_BxTxNxE: jax.Array, sin_BxTxE2: jax.Array, cos_BxTxE2: jax.Arra
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Platform | None):
     D, H, K = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads
     E = config_lib.head_dim(model_cfg)
     std, pd = model_cfg.init_std, jnp.dtype(model_cfg.param_dtype)
@@ -173,7 +173,7 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Target | None):
+  def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, target: Platform | None):
     pd = jnp.dtype(model_cfg.param_dtype)
     self.attn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps, "embed", pd)
     self.attn = Attention(model_cfg, rngs, target)
@@ -195,12 +195,12 @@ _RESIDUAL = ("batch", "length", "embed")  # the residual stream's logical axes
 class Llama(nnx.Module):
   """Token embedding, L decoder layers (stacked parameters), final norm, output projection.
 
-  `target` is the platform the attention is built for (see attention.Target); None: the running
+  `target` is the platform the attention is built for (see attention.Platform); None: the running
   devices, looked up when the model is traced.
   """
 
   def __init__(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
-               target: Target | None = None):
+               target: Platform | None = None):
     # a frozen copy: later edits of the caller's `model_cfg` cannot leak in
     self.model_cfg = ml_collections.FrozenConfigDict(model_cfg)
     pd = jnp.dtype(model_cfg.param_dtype)
@@ -329,13 +329,19 @@ def param_count(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
+def layer_matmul_param_count(model_cfg: ml_collections.ConfigDict) -> int:
+  """The matmul weights of one decoder layer: the q, k, v and output projections and the
+  SwiGLU's three matrices (what its FLOPs scale with; metrics.model_flops_per_token)."""
+  D, F, H, K = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_heads, model_cfg.n_kv_heads
+  E = config_lib.head_dim(model_cfg)
+  return 2 * D * H * E + 2 * D * K * E + 3 * D * F
+
+
 def param_count_formula(model_cfg: ml_collections.ConfigDict) -> int:
   """The closed-form parameter count of a model config (no model is built)."""
-  D, F, L = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_layers
-  E = config_lib.head_dim(model_cfg)
-  H, K = model_cfg.n_heads, model_cfg.n_kv_heads
-  attn = D * H * E * 2 + D * K * E * 2 + (2 * E if model_cfg.qk_norm else 0)
-  layer = attn + 3 * D * F + 2 * D
+  D, L = model_cfg.dim, model_cfg.n_layers
+  qk_norm = 2 * config_lib.head_dim(model_cfg) if model_cfg.qk_norm else 0
+  layer = layer_matmul_param_count(model_cfg) + qk_norm + 2 * D  # + the two RMSNorm scales
   return embedding_param_count(model_cfg) + L * layer + D
 
 
@@ -344,11 +350,11 @@ def embedding_param_count(model_cfg: ml_collections.ConfigDict) -> int:
   return model_cfg.vocab_size * model_cfg.dim * (1 if model_cfg.tie_embeddings else 2)
 
 
-def _abstract(model_cfg: ml_collections.ConfigDict, target: Target | None = None) -> Llama:
+def _abstract(model_cfg: ml_collections.ConfigDict, target: Platform | None = None) -> Llama:
   return nnx.eval_shape(lambda: Llama(model_cfg, nnx.Rngs(params=0), target))
 
 
-def graph(model_cfg: ml_collections.ConfigDict, target: Target | None = None) -> nnx.GraphDef:
+def graph(model_cfg: ml_collections.ConfigDict, target: Platform | None = None) -> nnx.GraphDef:
   """The static structure of the model for `target` (default: the running devices), to pass to
   `apply`; builds no arrays."""
   return nnx.graphdef(_abstract(model_cfg, target))

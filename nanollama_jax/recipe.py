@@ -14,7 +14,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from nanollama_jax.config import ConfigError, check_key
+from nanollama_jax.config import check_key
+from nanollama_jax.errors import ConfigError
 
 
 def _in_file(error: BaseException, path: str) -> tuple[BaseException, int] | None:

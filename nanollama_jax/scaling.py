@@ -40,7 +40,7 @@ import numpy as np
 import threadpoolctl
 from scipy import optimize
 
-from nanollama_jax import checkpoint, errors, metrics, model
+from nanollama_jax import checkpoint, errors, metrics, model, paths
 from nanollama_jax import config as config_lib
 from nanollama_jax import train as train_lib
 from nanollama_jax import workdir as workdir_lib
@@ -60,7 +60,7 @@ def parse_count(text: str) -> int:
   """'256k' -> 256000, '1.5M' -> 1500000, '4096' -> 4096 (decimal suffixes k, M, B)."""
   match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", text)
   if not match:
-    raise config_lib.ConfigError(f"{text!r} is not a count such as 4096, 256k, 1.5M or 2B")
+    raise errors.ConfigError(f"{text!r} is not a count such as 4096, 256k, 1.5M or 2B")
   return int(round(float(match.group(1)) * _SUFFIXES[match.group(2).lower()]))
 
 
@@ -76,9 +76,9 @@ def scaled_model(model_cfg: ml_collections.ConfigDict, dim: int) -> ml_collectio
   """The base recipe's model group `model_cfg` scaled to width `dim` (see the module docstring)."""
   head_dim = model_cfg.dim // model_cfg.n_heads
   if dim < head_dim or dim % head_dim:
-    raise config_lib.ConfigError(f"size {dim}: must be a multiple of the base recipe's head "
-                                 f"dimension {head_dim} (model.dim / model.n_heads = "
-                                 f"{model_cfg.dim} / {model_cfg.n_heads})")
+    raise errors.ConfigError(f"size {dim}: must be a multiple of the base recipe's head "
+                             f"dimension {head_dim} (model.dim / model.n_heads = "
+                             f"{model_cfg.dim} / {model_cfg.n_heads})")
   m = dim / model_cfg.dim
   n_heads = dim // head_dim
   per_kv = model_cfg.n_heads // model_cfg.n_kv_heads
@@ -116,7 +116,7 @@ def run_config(base: ml_collections.ConfigDict, dim: int, tokens: int, tokenizer
   per_step = cfg.data.batch_size * cfg.data.seq_len
   steps = tokens // per_step
   if steps < 2:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"{count_label(tokens)} tokens is {steps} step(s) of {per_step:,} tokens "
       f"(data.batch_size x data.seq_len): give budgets of at least {2 * per_step}")
   cfg.data.update(dict(source="files", train_files=train_files, eval_files=eval_files,
@@ -159,7 +159,7 @@ def final_eval_loss(workdir: str, cfg: ml_collections.ConfigDict) -> float | Non
     now = json.loads(config_lib.to_json(cfg))
     diff = [f"{g}.{k}: {saved.get(g, {}).get(k)!r} -> {v!r}" for g, fields in now.items()
             for k, v in fields.items() if saved.get(g, {}).get(k) != v]
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"{workdir} holds a run of another config ({'; '.join(diff[:4])}): use "
       "another --out, or delete that run")
   if cfg.train.steps not in checkpoint.steps_on_disk(workdir):
@@ -239,10 +239,8 @@ def read_results(out_dir: str) -> dict[str, Any]:
 
 
 def write_results(out_dir: str, doc: dict[str, Any]) -> None:
-  tmp = os.path.join(out_dir, RESULTS + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(doc, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, RESULTS))
+  """OUT/scaling.json, written whole or not at all."""
+  paths.write(os.path.join(out_dir, RESULTS), json.dumps(doc, indent=2))
 
 
 # --- The fit -------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nanollama_jax import config as config_lib
 from nanollama_jax import errors
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -52,12 +51,12 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str,
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if n_devices % fixed:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"mesh.{free[0]}=-1: the other axes ({fixed} devices) do not divide the {n_devices} "
         "devices")
     sizes[free[0]] = n_devices // fixed
   if math.prod(sizes.values()) != n_devices:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
       f"{math.prod(sizes.values())} devices, but there are {n_devices} ({jax.devices()[0].platform}"
       "): make the product match, or set one axis to -1")
@@ -134,7 +133,7 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
   split = math.prod(mesh.shape[a] for a in RULES["batch"])
   micro = batch_size // grad_accum
   if micro % split:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"data.batch_size={batch_size} / optim.grad_accum={grad_accum} = {micro} rows per "
       f"micro-batch must be divisible by mesh data x fsdp = {split}")
 
@@ -263,7 +262,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     if num_processes is None or process_id is None:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         "--coordinator_address needs --num_processes and --process_id as well")
     jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                                process_id=process_id)

@@ -140,7 +140,7 @@ class Built(NamedTuple):
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-          target: attention.Target | None = None) -> Built:
+          target: attention.Platform | None = None) -> Built:
   """The optimizer, the state's shardings on `mesh` and the jitted step, for `target`'s
   attention (default: the running devices)."""
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
@@ -158,14 +158,14 @@ def abstract_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> B
 
 
 def lower_train_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                     target: attention.Target | None = None):
+                     target: attention.Platform | None = None):
   """The train step of `cfg` on `mesh`, lowered on abstract inputs: no array is allocated.
 
   `target` (default: the running devices) is the platform the program is built for, so a CPU
-  host can lower the exact GPU or TPU step (`Target("tpu", "v5e")`), with `mesh`'s shape.
+  host can lower the exact GPU or TPU step (`attention.Platform("tpu", "v5e")`), with `mesh`'s shape.
   `.compile()` on a step lowered for the running devices gives XLA's per-device memory
   estimate (`memory_analysis()`), which is how a recipe is checked on a CPU before it meets its
   accelerator.
   """
-  target = target or attention.Target.running()
+  target = target or attention.Platform.running()
   return build(cfg, mesh, target).lower(cfg, mesh, target.platform)

@@ -37,10 +37,6 @@ DEFAULT_GPU_MEMORY_FRACTION = 0.75
 TPU_HBM_RESERVE = 0.03
 
 
-class TargetError(errors.UsageError):
-  """A target name that is not in the tables, or a count that does not make a slice."""
-
-
 @dataclasses.dataclass(frozen=True)
 class GpuGeneration:
   """What a CUDA compute capability allows per block and per SM."""
@@ -184,9 +180,9 @@ def gpu_memory_fraction() -> float:
   try:
     fraction = float(text)
   except ValueError as e:
-    raise TargetError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: not a number") from e
+    raise errors.TargetError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: not a number") from e
   if not 0 < fraction <= 1:
-    raise TargetError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: must be in (0, 1]")
+    raise errors.TargetError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: must be in (0, 1]")
   return fraction
 
 
@@ -194,16 +190,16 @@ def _count(text: str, name: str) -> tuple[int, int]:
   """(hosts, devices per host) of a GPU count suffix: '8' or '2x8'."""
   m = re.fullmatch(r"(?:(\d+)x)?(\d+)", text)
   if not m or int(m.group(2)) < 1 or (m.group(1) is not None and int(m.group(1)) < 1):
-    raise TargetError(f"target {name!r}: the count after ':' is DEVICES or HOSTSxDEVICES "
-                      "(e.g. h100_sxm:8, a100_80gb:2x8)")
+    raise errors.TargetError(f"target {name!r}: the count after ':' is DEVICES or HOSTSxDEVICES "
+                             "(e.g. h100_sxm:8, a100_80gb:2x8)")
   return int(m.group(1) or 1), int(m.group(2))
 
 
 def tpu_topology(chips: int, dims: int) -> str:
   """The standard topology of a slice of `chips` chips ('2x4', '2x2x1', '4x4x4')."""
   if chips < 1 or chips & (chips - 1) or (dims == 3 and chips < 4):
-    raise TargetError(f"{chips} chips: a {dims}D slice has a power of two"
-                     + (", at least 4" if dims == 3 else ""))
+    raise errors.TargetError(f"{chips} chips: a {dims}D slice has a power of two"
+                             + (", at least 4" if dims == 3 else ""))
   shape = [2, 2, 1] if dims == 3 else [1, 1]
   while math.prod(shape) < chips:  # double the smallest axis, the last one on ties
     smallest = min(shape)
@@ -216,30 +212,30 @@ def tpu_topology(chips: int, dims: int) -> str:
 def _tpu_target(name: str, generation: str, count: int) -> Target:
   chip = TPUS[generation]
   if count % chip.cores_per_chip_in_name:
-    raise TargetError(f"target {name!r}: {generation} names count TensorCores, "
-                      f"{chip.cores_per_chip_in_name} per chip: use an even number")
+    raise errors.TargetError(f"target {name!r}: {generation} names count TensorCores, "
+                             f"{chip.cores_per_chip_in_name} per chip: use an even number")
   chips = count // chip.cores_per_chip_in_name
   try:
     topology = tpu_topology(chips, chip.dims)
   except ValueError as e:
-    raise TargetError(f"target {name!r}: {e}") from e
+    raise errors.TargetError(f"target {name!r}: {e}") from e
   hosts = 1 if chips <= SINGLE_HOST_CHIPS[chip.dims] else chips // math.prod(HOST_BOUNDS)
   return Target(name, "tpu", generation, chips, hosts, tpu=chip, topology=topology)
 
 
 def parse(name: str) -> Target:
-  """The target `name` stands for; raises TargetError naming the known ones."""
+  """The target `name` stands for; raises errors.TargetError naming the known ones."""
   name = name.strip()
   m = re.fullmatch(r"(v\d+[a-z]?)-(\d+)", name)
   if m:
     if m.group(1) not in TPUS:
-      raise TargetError(f"target {name!r}: unknown TPU generation {m.group(1)!r}; known: "
-                        f"{', '.join(TPUS)}")
+      raise errors.TargetError(f"target {name!r}: unknown TPU generation {m.group(1)!r}; known: "
+                               f"{', '.join(TPUS)}")
     return _tpu_target(name, m.group(1), int(m.group(2)))
   model, _, count = name.partition(":")
   if model not in GPUS:
-    raise TargetError(f"unknown target {name!r}: known GPUs {', '.join(GPUS)} (with :N or "
-                      f":HOSTSxN for several), TPU slices such as {', '.join(NAMED_SLICES)}")
+    raise errors.TargetError(f"unknown target {name!r}: known GPUs {', '.join(GPUS)} (with :N or "
+                             f":HOSTSxN for several), TPU slices such as {', '.join(NAMED_SLICES)}")
   hosts, per_host = _count(count, name) if count else (1, 1)
   gpu = GPUS[model]
   return Target(name, "cuda", gpu.generation, hosts * per_host, hosts, gpu=gpu)
@@ -249,7 +245,7 @@ def parse_list(text: str) -> list[Target]:
   """Comma-separated target names, each parsed."""
   names = [n for n in (x.strip() for x in text.split(",")) if n]
   if not names:
-    raise TargetError("no target named (see --list-targets)")
+    raise errors.TargetError("no target named (see --list-targets)")
   return [parse(n) for n in names]
 
 

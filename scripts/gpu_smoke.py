@@ -225,7 +225,7 @@ def training(sizes: Sizes) -> dict:
   out: dict[str, Any] = {
     "config": "configs/tinystories.py", "steps": sizes.steps, "model_overrides": sizes.model,
     "batch_tokens": cfg.data.batch_size * cfg.data.seq_len,
-    "attention": attention.resolve(cfg.model.attention, attention.Target.running())}
+    "attention": attention.resolve(cfg.model.attention, attention.Platform.running())}
   with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as workdir:
     try:
       _, last = train.train(cfg, workdir)
@@ -250,7 +250,7 @@ def training(sizes: Sizes) -> dict:
 
 def main() -> None:
   sizes = DRY_RUN if ARGS.dry_run else GPU
-  target = attention.Target.running()
+  target = attention.Platform.running()
   if ARGS.dry_run:
     os.environ[pallas.INTERPRET_ENV] = "1"
   elif target.platform != "cuda":

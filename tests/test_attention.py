@@ -224,10 +224,10 @@ def test_documents_do_not_see_each_other():
 
 
 def test_auto_picks_per_target_and_kernels_are_refused_off_their_platform(monkeypatch):
-  Target = attention_lib.Target
-  assert Target.running() == Target("cpu")
-  picks = {Target("cuda", "sm_86"): "pallas", Target("tpu", "v5e"): "splash",
-           Target("cpu"): "xla", Target("rocm"): "xla"}
+  Platform = attention_lib.Platform
+  assert Platform.running() == Platform("cpu")
+  picks = {Platform("cuda", "sm_86"): "pallas", Platform("tpu", "v5e"): "splash",
+           Platform("cpu"): "xla", Platform("rocm"): "xla"}
   assert {t: attention_lib.resolve("auto", t) for t in picks} == picks
   monkeypatch.delenv(pallas.INTERPRET_ENV, raising=False)
   q, k, v, _ = inputs(64, 2, 1, 32, jnp.float32)
@@ -238,17 +238,17 @@ def test_auto_picks_per_target_and_kernels_are_refused_off_their_platform(monkey
       attention_lib.attention(q, k, v, impl=impl)  # this host's target: the CPU
   with pytest.raises(ValueError, match="is a CUDA GPU kernel and the target is tpu: use "
                                        "model.attention='xla' \\(or 'auto', which picks 'splash'"):
-    attention_lib.resolve("pallas", Target("tpu", "v6e"))
+    attention_lib.resolve("pallas", Platform("tpu", "v6e"))
   with pytest.raises(ValueError, match="is a TPU kernel and the target is cuda"):
-    attention_lib.resolve("splash", Target("cuda", "sm_90"))
+    attention_lib.resolve("splash", Platform("cuda", "sm_90"))
   with pytest.raises(ValueError, match="model.attention='flash': allowed: xla, pallas, splash"):
-    attention_lib.resolve("flash", Target("cpu"))
+    attention_lib.resolve("flash", Platform("cpu"))
   # Interpret mode is for the Pallas kernels on a CPU only.
   monkeypatch.setenv(pallas.INTERPRET_ENV, "1")
-  assert [attention_lib.resolve(i, Target("cpu")) for i in ("pallas", "splash")] == [
+  assert [attention_lib.resolve(i, Platform("cpu")) for i in ("pallas", "splash")] == [
     "pallas", "splash"]
   with pytest.raises(ValueError, match="'cudnn' is an NVIDIA GPU kernel"):
-    attention_lib.resolve("cudnn", Target("cpu"))
+    attention_lib.resolve("cudnn", Platform("cpu"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -260,7 +260,7 @@ def test_auto_picks_per_target_and_kernels_are_refused_off_their_platform(monkey
 ])
 def test_targets_are_checked(args, message):
   with pytest.raises(ValueError, match=message):
-    attention_lib.Target(*args)
+    attention_lib.Platform(*args)
 
 
 def splash_kernel(q, k, v, segments, causal):

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from helpers import REPO
-from nanollama_jax import checkpoint, config, init_from, model, optim, sharding, train
+from nanollama_jax import checkpoint, config, errors, init_from, model, optim, sharding, train
 from nanollama_jax.data import pipeline
 from nanollama_jax import step as step_lib
 
@@ -198,7 +198,7 @@ def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(sample_dir, token
   cfg = small_config(sample_dir, tokenizer_path, steps=4)
   make_run(cfg, tmp_path)
   shutil.rmtree(tmp_path / "checkpoints" / "4" / "params")
-  with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints"):
+  with pytest.raises(errors.CheckpointError, match="none of the checkpoints"):
     train.train(cfg, str(tmp_path))
 
 
@@ -206,7 +206,7 @@ def test_a_changed_model_shape_is_refused_by_name(sample_dir, tokenizer_path, tm
   cfg = small_config(sample_dir, tokenizer_path, steps=4)
   make_run(cfg, tmp_path)
   cfg.model.dim, cfg.model.ffn_dim = 48, 96
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match=r"model.dim: 32 -> 48; model.ffn_dim: 64 -> 96"):
     train.train(cfg, str(tmp_path))
 
@@ -242,8 +242,8 @@ def poison(batches, steps):
         batch["loss_mask"][0, 0] = np.nan
       return batch
 
-    def get_state(self):
-      return batches.get_state()
+    def get_state(self, streams=None):
+      return batches.get_state(streams)
 
     def set_state(self, state):
       batches.set_state(state)
@@ -283,7 +283,7 @@ def test_a_run_of_nan_batches_stops_naming_the_step(sample_dir, tokenizer_path, 
   cfg = small_config(sample_dir, tokenizer_path, steps=12, max_bad_steps=3)
   real = pipeline.train_batches
   monkeypatch.setattr(pipeline, "train_batches", lambda *a: poison(real(*a), {6, 7, 8, 9}))
-  with pytest.raises(train.TrainingError, match="3 non-finite steps in a row, the last at step 8"
+  with pytest.raises(errors.TrainingError, match="3 non-finite steps in a row, the last at step 8"
                      r".*newest checkpoint is step 4"):
     train.train(cfg, str(tmp_path))
   assert checkpoint.steps_on_disk(str(tmp_path)) == [4]
@@ -394,12 +394,56 @@ def test_unwritable_workdir_and_full_disk_are_reported_before_training(
   cfg = small_config(sample_dir, tokenizer_path, steps=4)
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  with pytest.raises(checkpoint.CheckpointError, match="not writable"):
+  with pytest.raises(errors.CheckpointError, match="not writable"):
     train.train(cfg, str(blocker / "run"))
 
   usage = shutil.disk_usage(tmp_path)
   monkeypatch.setattr(shutil, "disk_usage",
                       lambda path: usage._replace(free=1000))
-  with pytest.raises(checkpoint.CheckpointError, match=r"GiB free under .* one checkpoint takes"):
+  with pytest.raises(errors.CheckpointError, match=r"iB free under .* one checkpoint takes"):
     train.train(cfg, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def _allocated(path) -> int:
+  """Bytes a directory takes on its disk (whole blocks), as a small filesystem counts them."""
+  return sum(os.stat(os.path.join(root, name)).st_blocks * 512
+             for root, _, names in os.walk(path) for name in names)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
+                    reason="mounting a small filesystem (tmpfs) needs root")
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(sample_dir, tokenizer_path,
+                                                                 tmp_path):
+  cfg = small_config(sample_dir, tokenizer_path, steps=16, keep_ckpts=3)
+  reference = make_run(cfg, tmp_path / "reference")
+  one = _allocated(tmp_path / "reference" / "checkpoints" / "16")
+  rest = _allocated(tmp_path / "reference") - 3 * one
+  small = tmp_path / "small"
+  small.mkdir()
+  # Room for the run's other files and two and a half checkpoints: steps 4 and 8 are saved,
+  # the save of step 12 runs out of space.
+  size = rest + 5 * one // 2
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)]
+                    ).returncode:
+    pytest.skip("this machine does not let us mount a tmpfs")
+  try:
+    done = subprocess.run(cli_args(cfg, small / "run"), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"checkpoint error: the disk of {small / 'run'} is full: checkpoint "
+                           "12 could not be written and was removed (a checkpoint takes "), last
+    assert "the newest complete checkpoint is step 8; rerunning the same command resumes from " \
+           "it once there is room" in last
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert sorted(os.listdir(small / "run" / "checkpoints")) == ["4", "8"]  # no half-written 12
+    # With room again, the same command resumes from step 8 with the uninterrupted losses.
+    subprocess.run(["mount", "-o", f"remount,size={8 * size}", str(small)], check=True)
+    again = subprocess.run(cli_args(cfg, small / "run"), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert logged_losses(small / "run") == reference
+  finally:
+    subprocess.run(["umount", "-l", str(small)], check=False)

@@ -5,7 +5,7 @@ import runpy
 
 import pytest
 
-from nanollama_jax import config, data_spec
+from nanollama_jax import config, data_spec, errors
 
 
 def load(path):
@@ -88,10 +88,20 @@ def test_the_mixture_in_a_recipe_docstring_is_valid(recipe):
    "train.max_bad_steps=0: must be a positive integer"),
   (lambda c: c.train.update(init_from="/missing/run"),
    "train.init_from='/missing/run': no such directory"),
+  (lambda c: c.train.update(init_from="hf:nope"), "train.init_from='hf:nope': a Hub name is"),
+  (lambda c: c.data.update(tokenizer="hf:a/b@"), "data.tokenizer='hf:a/b@': a Hub name is"),
+  (lambda c: c.train.update(sample_every=0), "train.sample_every=0: must be a positive integer"),
+  # Every cadence counts steps: a push (of a checkpoint) every 1 step is refused, not read as
+  # "every checkpoint", which it meant before.
+  (lambda c: c.train.update(push_to_hub="me/run", push_every=1, ckpt_every=500),
+   "train.push_every=1: counts steps between pushes, and a push uploads a checkpoint: must be a "
+   "multiple of train.ckpt_every=500, or 0 to push every checkpoint"),
+  (lambda c: c.train.update(push_to_hub="me/run", push_every=100, ckpt_every=0),
+   "must be 0 when train.ckpt_every=0"),
 ])
 def test_validation_errors(cfg, mutate, message):
   mutate(cfg)
-  with pytest.raises(config.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     config.validate(cfg)
   assert message in str(err.value)
 
@@ -101,7 +111,7 @@ def test_json_round_trip(cfg):
                             "original_max_position_embeddings": 8192}
   again = config.from_json(config.to_json(cfg))
   assert again.to_dict() == cfg.to_dict()
-  with pytest.raises(config.ConfigError, match="unknown config key 'model.depth'"):
+  with pytest.raises(errors.ConfigError, match="unknown config key 'model.depth'"):
     config.from_json('{"model": {"depth": 3}}')
 
 

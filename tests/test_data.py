@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import assistant_tokens
-from nanollama_jax import config, data_spec
+from nanollama_jax import config, data_spec, errors
 from nanollama_jax.data import HubUnreachable, hub_data, pipeline, records, shards, sources
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
@@ -110,7 +110,7 @@ def test_hub_failure_names_the_dataset_and_the_way_out(sample_dir, local_hub, mo
   monkeypatch.setattr(datasets, "load_dataset", missing)
   cfg = _data_cfg(sample_dir)
   cfg.source = "hf"
-  with pytest.raises(config.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     sources.documents(cfg, "train")
   assert "data.hf_path='roneneldan/TinyStories': cannot load split 'train'" in str(err.value)
   assert "--config.data.source=files" in str(err.value)
@@ -332,15 +332,15 @@ def test_parquet_txt_separator_and_skipped_records(tmp_path):
 
 def test_glob_without_match_and_mixed_kinds_are_config_errors(sample_dir, tok, tmp_path):
   cfg = _data_cfg(sample_dir, train_files=str(tmp_path / "nothing*.jsonl"))
-  with pytest.raises(config.ConfigError, match=r"data.train_files=.*no file matches"):
+  with pytest.raises(errors.ConfigError, match=r"data.train_files=.*no file matches"):
     sources.open_split(cfg, "train")
   _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val_tokens")
   cfg.train_files = f"{tmp_path / 'val_tokens'},{sample_dir / 'train.jsonl'}"
-  with pytest.raises(config.ConfigError, match="both pretokenized datasets and text files"):
+  with pytest.raises(errors.ConfigError, match="both pretokenized datasets and text files"):
     sources.open_split(cfg, "train")
   (tmp_path / "plain_dir").mkdir()
   cfg.train_files = str(tmp_path / "plain_dir")
-  with pytest.raises(config.ConfigError, match="without index.json; write it with"):
+  with pytest.raises(errors.ConfigError, match="without index.json; write it with"):
     sources.open_split(cfg, "train")
 
 
@@ -348,7 +348,7 @@ def test_glob_without_match_and_mixed_kinds_are_config_errors(sample_dir, tok, t
   ("a.jsonl", "is not SOURCE=WEIGHT"), ("a.jsonl=0", "weight > 0"), ("a=x;b=1", "'a=x'"),
   (" ; ", "no entries")])
 def test_mixture_spec_errors(spec, error):
-  with pytest.raises(config.ConfigError, match=error):
+  with pytest.raises(errors.ConfigError, match=error):
     data_spec.parse_mixture(spec)
   assert data_spec.parse_mixture("web/*.jsonl,b.txt=0.7; code=0.3") == [("web/*.jsonl,b.txt", 0.7),
                                                                       ("code", 0.3)]
@@ -363,7 +363,7 @@ def test_hub_mixture_entries_name_path_config_split_and_key():
   assert data_spec.parse_hub_source("hf:org/code@validation#content") == data_spec.HubSource(
     "org/code", None, "validation", "content")
   for bad in ("hf:", "hf:org/x:", "hf:org/x@", "hf:org/x#"):
-    with pytest.raises(config.ConfigError, match="is not hf:PATH"):
+    with pytest.raises(errors.ConfigError, match="is not hf:PATH"):
       data_spec.parse_mixture(f"{bad}=1")
 
 
@@ -784,7 +784,7 @@ def test_chat_refuses_text_files_pretokenized_data_and_old_tokenizers(sample_dir
     pipeline.eval_batches(cfg, tok, max_batches=1)
   _prepare(sample_dir / "validation.jsonl", tok, tmp_path / "val_tokens")
   cfg.eval_files = str(tmp_path / "val_tokens")
-  with pytest.raises(config.ConfigError, match="val_tokens is a pretokenized dataset, which holds"):
+  with pytest.raises(errors.ConfigError, match="val_tokens is a pretokenized dataset, which holds"):
     pipeline.eval_batches(cfg, tok, max_batches=1)
   old = load_tokenizer(str(train_pre_chat_tokenizer(
     sources.documents(_data_cfg(sample_dir), "eval"), 400, tmp_path / "old.model")))

@@ -10,7 +10,7 @@ import transformers
 
 from helpers import (LLAMA31, model_cfg, our_logits, random_params, run_script,
                      train_pre_chat_tokenizer)
-from nanollama_jax import config, export, model, sharding
+from nanollama_jax import config, errors, export, model, sharding
 from nanollama_jax.data import CHAT_SAMPLE, chat, records
 from nanollama_jax.data.spm_tokenizer import CHAT_TOKENS
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
@@ -63,7 +63,7 @@ def test_exported_model_gives_our_logits_in_transformers(overrides, tmp_path):
 
 def test_qk_norm_models_are_refused(tmp_path):
   cfg = model_cfg(qk_norm=True)
-  with pytest.raises(export.ExportError, match="qk_norm=True has no Hugging Face Llama"):
+  with pytest.raises(errors.ExportError, match="qk_norm=True has no Hugging Face Llama"):
     export.save_hf(str(tmp_path), random_params(cfg), cfg)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, tiny_config
-from nanollama_jax import data_spec
+from nanollama_jax import data_spec, errors
 from nanollama_jax import config, evaluate, model, train
 from nanollama_jax.data import CHAT_SAMPLE, holdout, pipeline, records, shards, sources
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
@@ -242,7 +242,7 @@ def test_pretokenized_chat_and_mixture_sources_hold_out_too(sample_dir, tok, tex
 def test_config_refuses_evaluating_on_training_documents(sample_dir, fields, message):
   cfg = config.get_default_config()
   cfg.data = _cfg(sample_dir, **fields)
-  with pytest.raises(config.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     config.validate(cfg, check_files=False)
   assert message in str(err.value)
 

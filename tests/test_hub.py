@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load
 
 from helpers import tiny_config
-from nanollama_jax import checkpoint, export, hub, train
+from nanollama_jax import checkpoint, errors, export, hub, train
 
 
 class FakeHub:
@@ -123,7 +123,7 @@ def test_a_damaged_checkpoint_is_never_pushed(trained_run, tmp_path, fake_hub):
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
     path.write_bytes(bytes(raw))
-  with pytest.raises(checkpoint.CheckpointError, match="damaged"):  # unreadable or mismatched
+  with pytest.raises(errors.CheckpointError, match="damaged"):  # unreadable or mismatched
     hub.push(str(run), "me/tiny", step=40)
   assert not fake_hub.commits
 
@@ -133,7 +133,7 @@ def test_training_pushes_in_the_background_and_survives_a_refused_upload(
     sample_dir, tokenizer_path, tmp_path, fake_hub, caplog):
   fake_hub.refuse = 1  # the first push is refused; the run goes on and the next one lands
   cfg = tiny_config(sample_dir, tokenizer_path, steps=4, log_every=1, ckpt_every=2,
-                    eval_every=4, eval_steps=2, push_to_hub="me/run", push_every=1)
+                    eval_every=4, eval_steps=2, push_to_hub="me/run", push_every=2)
   cfg.optim.warmup_steps = 1
   with caplog.at_level(std_logging.INFO):
     _, last = train.train(cfg, str(tmp_path / "run"))

@@ -81,7 +81,7 @@ def test_validate_refuses_a_push_to_the_hub_without_the_hf_extra(sample_cfg, mon
   sample_cfg.train.push_to_hub = "me/run"
   config.validate(sample_cfg)
   _hide(monkeypatch, "safetensors", "transformers")
-  with pytest.raises(config.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     config.validate(sample_cfg)
   assert str(e.value) == ("train.push_to_hub='me/run': pushing to the Hub needs safetensors, "
                           f"transformers: {_pip_command('hf')}")
@@ -97,7 +97,7 @@ def test_validate_refuses_init_from_a_hugging_face_directory_without_the_hf_extr
   (tmp_path / "run" / "checkpoints" / "5" / "params").mkdir(parents=True)
   _hide(monkeypatch, "safetensors")
   sample_cfg.train.init_from = str(hf)
-  with pytest.raises(config.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     config.validate(sample_cfg)
   assert str(e.value) == (f"train.init_from='{hf}': reading Hugging Face weights needs "
                           f"safetensors: {_pip_command('hf')}")

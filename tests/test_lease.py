@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import tiny_config
-from nanollama_jax import config, lease, train
+from nanollama_jax import config, errors, lease, train
 from nanollama_jax import workdir as workdir_lib
 
 
@@ -30,7 +30,7 @@ def _write_lease(workdir, **fields):
 def test_a_held_workdir_is_refused_naming_the_holder_and_left_alone(tmp_path):
   _write_lease(tmp_path)
   (tmp_path / "metrics.jsonl").write_text("")
-  with pytest.raises(lease.WorkdirHeld, match=r"is in use by another run \(host other-host, pid "
+  with pytest.raises(errors.WorkdirHeld, match=r"is in use by another run \(host other-host, pid "
                      r"4242, 2 process\(es\), started .*, last heartbeat 0s ago\): stop that run"):
     lease.acquire(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["lease.json", "metrics.jsonl"]
@@ -100,7 +100,7 @@ def test_a_run_whose_lease_was_taken_over_stops_without_saving(sample_dir, token
   thief = threading.Thread(target=take_over, daemon=True)
   thief.start()
   try:
-    with pytest.raises(train.TrainingError, match=r"another run took this workdir over after "
+    with pytest.raises(errors.TrainingError, match=r"another run took this workdir over after "
                        r"step \d+ \(host other-host, pid 4242.*stops without saving"):
       train.train(cfg, str(tmp_path))
   finally:
@@ -114,7 +114,7 @@ def test_a_refused_run_changes_nothing_in_a_new_workdir(sample_dir, tokenizer_pa
   cfg = tiny_config(sample_dir, tokenizer_path, steps=2)
   cfg.optim.warmup_steps = 1
   _write_lease(tmp_path / "run")
-  with pytest.raises(lease.WorkdirHeld):
+  with pytest.raises(errors.WorkdirHeld):
     train.train(cfg, str(tmp_path / "run"))
   assert os.listdir(tmp_path / "run") == ["lease.json"]
 
@@ -123,7 +123,7 @@ def test_profile_steps_are_validated():
   cfg = config.get_default_config()
   for bad in ("3", "0:2", "4:4", "a:b"):
     cfg.train.profile_steps = bad
-    with pytest.raises(config.ConfigError, match="train.profile_steps"):
+    with pytest.raises(errors.ConfigError, match="train.profile_steps"):
       config.validate(cfg, check_files=False)
   assert config.profile_steps("10:13") == (10, 13)
 

@@ -18,7 +18,7 @@ from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as tt_dialect
 
-from nanollama_jax import aot, targets
+from nanollama_jax import aot, errors, targets
 from nanollama_jax import kernel_check
 from nanollama_jax.attention import pallas
 from nanollama_jax.attention.pallas import Blocks, Tiles
@@ -213,12 +213,14 @@ def test_script_exits_1_when_xla_refuses_an_entry(monkeypatch, capsys):
 
 def test_script_exits_2_in_one_line_when_the_compiler_is_unavailable(monkeypatch, capsys):
   def unavailable(target):
-    raise aot.Unavailable(f"cannot describe {target.name} to a compiler: {aot.INSTALL}")
+    raise errors.InstallError(f"cannot describe {target.name} to a compiler: "
+                              f"{errors.install_command('aot')}")
 
   monkeypatch.setattr(aot, "devices", unavailable)
   assert _main(["--generations", "sm_86", "--head-dims", "32", "--dtypes", "bfloat16"]) == 2
   err = capsys.readouterr().err
-  assert err == 'install error: cannot describe rtx3090 to a compiler: pip install -e ".[aot]"\n'
+  assert err == ("install error: cannot describe rtx3090 to a compiler: pip install "
+                 "'nanollama_jax[aot]' (or pip install -e \".[aot]\" in a clone)\n")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
@@ -227,5 +229,5 @@ def test_script_exits_2_in_one_line_when_the_compiler_is_unavailable(monkeypatch
 def test_script_without_the_cuda_plugin_exits_2_naming_the_extra():
   done = run_script("check_gpu_kernels.py", "--generations", "sm_86")
   assert done.returncode == 2 and done.stdout == ""
-  assert done.stderr.startswith("install error: cannot describe rtx3090 to a compiler")
+  assert done.stderr.startswith("install error: compiling for rtx3090 needs jax_cuda12_plugin: ")
   assert done.stderr.count("\n") == 1 and 'pip install -e ".[aot]"' in done.stderr

@@ -304,11 +304,11 @@ def test_an_export_that_fails_leaves_nothing(l3, tmp_path, monkeypatch):
     export.save_hf(str(tmp_path / "out"), params, cfg, l3)
   assert list(tmp_path.iterdir()) == []
   (tmp_path / "a_file").write_text("")
-  with pytest.raises(export.ExportError, match="a_file is a file: name the directory to write"):
+  with pytest.raises(errors.ExportError, match="a_file is a file: name the directory to write"):
     export.save_hf(str(tmp_path / "a_file"), params, cfg)
   (tmp_path / "notes").mkdir()
   (tmp_path / "notes" / "todo.txt").write_text("")
-  with pytest.raises(export.ExportError, match="holds other files than a model's"):
+  with pytest.raises(errors.ExportError, match="holds other files than a model's"):
     export.save_hf(str(tmp_path / "notes"), params, cfg)
   monkeypatch.undo()
   export.save_hf(str(tmp_path / "out"), params, cfg, l3)

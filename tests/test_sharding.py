@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import REPO, cpu_env, free_port
-from nanollama_jax import config, model, optim, sharding
-from nanollama_jax.attention import Target
+from nanollama_jax import config, errors, model, optim, sharding
+from nanollama_jax.attention import Platform
 from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
@@ -31,14 +31,14 @@ def mesh_cfg(data=1, fsdp=1, tensor=1):
 def test_mesh_sizes_resolve_and_mismatches_are_named():
   assert sharding.mesh_shape(mesh_cfg(2, -1, 2), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
   assert sharding.mesh_shape(mesh_cfg(1, -1, 1), 8)["fsdp"] == 8
-  with pytest.raises(config.ConfigError, match=r"data=2 x fsdp=2 x tensor=1 = 4 devices, but "
+  with pytest.raises(errors.ConfigError, match=r"data=2 x fsdp=2 x tensor=1 = 4 devices, but "
                                                r"there are 8"):
     sharding.mesh_shape(mesh_cfg(2, 2, 1), 8)
-  with pytest.raises(config.ConfigError, match="do not divide the 8 devices"):
+  with pytest.raises(errors.ConfigError, match="do not divide the 8 devices"):
     sharding.mesh_shape(mesh_cfg(3, -1, 1), 8)
   cfg = config.get_default_config()
   cfg.mesh.update(dict(data=-1, fsdp=-1))
-  with pytest.raises(config.ConfigError, match="at most one axis can be -1"):
+  with pytest.raises(errors.ConfigError, match="at most one axis can be -1"):
     config.validate(cfg, check_files=False)
 
 
@@ -296,8 +296,8 @@ def test_accelerator_recipes_lower_with_their_attention_kernels(name, gpu, calls
   allocated, nothing is compiled): every device runs the kernels on its own rows."""
   cfg = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"]()
   assert cfg.model.attention == "auto"
-  target, custom_call = {"cuda": (Target("cuda", gpu), "__gpu$xla.gpu.triton"),
-                         "tpu": (Target("tpu", "v5e"), "tpu_custom_call")}[platform]
+  target, custom_call = {"cuda": (Platform("cuda", gpu), "__gpu$xla.gpu.triton"),
+                         "tpu": (Platform("tpu", "v5e"), "tpu_custom_call")}[platform]
   try:
     text = step_lib.lower_train_step(cfg, sharding.make_mesh(cfg.mesh), target).as_text()
   except RuntimeError as e:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, cpu_env
-from nanollama_jax import checkpoint, config, workdir as workdir_lib
+from nanollama_jax import checkpoint, config, errors, workdir as workdir_lib
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
@@ -118,7 +118,7 @@ def test_the_data_item_reads_every_stream_and_older_per_process_files(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["stream_0-of-2.json", "stream_1-of-2.json"]
   assert handler.restore(d) == {"streams": 2, "positions": {"0": {"x": 0}, "1": {"x": 1}}}
   os.remove(tmp_path / "stream_1-of-2.json")
-  with pytest.raises(checkpoint.CheckpointError, match="does not hold the position of every"):
+  with pytest.raises(errors.CheckpointError, match="does not hold the position of every"):
     handler.restore(d)
   older = tmp_path / "older"
   older.mkdir()

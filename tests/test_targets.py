@@ -9,7 +9,7 @@ import re
 import pytest
 
 from helpers import run_script
-from nanollama_jax import targets
+from nanollama_jax import errors, targets
 
 # The fields of XLA's GpuDeviceInfoProto (jaxlib 0.10.2) that the generator may write; a field
 # outside it (e.g. the newer collective_memory_granularity) makes XLA refuse the whole config.
@@ -92,7 +92,7 @@ def test_gpu_counts(name, devices, hosts):
   ("v5e-6", "6 chips: a 2D slice has a power of two"),
   ("v7-8", "unknown TPU generation 'v7'; known: v4, v5e, v5p, v6e")])
 def test_unknown_names_are_refused_with_what_is_known(name, message):
-  with pytest.raises(targets.TargetError, match=re.escape(message)):
+  with pytest.raises(errors.TargetError, match=re.escape(message)):
     targets.parse(name)
 
 
@@ -103,7 +103,7 @@ def test_a_gpu_program_may_use_jax_preallocated_share(monkeypatch):
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   assert rtx3090.usable_memory() == int(0.9 * 25_438_715_904)
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.5")
-  with pytest.raises(targets.TargetError, match=r"must be in \(0, 1\]"):
+  with pytest.raises(errors.TargetError, match=r"must be in \(0, 1\]"):
     rtx3090.usable_memory()
   assert targets.parse("v5e-8").usable_memory() == int(16 * 2**30 * 0.97)
 

@@ -7,7 +7,7 @@ the platform it is built for.
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): NVIDIA GPUs
   auto    pallas on a CUDA GPU, splash on a TPU, xla elsewhere
 
-The target defaults to the running devices. An explicit one (`Target("tpu", "v5e")`) builds that
+The target defaults to the running devices. An explicit one (`Platform("tpu", "v5e")`) builds that
 platform's program on any host, for ahead-of-time lowering: a CPU host can lower the exact GPU
 or TPU train step. A kernel is refused for a target it cannot run on, with one exception for
 tests: with NANOLLAMA_PALLAS_INTERPRET=1, pallas and splash run in Pallas interpret mode on a
@@ -40,7 +40,7 @@ _KERNEL_NAME = {"pallas": "a CUDA GPU kernel", "cudnn": "an NVIDIA GPU kernel",
 
 
 @dataclasses.dataclass(frozen=True)
-class Target:
+class Platform:
   """The platform a program is built for: 'cpu', 'rocm', 'cuda' with a GPU generation ('sm_90'),
   or 'tpu' with a TPU generation ('v4', 'v5e', 'v5p', 'v6e', ...)."""
 
@@ -64,7 +64,7 @@ class Target:
         f"target generation {self.generation!r} for {self.platform}: must be None")
 
   @classmethod
-  def of(cls, device: jax.Device) -> Target:
+  def of(cls, device: jax.Device) -> Platform:
     """The target that `device` is."""
     if device.platform == "tpu":
       return cls("tpu", targets.tpu_generation(device.device_kind)
@@ -76,7 +76,7 @@ class Target:
     return cls(device.platform)
 
   @classmethod
-  def running(cls) -> Target:
+  def running(cls) -> Platform:
     """The target of this process's devices."""
     return cls.of(jax.devices()[0])
 
@@ -86,7 +86,7 @@ def _interpret_requested() -> bool:
   return pallas.interpret_requested()
 
 
-def resolve(impl: str, target: Target) -> str:
+def resolve(impl: str, target: Platform) -> str:
   """The implementation `impl` stands for on `target` ('auto' resolved); raises if `target`
   cannot run it."""
   if impl not in ATTENTION_IMPLS:
@@ -97,8 +97,8 @@ def resolve(impl: str, target: Target) -> str:
   interpreted = target.platform == "cpu" and impl != "cudnn" and _interpret_requested()
   if needs != target.platform and not interpreted:
     raise errors.ConfigError(f"model.attention={impl!r} is {_KERNEL_NAME[impl]} and the target is "
-                     f"{target.platform}: use model.attention='xla' (or 'auto', which picks "
-                             f"{resolve('auto', target)!r} there)")
+                             f"{target.platform}: use model.attention='xla' (or 'auto', which "
+                             f"picks {resolve('auto', target)!r} there)")
   return impl
 
 
@@ -111,7 +111,7 @@ def _cudnn_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal):
   return out.astype(q_BxTxHxE.dtype)
 
 
-def _kernel(impl: str, target: Target, causal: bool):
+def _kernel(impl: str, target: Platform, causal: bool):
   """The kernel function (q, k, v, segment ids) -> out of `impl` built for `target`."""
   interpret = target.platform == "cpu"  # resolve() allowed it: Pallas interpret mode
   generation = None if interpret else target.generation
@@ -133,10 +133,10 @@ def attention(
   segment_ids_BxT: jax.Array | None = None,
   causal: bool = True,
   impl: str = "xla",
-  target: Target | None = None,
+  target: Platform | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention with GQA, causal masking and packed-document isolation."""
-  target = target or Target.running()
+  target = target or Platform.running()
   impl = resolve(impl, target)
   if impl == "xla":
     return xla_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, causal)

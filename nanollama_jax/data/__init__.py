@@ -31,9 +31,3 @@ def sample_dir() -> pathlib.Path:
     raise errors.DataError(f"{where}: {path} lacks {', '.join(missing)}")
   return path
 
-
-DataError = errors.DataError
-
-
-class HubUnreachable(errors.NetworkError, DataError):
-  """The Hugging Face Hub cannot be reached: the network, not the config or the data."""

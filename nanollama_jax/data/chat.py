@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from nanollama_jax.data import DataError, records
+from nanollama_jax.errors import DataError
+from nanollama_jax.data import records
 from nanollama_jax.data.hf_tokenizer import HFTokenizer
 from nanollama_jax.data.spm_tokenizer import (ASSISTANT_ID, BOS_ID, CHAT_TOKENS, END_OF_TURN_ID,
                                               END_THINK_ID, EOS_ID, SYSTEM_ID, THINK_ID, USER_ID)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from nanollama_jax import paths
-from nanollama_jax.data import DataError
+from nanollama_jax.errors import DataError
 from nanollama_jax.data.tokenizer import Tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"

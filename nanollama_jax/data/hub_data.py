@@ -12,8 +12,8 @@ from typing import Any
 
 import grain
 
-from nanollama_jax import config, errors, hf_files
-from nanollama_jax.data import DataError, HubUnreachable
+from nanollama_jax import errors, hf_files
+from nanollama_jax.errors import DataError, HubUnreachable
 from nanollama_jax.data.holdout import Holdout, kept
 from nanollama_jax.data.records import (Document, conversation_or_skip, document_or_skip,
                                         field_named, record_field)
@@ -64,7 +64,7 @@ def load_hub_dataset(path: str, name: str | None, split: str,
     return datasets.load_dataset(path, name, split=split, data_files=data_files,
                                  streaming=streaming)
   except (ConnectionError, FileNotFoundError, ValueError) as e:
-    raise config.ConfigError(
+    raise errors.ConfigError(
       f"data.hf_path={path!r}: cannot load split {split!r} ({e}). Check the dataset's name, "
       "config (data.hf_name) and split, or train on local files with --config.data.source=files "
       "--config.data.train_files=GLOB --config.data.eval_files=GLOB (JSONL, text or Parquet; "

@@ -49,10 +49,11 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
-from nanollama_jax import config, data_spec, errors
-from nanollama_jax.data import DataError, chat, sources
+from nanollama_jax import data_spec, errors
+from nanollama_jax.errors import DataError
+from nanollama_jax.data import chat, sources
 from nanollama_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -390,8 +391,8 @@ class Batches(Iterator[Batch]):
   """
 
   def __init__(self, parts: Sequence[tuple[int, grain.IterDataset, slice]], streams: int,
-               names: Sequence[str]):
-    self.streams = streams
+               names: Sequence[str], padded: bool = False):
+    self.streams, self._padded = streams, padded
     self._parts = [(s, iter(ds), rows) for s, ds, rows in parts]
     self.names = list(names)
     # Per stream, over all its rows: part of its state, so it does not depend on the layout.
@@ -436,11 +437,17 @@ class Batches(Iterator[Batch]):
     """The share of input positions that were padding, over the batches returned so far."""
     return self._padding / max(self._tokens, 1)
 
-  def get_state(self) -> dict[str, Any]:
-    """{"streams": count, "positions": {stream: its state}} for the streams this process reads."""
+  def stats(self) -> dict[str, Any]:
+    """The numbers a training row logs of its data: the epoch, and the padding of a packer
+    that pads (first_fit)."""
+    return {"epoch": self.epoch, **({"padding": self.padding_fraction} if self._padded else {})}
+
+  def get_state(self, streams: set[int] | None = None) -> dict[str, Any]:
+    """{"streams": count, "positions": {stream: its state}} for the streams this process reads,
+    or for those of them in `streams` (the ones whose position this process saves)."""
     return {"streams": self.streams,
             "positions": {str(s): {"pipeline": it.get_state(), "epochs": list(self._epochs[s])}
-                          for s, it, _ in self._parts}}
+                          for s, it, _ in self._parts if streams is None or s in streams}}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Moves every stream this process reads to its position in `state` (which may hold more
@@ -472,13 +479,51 @@ def train_batches(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, sha
   streams = streams or shares
   for n, what in ((shares, "processes that read distinct rows"), (streams, "data streams")):
     if data_cfg.batch_size % n:
-      raise config.ConfigError(f"data.batch_size={data_cfg.batch_size}: must be divisible by the "
+      raise errors.ConfigError(f"data.batch_size={data_cfg.batch_size}: must be divisible by the "
                                f"{n} {what}")
   parts, names = [], []
   for s, rows in stream_rows(data_cfg.batch_size, streams, share, shares):
     ds, names = windows(data_cfg, tokenizer, "train", data_cfg.num_workers, s, streams)
     parts.append((s, ds.batch(data_cfg.batch_size // streams, drop_remainder=True), rows))
-  return Batches(parts, streams, names)
+  return Batches(parts, streams, names, padded=data_cfg.packing == "first_fit")
+
+
+def resume(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, share: int, shares: int,
+           state: dict[str, Any] | None) -> Batches:
+  """The training batches of share `share` of `shares` of the rows, at a checkpoint's position
+  `state` (None: from the start).
+
+  The streams are data.streams, else the checkpoint's, else one per share: the batches do not
+  depend on the number of processes, so a position carries over to any slice. Only an explicit
+  data.streams that differs from the checkpoint's, or a batch size its streams do not divide,
+  starts the data over, which is said in one warning line.
+  """
+  batch_size, asked = data_cfg.batch_size, data_cfg.streams
+  streams = asked or shares
+  if state is not None:
+    saved = state["streams"]
+    if asked not in (0, saved):
+      logging.warning("data: data.streams=%d, but the checkpoint holds the positions of %d data "
+                      "streams: the data is split anew and starts over from its beginning "
+                      "(documents trained on before are seen again)", asked, saved)
+      state = None
+    elif batch_size % saved:
+      logging.warning("data: the checkpoint's %d data streams do not divide data.batch_size=%d: "
+                      "the data is split into %d streams and starts over from its beginning "
+                      "(documents trained on before are seen again)", saved, batch_size, streams)
+      state = None
+    else:
+      streams = saved
+  if shares > 1:
+    logging.info("data: this process reads share %d of %d", share, shares)
+  batches = train_batches(data_cfg, tokenizer, share, shares, streams)
+  if streams < shares:
+    logging.info("data: %d processes read distinct rows of each batch, from %d data stream(s) "
+                 "(data.streams is fixed at a run's first start): this process reads stream(s) "
+                 "%s whole and keeps its rows", shares, streams, batches.read)
+  if state is not None:
+    batches.set_state(state)
+  return batches
 
 
 def _pad_rows(batch: Batch, rows: int, pad_id: int) -> Batch:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from nanollama_jax.data import DataError
+from nanollama_jax.errors import DataError
 
 JSON_EXTENSIONS = (".jsonl", ".json")
 TEXT_EXTENSIONS = (".txt",)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from nanollama_jax.data import DataError
+from nanollama_jax.errors import DataError
 from nanollama_jax.data.tokenizer import Tokenizer
 
 INDEX = "index.json"

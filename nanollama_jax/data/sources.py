@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from nanollama_jax import config, data_spec
-from nanollama_jax.data import DataError, shards
+from nanollama_jax import config, data_spec, errors
+from nanollama_jax.errors import DataError
+from nanollama_jax.data import shards
 from nanollama_jax.data.holdout import Holdout, for_split, kept
 from nanollama_jax.data.hub_data import HubStream, hf_documents
 from nanollama_jax.data.records import Document, read_files
@@ -48,15 +49,15 @@ def _open_globs(globs: str, key: str, text_key: str, separator: str, doc_format:
   paths = data_spec.expand_globs(globs, key)
   datasets_ = [p for p in paths if os.path.isdir(p)]
   if datasets_ and doc_format == "chat":
-    raise config.ConfigError(f"{key}={globs!r}: {datasets_[0]} is a pretokenized dataset, which "
+    raise errors.ConfigError(f"{key}={globs!r}: {datasets_[0]} is a pretokenized dataset, which "
                              "holds no turns: data.format='chat' reads JSON lines or Parquet")
   if datasets_:
     not_prepared = [p for p in datasets_ if not shards.is_dataset(p)]
     if not_prepared:
-      raise config.ConfigError(f"{key}={globs!r}: {not_prepared[0]} is a directory without "
+      raise errors.ConfigError(f"{key}={globs!r}: {not_prepared[0]} is a directory without "
                                f"{shards.INDEX}; write it with scripts/prepare_dataset.py")
     if len(datasets_) != len(paths):
-      raise config.ConfigError(f"{key}={globs!r}: matches both pretokenized datasets and text "
+      raise errors.ConfigError(f"{key}={globs!r}: matches both pretokenized datasets and text "
                                "files; use one kind per split (or a data.mixture)")
     docs = shards.TokenDocuments(datasets_)
     return Documents(globs, docs=docs if holdout is None else docs.select(holdout.keeps))
@@ -104,7 +105,7 @@ def open_split(data_cfg: ml_collections.ConfigDict, split: str, *, stream: int =
         data_cfg.hf_path, data_cfg.hf_name or None, hf_split, data_cfg.text_key,
         data_cfg.hf_data_files, data_cfg.format, skipped, holdout))
   else:
-    raise config.ConfigError(
+    raise errors.ConfigError(
       f"data.source={data_cfg.source!r}: allowed: {', '.join(config.DATA_SOURCES)}")
   if found.docs is not None and not len(found.docs):
     among = f" among {holdout}" if holdout else ""

@@ -11,7 +11,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from nanollama_jax import paths
-from nanollama_jax.data import DataError
+from nanollama_jax.errors import DataError
 from nanollama_jax.data.tokenizer import Tokenizer
 
 MODEL_FILE = "tokenizer.model"  # its name in a Hugging Face model directory and in a workdir

@@ -27,7 +27,8 @@ import ml_collections
 from absl import logging
 
 from nanollama_jax import errors, hf_files, paths
-from nanollama_jax.data import DataError, hf_tokenizer, records, sources, spm_tokenizer
+from nanollama_jax.errors import DataError
+from nanollama_jax.data import hf_tokenizer, records, sources, spm_tokenizer
 from nanollama_jax.data.hf_tokenizer import HFTokenizer
 from nanollama_jax.data.spm_tokenizer import SentencePieceTokenizer
 from nanollama_jax.data.tokenizer import Tokenizer
@@ -82,8 +83,9 @@ def load(spec: str, key: str = "data.tokenizer", vocab_size: int | None = None) 
   if paths.isdir(spec):
     tokenizer = load_dir(spec)
     if tokenizer is None:
+      files = ", ".join(paths.listdir(spec)[:8]) or "none"
       raise DataError(f"{key}={spec!r}: the directory holds no tokenizer (tokenizer.json or "
-                      f"tokenizer.model); files there: {', '.join(paths.listdir(spec)[:8]) or 'none'}")
+                      f"tokenizer.model); files there: {files}")
     return tokenizer
   if not paths.exists(spec):
     raise DataError(f"{key}={spec!r}: no such file or directory")

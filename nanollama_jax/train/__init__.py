@@ -19,8 +19,8 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nanollama_jax import checkpoint, errors, evaluate, generate, hub, init_from, lease, model, paths
-from nanollama_jax import preemption, profiling, sharding
+from nanollama_jax import checkpoint, errors, evaluate, generate, hub, init_from, lease, model
+from nanollama_jax import paths, preemption, profiling, sharding
 from nanollama_jax import config as config_lib
 from nanollama_jax import metrics as metrics_lib
 from nanollama_jax import workdir as workdir_lib
@@ -28,10 +28,6 @@ from nanollama_jax.data import holdout, pipeline
 from nanollama_jax.data import tokenizer_source
 from nanollama_jax.data.tokenizer import Tokenizer
 from nanollama_jax.step import Batch, Built, TrainState, build, init_state
-
-TrainingError = errors.TrainingError
-Preempted = errors.Preempted
-
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
@@ -44,63 +40,6 @@ class Hook:
 
   def due(self, done: int, last: int) -> bool:
     return (self.every > 0 and done % self.every == 0) or (self.at_end and done == last)
-
-
-class Log:
-  """Log rows of a run: the console (or a progress bar), metrics.jsonl, TensorBoard, timing."""
-
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, start_step: int,
-               skipped: int, train_iter: pipeline.Batches):
-    self.cfg, self.train_iter = cfg, train_iter
-    self.writer = metrics_lib.MetricsWriter(workdir, start_step=start_step)
-    self.bar = metrics_lib.progress(start_step, cfg.train.steps)
-    self.last: dict[str, Any] = {}
-    self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    self.flops_per_token = metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak_flops, peak_source = metrics_lib.device_peak_flops()
-    self.peak_flops = peak_flops * jax.device_count()
-    logging.info("%.3g model FLOPs per token; MFU against %.3g FLOP/s (%s, x%d devices)",
-                 self.flops_per_token, self.peak_flops, peak_source, jax.device_count())
-    self.skipped_total = skipped  # non-finite steps skipped so far, counted on as steps retire
-    self.mark_time, self.mark_step = time.time(), start_step + 1
-
-  def restart_clock(self) -> None:
-    """Time from now on counts as training (not compilation, evaluation or saving)."""
-    self.mark_time = time.time()
-
-  def train_row(self, done: int, values: dict[str, Any]) -> None:
-    """Logs step `done`'s metrics with the throughput since the last logged step."""
-    loss = float(values["loss"])
-    row = {"loss": loss, "perplexity": metrics_lib.perplexity(loss), "lr": float(values["lr"]),
-           "grad_norm": float(values["grad_norm"]), "tokens_seen": done * self.tokens_per_step,
-           "skipped_steps": self.skipped_total, "epoch": self.train_iter.epoch}
-    if self.cfg.data.packing == "first_fit":
-      row["padding"] = self.train_iter.padding_fraction
-    eta = None
-    now = time.time()
-    if done > self.mark_step:  # the first step's time is compilation, reported on its own
-      step_time = (now - self.mark_time) / (done - self.mark_step)
-      tokens_per_s = self.tokens_per_step / step_time
-      row.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
-                 mfu=tokens_per_s * self.flops_per_token / self.peak_flops)
-      eta = (self.cfg.train.steps - done) * step_time
-      self.mark_time, self.mark_step = now, done
-    self.record(done, row, eta)
-    if self.bar is not None:
-      self.bar.show(row)
-
-  def record(self, done: int, row: dict[str, Any], eta: float | None = None) -> None:
-    self.writer.write(done, row)
-    metrics_lib.log_line(done, self.cfg.train.steps, row, eta_s=eta, bar=self.bar)
-    self.last.update(row)
-
-  def say(self, text: str) -> None:
-    metrics_lib.say(text, self.bar)
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
-    self.writer.close()
 
 
 class PendingMetrics:
@@ -129,7 +68,7 @@ def _stop_on_bad_steps(cfg: ml_collections.ConfigDict, done: int, values: dict[s
   logging.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)", done,
                   float(values["loss"]), float(values["grad_norm"]), int(values["bad_run"]))
   if values["bad_run"] >= cfg.train.max_bad_steps:
-    raise TrainingError(
+    raise errors.TrainingError(
       f"{int(values['bad_run'])} non-finite steps in a row, the last at step {done} "
       f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint is step "
       f"{ckpt.latest_step()}: lower optim.lr or check the data before resuming")
@@ -193,51 +132,23 @@ def _eval_set(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 def _train_data(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
                 data_state: dict[str, Any] | None) -> tuple[pipeline.Batches, set[int]]:
-  """This process's training batches, at the checkpoint's position when there is one, and the
-  data streams whose position this process saves.
-
-  The global batches do not depend on the number of processes (see data/pipeline.py), so a
-  checkpoint's position carries over to any slice; only a change of data.streams (or a batch
-  size the checkpoint's streams do not divide) starts the data over, which is said here.
-  """
+  """This process's training batches, at the checkpoint's position when there is one (see
+  pipeline.resume), and the data streams whose position this process saves."""
   batch_size = cfg.data.batch_size
   batch_sharding = sharding.batch_sharding(mesh)
   share, shares = sharding.data_shard(batch_sharding, batch_size)
-  streams = cfg.data.streams or shares
-  if data_state is not None:
-    saved = data_state["streams"]
-    if cfg.data.streams not in (0, saved):
-      logging.warning("data: data.streams=%d, but the checkpoint holds the positions of %d data "
-                      "streams: the data is split anew and starts over from its beginning "
-                      "(documents trained on before are seen again)", cfg.data.streams, saved)
-      data_state = None
-    elif batch_size % saved:
-      logging.warning("data: the checkpoint's %d data streams do not divide data.batch_size=%d: "
-                      "the data is split into %d streams and starts over from its beginning "
-                      "(documents trained on before are seen again)", saved, batch_size, streams)
-      data_state = None
-    else:
-      streams = saved
-  if shares > 1:
-    logging.info("data: this process reads share %d of %d", share, shares)
-  train_iter = pipeline.train_batches(cfg.data, tokenizer, share, shares, streams)
-  if streams < shares:
-    logging.info("data: %d processes read distinct rows of each batch, from %d data stream(s) "
-                 "(data.streams is fixed at a run's first start): this process reads stream(s) "
-                 "%s whole and keeps its rows", shares, streams, train_iter.read)
-  if data_state is not None:
-    train_iter.set_state(data_state)
+  train_iter = pipeline.resume(cfg.data, tokenizer, share, shares, data_state)
   writers = pipeline.stream_writers(sharding.data_blocks(batch_sharding, batch_size), batch_size,
-                                    streams)
+                                    train_iter.streams)
   return train_iter, {s for s, p in enumerate(writers) if p == jax.process_index()}
 
 
 # --- The hooks ----------------------------------------------------------------------------------
 
 
-def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, log: Log,
-           ckpt: checkpoint.Checkpointer, train_iter: pipeline.Batches, saves: set[int],
-           tokenizer: Tokenizer) -> tuple[list[Hook], list[Hook]]:
+def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+           log: metrics_lib.RunLog, ckpt: checkpoint.Checkpointer, train_iter: pipeline.Batches,
+           saves: set[int], tokenizer: Tokenizer) -> tuple[list[Hook], list[Hook]]:
   """(state hooks, metrics hooks) of the run, in the order they run after a step."""
   train_cfg = cfg.train
   config_json = config_lib.to_json(cfg)
@@ -257,17 +168,15 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
       log.writer.write_texts(done, "samples", texts)
       for text in texts:
         log.say(f"step {done} sample: {text!r}")
-    hooks.append(Hook("sample", train_cfg.eval_every, run_samples))
+    hooks.append(Hook("sample", train_cfg.sample_every, run_samples))
   saved: set[int] = set()
 
   def run_save(done: int, state: TrainState) -> None:
     # The rows logged up to the checkpoint must survive a kill after it (in a bucket, the
     # metrics are otherwise rewritten only every 30 s).
     log.writer.flush()
-    data_state = train_iter.get_state()
-    data_state["positions"] = {s: p for s, p in data_state["positions"].items()
-                               if int(s) in saves}
-    if ckpt.save(state.params, state.opt_state, data_state, state.meta(log.tokens_per_step),
+    if ckpt.save(state.params, state.opt_state, train_iter.get_state(saves),
+                 state.meta(log.tokens_per_step),
                  config_json):
       saved.add(done)
       logging.info("checkpoint %d: training blocked %.3fs for it", done, ckpt.last_blocking_s)
@@ -279,7 +188,7 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     def run_push(done: int, state: TrainState) -> None:
       if done in saved:
         pusher.request(done)
-    hooks.append(Hook("push", train_cfg.ckpt_every * train_cfg.push_every, run_push))
+    hooks.append(Hook("push", train_cfg.push_every or train_cfg.ckpt_every, run_push))
     hooks.append(Hook("finish pushes", 0, lambda done, state: pusher.close(wait=True)))
     # A finished push is reported (and the next one started) as steps go by, off the device.
     metrics_hooks.append(Hook("poll pushes", 1, lambda done, values: pusher.poll(), at_end=False))
@@ -290,7 +199,7 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
 
 
 def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: TrainState,
-          train_iter: pipeline.Batches, mesh: jax.sharding.Mesh, log: Log,
+          train_iter: pipeline.Batches, mesh: jax.sharding.Mesh, log: metrics_lib.RunLog,
           hooks: tuple[list[Hook], list[Hook]], ckpt: checkpoint.Checkpointer,
           start_guard: workdir_lib.FailedStart, held: lease.Lease) -> TrainState:
   """Steps from the state's step to train.steps, running the hooks; returns the last state."""
@@ -330,7 +239,7 @@ def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: Tra
       profiler.after(done, state)
       account(pending.swap(done, device_metrics))
       if held.lost is not None:
-        raise TrainingError(
+        raise errors.TrainingError(
           f"another run took this workdir over after step {done} "
           f"({held.lost.describe(time.time())}): this run's lease had not been renewed for "
           f"{lease.STALE_S:.0f}s; it stops without saving, so as not to write over that run")
@@ -343,7 +252,8 @@ def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: Tra
         log.restart_clock()
       if stopping:
         ckpt.wait()
-        raise Preempted(stop.signum, done, paths.join(workdir, workdir_lib.CHECKPOINTS, str(done)))
+        raise errors.Preempted(stop.signum, done,
+                               paths.join(workdir, workdir_lib.CHECKPOINTS, str(done)))
     account(pending.flush())
   finally:
     profiler.stop()
@@ -356,7 +266,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
 
   Returns the final parameters and the last logged numbers. Raises Preempted after saving when
   SIGTERM/SIGINT arrives, TrainingError after `train.max_bad_steps` non-finite steps in a row,
-  and lease.WorkdirHeld when another run trains in the workdir. The run holds the workdir's lease
+  and errors.WorkdirHeld when another run trains in the workdir. The run holds the workdir's lease
   while it trains; one that fails before its first step leaves the workdir as it found it.
   """
   config_lib.validate(cfg)
@@ -384,7 +294,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
                  f"{n_params - model.embedding_param_count(cfg.model):,}")
     train_iter, saves = _train_data(cfg, tokenizer, mesh, data_state)
     cleanup.callback(train_iter.close)
-    log = Log(cfg, workdir, start_step, int(state.skipped), train_iter)
+    log = metrics_lib.RunLog(cfg, workdir, start_step, int(state.skipped), train_iter.stats)
     cleanup.callback(log.close)
     hooks = _hooks(cfg, workdir, mesh, log, ckpt, train_iter, saves, tokenizer)
     if start_step >= steps:
@@ -401,8 +311,3 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict[str,
     if jax.process_index() == 0:
       logging.info("summary:\n%s", metrics_lib.summary_table(steps, log.last))
   return state.params, log.last
-
-
-if __name__ == "__main__":
-  from nanollama_jax import cli  # pylint: disable=import-outside-toplevel
-  cli.run()
