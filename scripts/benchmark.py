@@ -255,11 +255,57 @@ def _pipeline_rate(data_cfg, tok, batches: int) -> float:
   return batches * data_cfg.batch_size * data_cfg.seq_len / seconds, it.padding_fraction
 
 
+def _corpus(texts: list[str], tok, target_tokens: int, tmp: str) -> tuple[str, int, int]:
+  """The sample repeated to about `target_tokens` tokens in TMP/corpus.jsonl: (path, repeats,
+  tokens per repeat)."""
+  tokens = sum(len(t) for t in tok.encode_batch(texts)) + 2 * len(texts)
+  repeats = max(1, round(target_tokens / tokens))
+  corpus = os.path.join(tmp, "corpus.jsonl")
+  with open(corpus, "w", encoding="utf-8") as f:
+    for _ in range(repeats):
+      for t in texts:
+        f.write(json.dumps({"text": t}) + "\n")
+  return corpus, repeats, tokens
+
+
+def _prepare_rate(texts: list[str], tok, repeats: int, tokens: int, out_dir: str) -> float:
+  """Tokens/s of writing the repeated corpus as a pretokenized dataset, in this process."""
+  from nanollama_jax.data import shards  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  writer = shards.ShardWriter(out_dir, tok)
+  total = repeats * len(texts)
+  for i in range(0, total, 1024):
+    writer.add(tok.encode_batch([texts[j % len(texts)] for j in range(i, min(i + 1024, total))]))
+  writer.close()
+  return repeats * tokens / (time.perf_counter() - start)
+
+
+def _pipeline_rates(data_cfg, tok, bpe, shards_dir: str) -> dict:
+  """Tokens/s (and padding) of each way of feeding the recipe's batches."""
+  rates: dict = {}
+  for label, fields, n, encoder in [
+    ("on_the_fly", dict(num_workers=0), 60, tok),
+    ("on_the_fly_tokenizer_json", dict(num_workers=0), 60, bpe),
+    ("on_the_fly_2_workers", dict(num_workers=2), 60, tok),
+    ("on_the_fly_tokenizer_json_2_workers", dict(num_workers=2), 60, bpe),
+    ("pretokenized", dict(train_files=shards_dir), 300, tok),
+    ("pretokenized_first_fit", dict(train_files=shards_dir, packing="first_fit"), 300, tok),
+  ]:
+    c = data_cfg.copy_and_resolve_references()
+    c.update(fields)
+    rate, padding = _pipeline_rate(c, encoder, n)
+    rates[label] = {"tokens_per_s": round(rate)}
+    if c.packing == "first_fit":
+      rates[label]["padding"] = round(padding, 4)
+    _progress(f"data: {label}: {rate:,.0f} tokens/s")
+  return rates
+
+
 def data(data_dir: str, target_tokens: int) -> dict:
   import glob  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from nanollama_jax.data import hf_tokenizer, records, shards, spm_tokenizer  # pylint: disable=import-outside-toplevel
+  from nanollama_jax.data import hf_tokenizer, records, spm_tokenizer  # pylint: disable=import-outside-toplevel
 
   cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
   files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
@@ -273,49 +319,18 @@ def data(data_dir: str, target_tokens: int) -> dict:
                                         os.path.join(tmp, "tok.model"))
     # A tokenizer.json of Llama 3's kind (byte-level BPE, its pre-tokenizer), of the same size.
     bpe = hf_tokenizer.train_byte_level_bpe(texts, cfg.model.vocab_size, os.path.join(tmp, "bpe"))
-    tokens = sum(len(t) for t in tok.encode_batch(texts)) + 2 * len(texts)
-    repeats = max(1, round(target_tokens / tokens))
-    corpus = os.path.join(tmp, "corpus.jsonl")
-    with open(corpus, "w", encoding="utf-8") as f:
-      for _ in range(repeats):
-        for t in texts:
-          f.write(json.dumps({"text": t}) + "\n")
+    corpus, repeats, tokens = _corpus(texts, tok, target_tokens, tmp)
     out["corpus"] = {"documents": repeats * len(texts), "tokens": repeats * tokens}
     _progress(f"data: corpus of {repeats * tokens:,} tokens ({repeats} x {len(files)} files)")
-
-    # Writing the pretokenized dataset, in this process.
-    start = time.perf_counter()
-    writer = shards.ShardWriter(os.path.join(tmp, "tokens"), tok)
-    for i in range(0, repeats * len(texts), 1024):
-      writer.add(tok.encode_batch([texts[j % len(texts)] for j in range(i, min(
-        i + 1024, repeats * len(texts)))]))
-    writer.close()
-    out["prepare_tokens_per_s"] = round(repeats * tokens / (time.perf_counter() - start))
-
+    shards_dir = os.path.join(tmp, "tokens")
+    out["prepare_tokens_per_s"] = round(_prepare_rate(texts, tok, repeats, tokens, shards_dir))
     data_cfg = cfg.data
     data_cfg.update(source="files", train_files=corpus)
-    rates: dict = {}
-    for label, fields, n, encoder in [
-      ("on_the_fly", dict(num_workers=0), 60, tok),
-      ("on_the_fly_tokenizer_json", dict(num_workers=0), 60, bpe),
-      ("on_the_fly_2_workers", dict(num_workers=2), 60, tok),
-      ("on_the_fly_tokenizer_json_2_workers", dict(num_workers=2), 60, bpe),
-      ("pretokenized", dict(train_files=os.path.join(tmp, "tokens")), 300, tok),
-      ("pretokenized_first_fit", dict(train_files=os.path.join(tmp, "tokens"),
-                                      packing="first_fit"), 300, tok),
-    ]:
-      c = data_cfg.copy_and_resolve_references()
-      c.update(fields)
-      rate, padding = _pipeline_rate(c, encoder, n)
-      rates[label] = {"tokens_per_s": round(rate)}
-      if c.packing == "first_fit":
-        rates[label]["padding"] = round(padding, 4)
-      _progress(f"data: {label}: {rate:,.0f} tokens/s")
-    out["pipeline"] = rates
+    rates = out["pipeline"] = _pipeline_rates(data_cfg, tok, bpe, shards_dir)
     padding = {}
     for bins in (8, 64, 256):
       c = data_cfg.copy_and_resolve_references()
-      c.update(train_files=os.path.join(tmp, "tokens"), packing="first_fit", pack_bins=bins)
+      c.update(train_files=shards_dir, packing="first_fit", pack_bins=bins)
       padding[str(bins)] = round(_pipeline_rate(c, tok, 100)[1], 4)
     out["first_fit_padding_by_bins"] = padding
 
@@ -427,26 +442,7 @@ def torch_compare(steps: int, rounds: int) -> dict:
   return out
 
 
-def main() -> None:
-  args = ARGS
-  results: dict = {"platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind,
-                   "cpu": _cpu_model(), "jax": jax.__version__}
-  chosen = args.sections.split(",")
-  if "compile_depth" in chosen:
-    results["compile_depth"] = compile_depth(args.unrolled_max)
-  if "remat_memory" in chosen:
-    results["remat_memory"] = remat_memory()
-  if "recipes" in chosen:
-    results["recipes"] = recipes()
-  if "data" in chosen:
-    results["data"] = data(args.data_dir or str(sample_dir()), args.data_tokens)
-  if "torch_compare" in chosen:
-    results["torch_compare"] = torch_compare(args.torch_steps, args.torch_rounds)
-  if args.json:
-    print(json.dumps(results, indent=2))
-    return
-  print(f"platform: {results['platform']} ({results['device']}), CPU {results['cpu']}, "
-        f"jax {results['jax']}")
+def _print_compile_and_memory(results: dict) -> None:
   if "compile_depth" in results:
     r = results["compile_depth"]
     print(f"\ncompile time of the train step ({r['shape']}):")
@@ -467,43 +463,72 @@ def main() -> None:
                  f" (plain loss {v['plain_loss_peak_gib']} GiB)" if "plain_loss_peak_gib" in v
                  else "") for label, v in row.items() if isinstance(v, dict)]
       print(f"  {name:14s} {row['parameters']:>14,} params  " + "; ".join(cells))
+
+
+def _print_data(r: dict) -> None:
+  print(f"\ninput pipeline, {r['recipe']} batches ({r['batch_size']} x {r['seq_len']}), "
+        f"{r['corpus']['tokens']:,}-token corpus, {r['cores']} cores:")
+  print(f"  writing the pretokenized dataset  {r['prepare_tokens_per_s']:>12,} tokens/s")
+  for label, v in r["pipeline"].items():
+    extra = f"  padding {v['padding']:.2%}" if "padding" in v else ""
+    print(f"  {label:35s} {v['tokens_per_s']:>12,} tokens/s  "
+          f"x{r['ratio_to_train_step'][label]} the train step{extra}")
+  print(f"  the train step consumes          {r['train_step_tokens_per_s']:>12,} tokens/s")
+  print("  first-fit padding by data.pack_bins: " + ", ".join(
+    f"{b}: {p:.2%}" for b, p in r["first_fit_padding_by_bins"].items()))
+
+
+def _print_torch_compare(r: dict) -> None:
+  if "skipped" in r:
+    print(f"\ntorch_compare skipped: {r['skipped']}")
+    return
+  print(f"\ntrain step against PyTorch {r['torch']} / transformers {r['transformers']} "
+        f"(attention {r['torch_attention']}), {r['shape']}, {r['cpu_threads']} threads each, "
+        f"{r['host_devices']} host device(s); MFU against a measured float32 matmul peak of "
+        f"{r['matmul_peak_gflops']} GFLOP/s; median of {r['rounds']} interleaved rounds, "
+        f"the rounds' range in brackets:")
+
+  def spread(v: dict, name: str) -> str:
+    rates = v[f"{name}_rounds_tokens_per_s"]
+    return f"[{min(rates):,}-{max(rates):,}]"
+
+  for label, v in r["variants"].items():
+    print(f"  {label}  ours {v['ours_tokens_per_s']:>7,} tokens/s {spread(v, 'ours')} (MFU "
+          f"{v['ours_mfu']:.1%})  torch {v['torch_tokens_per_s']:>7,} tokens/s "
+          f"{spread(v, 'torch')} (MFU {v['torch_mfu']:.1%})  ours/torch "
+          f"x{v['ratio_ours_to_torch']}")
+    print(f"       with the layer scan {v['ours_scan_tokens_per_s']:>7,} tokens/s "
+          f"{spread(v, 'ours_scan')} (MFU {v['ours_scan_mfu']:.1%}), "
+          f"x{v['ratio_ours_scan_to_torch']}; first-step losses "
+          f"(ours, scan, torch) {v['first_loss_ours_scan_torch']}")
+  print(f"  glibc malloc keeps freed memory (train.keep_host_memory): {r['keep_host_memory']}")
+
+
+def main() -> None:
+  args = ARGS
+  results: dict = {"platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind,
+                   "cpu": _cpu_model(), "jax": jax.__version__}
+  chosen = args.sections.split(",")
+  if "compile_depth" in chosen:
+    results["compile_depth"] = compile_depth(args.unrolled_max)
+  if "remat_memory" in chosen:
+    results["remat_memory"] = remat_memory()
+  if "recipes" in chosen:
+    results["recipes"] = recipes()
+  if "data" in chosen:
+    results["data"] = data(args.data_dir or str(sample_dir()), args.data_tokens)
+  if "torch_compare" in chosen:
+    results["torch_compare"] = torch_compare(args.torch_steps, args.torch_rounds)
+  if args.json:
+    print(json.dumps(results, indent=2))
+    return
+  print(f"platform: {results['platform']} ({results['device']}), CPU {results['cpu']}, "
+        f"jax {results['jax']}")
+  _print_compile_and_memory(results)
   if "data" in results:
-    r = results["data"]
-    print(f"\ninput pipeline, {r['recipe']} batches ({r['batch_size']} x {r['seq_len']}), "
-          f"{r['corpus']['tokens']:,}-token corpus, {r['cores']} cores:")
-    print(f"  writing the pretokenized dataset  {r['prepare_tokens_per_s']:>12,} tokens/s")
-    for label, v in r["pipeline"].items():
-      extra = f"  padding {v['padding']:.2%}" if "padding" in v else ""
-      print(f"  {label:32s} {v['tokens_per_s']:>12,} tokens/s  "
-            f"x{r['ratio_to_train_step'][label]} the train step{extra}")
-    print(f"  the train step consumes          {r['train_step_tokens_per_s']:>12,} tokens/s")
-    print("  first-fit padding by data.pack_bins: " + ", ".join(
-      f"{b}: {p:.2%}" for b, p in r["first_fit_padding_by_bins"].items()))
+    _print_data(results["data"])
   if "torch_compare" in results:
-    r = results["torch_compare"]
-    if "skipped" in r:
-      print(f"\ntorch_compare skipped: {r['skipped']}")
-      return
-    print(f"\ntrain step against PyTorch {r['torch']} / transformers {r['transformers']} "
-          f"(attention {r['torch_attention']}), {r['shape']}, {r['cpu_threads']} threads each, "
-          f"{r['host_devices']} host device(s); MFU against a measured float32 matmul peak of "
-          f"{r['matmul_peak_gflops']} GFLOP/s; median of {r['rounds']} interleaved rounds, "
-          f"the rounds' range in brackets:")
-
-    def spread(v: dict, name: str) -> str:
-      rates = v[f"{name}_rounds_tokens_per_s"]
-      return f"[{min(rates):,}-{max(rates):,}]"
-
-    for label, v in r["variants"].items():
-      print(f"  {label}  ours {v['ours_tokens_per_s']:>7,} tokens/s {spread(v, 'ours')} (MFU "
-            f"{v['ours_mfu']:.1%})  torch {v['torch_tokens_per_s']:>7,} tokens/s "
-            f"{spread(v, 'torch')} (MFU {v['torch_mfu']:.1%})  ours/torch "
-            f"x{v['ratio_ours_to_torch']}")
-      print(f"       with the layer scan {v['ours_scan_tokens_per_s']:>7,} tokens/s "
-            f"{spread(v, 'ours_scan')} (MFU {v['ours_scan_mfu']:.1%}), "
-            f"x{v['ratio_ours_scan_to_torch']}; first-step losses "
-            f"(ours, scan, torch) {v['first_loss_ours_scan_torch']}")
-    print(f"  glibc malloc keeps freed memory (train.keep_host_memory): {r['keep_host_memory']}")
+    _print_torch_compare(results["torch_compare"])
 
 
 if __name__ == "__main__":

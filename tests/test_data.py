@@ -14,7 +14,7 @@ import pytest
 
 from helpers import assistant_tokens
 from nanollama_jax import config, data_spec, errors
-from nanollama_jax.data import HubUnreachable, hub_data, pipeline, records, shards, sources
+from nanollama_jax.data import hub_data, pipeline, records, shards, sources
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 KEYS = pipeline.KEYS
@@ -131,7 +131,7 @@ def test_an_unreachable_hub_is_reported_as_the_network_at_once(sample_dir, monke
   cfg.source = "hf"
   for streaming in (True, False):
     cfg.hf_streaming = streaming
-    with pytest.raises(HubUnreachable, match=f"cannot reach the Hugging Face Hub at "
+    with pytest.raises(errors.HubUnreachable, match=f"cannot reach the Hugging Face Hub at "
                        f"http://127.0.0.1:{port} to read 'roneneldan/TinyStories'"):
       sources.open_split(cfg, "train")
   assert not calls  # datasets never started its retries

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from helpers import LLAMA3_SPECIALS, REPO, cpu_env, free_port, model_cfg, random_params
 from nanollama_jax import config, errors, export, recipe
-from nanollama_jax.data import CHAT_SAMPLE, DataError, chat, records, tokenizer_source
+from nanollama_jax.data import CHAT_SAMPLE, chat, records, tokenizer_source
 from nanollama_jax.data.hf_tokenizer import HFTokenizer
 from nanollama_jax.data.spm_tokenizer import SentencePieceTokenizer
 
@@ -94,7 +94,8 @@ def test_a_tokenizer_json_reads_bos_eos_and_pad_from_its_configuration(l3, llama
   files["tokenizer_config.json"] = json.dumps(pad).encode()
   assert HFTokenizer(files, "x").pad_id == l3.token_id("<|finetune_right_pad_id|>")
   files["tokenizer_config.json"] = json.dumps({**config_json, "eos_token": "<nope>"}).encode()
-  with pytest.raises(DataError, match=r"x: eos_token='<nope>' is not a token of tokenizer.json"):
+  with pytest.raises(errors.DataError,
+                     match=r"x: eos_token='<nope>' is not a token of tokenizer.json"):
     HFTokenizer(files, "x")
   # Without a BOS token, documents start with EOS (GPT-2's and Qwen's convention).
   files["tokenizer_config.json"] = json.dumps({"eos_token": "<|end_of_text|>"}).encode()
@@ -120,13 +121,13 @@ def test_every_source_of_a_tokenizer(mistral_v3, llama3_style, tmp_path, l3):
   # Errors: one line each.
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "README.md").write_text("hi")
-  with pytest.raises(DataError, match=r"data.tokenizer='.*empty': the directory holds no tokenizer "
-                     r"\(tokenizer.json or tokenizer.model\); files there: README.md"):
+  with pytest.raises(errors.DataError, match=r"data.tokenizer='.*empty': the directory holds no "
+                     r"tokenizer \(tokenizer.json or tokenizer.model\); files there: README.md"):
     tokenizer_source.load(str(tmp_path / "empty"))
-  with pytest.raises(DataError, match="no such file or directory"):
+  with pytest.raises(errors.DataError, match="no such file or directory"):
     tokenizer_source.load(str(tmp_path / "nothing"))
   (tmp_path / "bad.json").write_text("{not json")
-  with pytest.raises(DataError, match="bad.json: not a Hugging Face tokenizer.json"):
+  with pytest.raises(errors.DataError, match="bad.json: not a Hugging Face tokenizer.json"):
     tokenizer_source.load(str(tmp_path / "bad.json"))
   with pytest.raises(errors.ConfigError, match="a Hub name is hf:ORG/NAME or hf:ORG/NAME@REVISION"):
     tokenizer_source.load("hf:no-slash")
@@ -179,8 +180,8 @@ def test_the_workdir_keeps_the_files_and_refuses_another_tokenizer(sample_dir, l
                                                                    "tokenizer_config.json"]
   assert tokenizer_source.workdir_tokenizer(str(tmp_path / "run")).files == tok.files
   cfg.tokenizer = str(mistral_v1)
-  with pytest.raises(DataError, match=r"differs from the tokenizer this workdir was started with "
-                     r"\(tokenizer.json, in"):
+  with pytest.raises(errors.DataError, match=r"differs from the tokenizer this workdir was "
+                     r"started with \(tokenizer.json, in"):
     tokenizer_source.load_or_train_tokenizer(cfg, 1024, str(tmp_path / "run"))
 
 
@@ -259,7 +260,7 @@ def test_reasoning_on_a_template_without_it_is_written_as_text(l3):
 
 def test_a_tokenizer_with_neither_chat_format_is_refused(v3, v1):
   for tok in (v1, v3):
-    with pytest.raises(DataError, match=r"has no chat template and not this project's chat "
+    with pytest.raises(errors.DataError, match=r"has no chat template and not this project's chat "
                        r"tokens .* Use a tokenizer whose tokenizer_config.json has a "
                        r"chat_template .* or pretrain with a tokenizer trained here"):
       chat.formatter(tok)

@@ -74,6 +74,15 @@ def _stop_on_bad_steps(cfg: ml_collections.ConfigDict, done: int, values: dict[s
       f"{ckpt.latest_step()}: lower optim.lr or check the data before resuming")
 
 
+def _stop_if_taken_over(held: lease.Lease, done: int) -> None:
+  """Raises TrainingError when another run has taken the workdir's lease over."""
+  if held.lost is not None:
+    raise errors.TrainingError(
+      f"another run took this workdir over after step {done} "
+      f"({held.lost.describe(time.time())}): this run's lease had not been renewed for "
+      f"{lease.STALE_S:.0f}s; it stops without saving, so as not to write over that run")
+
+
 # --- Setting up a run ---------------------------------------------------------------------------
 
 
@@ -238,11 +247,7 @@ def _loop(cfg: ml_collections.ConfigDict, workdir: str, built: Built, state: Tra
         log.restart_clock()
       profiler.after(done, state)
       account(pending.swap(done, device_metrics))
-      if held.lost is not None:
-        raise errors.TrainingError(
-          f"another run took this workdir over after step {done} "
-          f"({held.lost.describe(time.time())}): this run's lease had not been renewed for "
-          f"{lease.STALE_S:.0f}s; it stops without saving, so as not to write over that run")
+      _stop_if_taken_over(held, done)
       stopping = stop.requested(done)
       due = [h for h in state_hooks if h.due(done, steps) or (stopping and h.name == "save")]
       if due:
