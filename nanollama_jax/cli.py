@@ -43,7 +43,7 @@ usage: python -m nanollama_jax.train --config CONFIG.py --workdir DIR [--config.
 
 Trains the model of CONFIG.py in DIR, or resumes the run DIR holds. Every config field, with its
 default and a comment, is defined in nanollama_jax/config.py (get_default_config); the recipes in
-configs/ change only what differs. Groups: model, data, optim, train, mesh.
+configs/ change only what differs. Groups: model, data, optim, train, mesh, wandb.
 
 Common overrides:
   --config.train.steps=200 --config.model.n_layers=2       a shorter run of a smaller model

@@ -24,6 +24,7 @@ DATA_SOURCES = ("files", "hf")
 PACKINGS = ("concat", "first_fit")
 CHUNKED_LOSS = ("auto", "on", "off")
 FORMATS = ("text", "chat")
+WANDB_MODES = ("online", "offline")
 ROPE_SCALING_KEYS = (
   "factor",
   "low_freq_factor",
@@ -41,6 +42,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.optim = _optim_defaults()
   cfg.train = _train_defaults()
   cfg.mesh = _mesh_defaults()
+  cfg.wandb = _wandb_defaults()
   return cfg
 
 
@@ -190,6 +192,19 @@ def _mesh_defaults() -> ml_collections.ConfigDict:
   mesh.fsdp = -1  # parameters and optimizer state sharded (ZeRO-3 style)
   mesh.tensor = 1  # heads, MLP and vocabulary split (tensor parallelism)
   return mesh
+
+
+def _wandb_defaults() -> ml_collections.ConfigDict:
+  """Weights & Biases (tracking.py): every logged row, the samples and the config, beside
+  metrics.jsonl and TensorBoard. Needs the wandb extra (pip install -e ".[wandb]")."""
+  wandb = ml_collections.ConfigDict()
+  wandb.project = ""  # the W&B project; "" turns W&B off
+  wandb.entity = ""  # the team or user; "": the API key's default
+  wandb.name = ""  # the run's display name; "": the workdir's name
+  wandb.group = ""
+  wandb.tags = ""  # comma-separated
+  wandb.mode = "online"  # one of WANDB_MODES; offline writes WORKDIR/wandb/ for `wandb sync`
+  return wandb
 
 
 def head_dim(model: ml_collections.ConfigDict) -> int:
@@ -439,8 +454,14 @@ def is_hf_directory(path: str) -> bool:
     n.endswith((".safetensors", ".safetensors.index.json")) for n in paths.listdir(path))
 
 
-def _check_installed(train_cfg: ml_collections.ConfigDict) -> None:
+def _check_installed(cfg: ml_collections.ConfigDict) -> None:
   """The extras the config's features import are installed, so a run does not stop midway."""
+  train_cfg = cfg.train
+  if cfg.wandb.project:
+    try:
+      errors.require(errors.MODULES["wandb"], "wandb", "logging to Weights & Biases")
+    except errors.InstallError as e:
+      _fail("wandb.project", cfg.wandb.project, str(e))
   uses_hf = []
   if train_cfg.push_to_hub:
     uses_hf.append(("train.push_to_hub", train_cfg.push_to_hub, "pushing to the Hub"))
@@ -466,9 +487,10 @@ def validate(cfg: ml_collections.ConfigDict, check_files: bool = True) -> None:
   _check_optim(cfg.optim, cfg.train.steps)
   _check_data(cfg.data, cfg.model, cfg.optim)
   _check_mesh(cfg.mesh)
+  _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
   if check_files:
     _check_files(cfg.data, cfg.train)
-    _check_installed(cfg.train)
+    _check_installed(cfg)
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -110,6 +110,7 @@ EXTRAS = {
   "eval": "downstream benchmarks with lm-evaluation-harness",
   "gcs": "workdirs in Google Cloud Storage",
   "aot": "compiling for GPUs and TPUs without one",
+  "wandb": "logging to Weights & Biases",
 }
 # The modules each extra's features import; `require(MODULES[extra], ...)` checks for all of them.
 MODULES = {
@@ -117,6 +118,7 @@ MODULES = {
   "plot": ("matplotlib",),
   "eval": ("lm_eval",),
   "gcs": ("gcsfs", "google.cloud.storage"),
+  "wandb": ("wandb",),
 }
 # The module of the aot extra that compiles for each platform: XLA's CUDA plugin, libtpu.
 AOT_PLUGINS = {"cuda": "jax_cuda12_plugin", "tpu": "libtpu"}

@@ -1,10 +1,10 @@
-"""Where a run's numbers go (the console, WORKDIR/metrics.jsonl and TensorBoard, WORKDIR/tb), and
-how they are counted: FLOPs per token, the device's peak, MFU, throughput (RunLog)."""
+"""How a run's numbers are counted (FLOPs per token, the device's peak, MFU, throughput, ETA)
+and shown (the console, the progress bar); `RunLog` hands each row to the trackers
+(tracking.py: metrics.jsonl, TensorBoard, Weights & Biases)."""
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -16,25 +16,7 @@ import ml_collections
 import tqdm
 from absl import logging
 
-from nanollama_jax import model, paths, targets
-from nanollama_jax import workdir as workdir_lib
-
-
-def _summary_writer():
-  """tensorboardX's SummaryWriter, imported without torch.
-
-  tensorboardX imports torch when it is installed only to accept torch tensors, which we never
-  log: about 2 s and 300 MB more at every start of a run beside a PyTorch install.
-  """
-  hide = "torch" not in sys.modules
-  if hide:
-    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
-  try:
-    import tensorboardX  # pylint: disable=import-outside-toplevel
-  finally:
-    if hide:
-      del sys.modules["torch"]
-  return tensorboardX.SummaryWriter
+from nanollama_jax import model, targets, tracking
 
 
 def model_flops_per_token(model_cfg, seq_len: int) -> float:
@@ -88,85 +70,6 @@ def device_peak_flops(device: Any = None) -> tuple[float, str]:
 def perplexity(loss: float) -> float:
   """exp(loss), saturating at infinity instead of overflowing."""
   return math.exp(loss) if loss < 700 else math.inf
-
-
-class MetricsWriter:
-  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
-
-  Rows after `start_step` left by an earlier run of the same workdir are dropped, so the file
-  describes the run that continues from `start_step` (0: a fresh run). Only process 0 writes;
-  on the others every call is a no-op. In an object store (a gs:// workdir), which cannot append,
-  the rows are kept and the file is rewritten whole at most every REMOTE_FLUSH_S, at `flush` and
-  at close.
-  """
-
-  REMOTE_FLUSH_S = 30.0
-
-  def __init__(self, workdir: str, start_step: int = 0, tensorboard: bool = True):
-    self.enabled = jax.process_index() == 0
-    self._jsonl = None
-    self._tb = None
-    if not self.enabled:
-      return
-    self._path = workdir_lib.path(workdir, workdir_lib.METRICS)
-    # Rewritten whole (a rename on a disk), so a crash here cannot lose the earlier rows.
-    self._rows = [json.dumps(row) + "\n" for row in workdir_lib.read_metrics(workdir)
-                  if row["step"] <= start_step]
-    paths.write(self._path, "".join(self._rows))
-    self._flushed = time.monotonic()
-    if not paths.is_remote(self._path):
-      self._jsonl = open(self._path, "a", encoding="utf-8")
-    if tensorboard:
-      # purge_step makes TensorBoard drop the events an interrupted run logged after start_step.
-      self._tb = _summary_writer()(workdir_lib.path(workdir, workdir_lib.TENSORBOARD),
-                                   purge_step=start_step + 1 if start_step else None)
-
-  def write(self, step: int, row: dict[str, Any]) -> None:
-    """Records the numbers of `row` (plain Python scalars) at `step`."""
-    if not self.enabled:
-      return
-    line = json.dumps({"step": step, **row}) + "\n"
-    if self._jsonl is not None:
-      self._jsonl.write(line)
-      self._jsonl.flush()
-    else:
-      self._rows.append(line)
-      if time.monotonic() - self._flushed > self.REMOTE_FLUSH_S:
-        self._rewrite()
-    if self._tb is not None:
-      for key, value in row.items():
-        if isinstance(value, (int, float)) and math.isfinite(value):
-          self._tb.add_scalar(key, value, step)
-
-  def write_texts(self, step: int, tag: str, texts: list[str]) -> None:
-    """Shows `texts` under `tag` in TensorBoard's text tab at `step`."""
-    if self._tb is not None:
-      self._tb.add_text(tag, "\n\n".join(f"{i}. {t}" for i, t in enumerate(texts, 1)), step)
-      self._tb.flush()
-
-  def flush(self) -> None:
-    """Puts the rows written so far in the workdir now, and the TensorBoard events tensorboardX's
-    thread has taken up (it writes them every two minutes otherwise; to a bucket, whole each time).
-
-    Call it when a checkpoint is saved: a run killed afterwards resumes from that checkpoint and
-    keeps the rows up to it, which would otherwise be lost with the process.
-    """
-    if self._jsonl is None and self.enabled:
-      self._rewrite()
-    if self._tb is not None:
-      self._tb.flush()
-
-  def _rewrite(self) -> None:
-    paths.write(self._path, "".join(self._rows))
-    self._flushed = time.monotonic()
-
-  def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    elif self.enabled:
-      self._rewrite()
-    if self._tb is not None:
-      self._tb.close()
 
 
 def summary_table(step: int, last: dict[str, Any]) -> str:
@@ -251,7 +154,7 @@ class RunLog:
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, start_step: int,
                skipped: int, data_stats: Callable[[], dict[str, Any]]):
     self.cfg, self._data_stats = cfg, data_stats
-    self.writer = MetricsWriter(workdir, start_step=start_step)
+    self.trackers = tracking.open_trackers(cfg, workdir, start_step)
     self.bar = progress(start_step, cfg.train.steps)
     self.last: dict[str, Any] = {}
     self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -287,7 +190,7 @@ class RunLog:
       self.bar.show(row)
 
   def record(self, done: int, row: dict[str, Any], eta: float | None = None) -> None:
-    self.writer.write(done, row)
+    self.trackers.log(done, row)
     log_line(done, self.cfg.train.steps, row, eta_s=eta, bar=self.bar)
     self.last.update(row)
 
@@ -297,4 +200,4 @@ class RunLog:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
-    self.writer.close()
+    self.trackers.close()

@@ -8,7 +8,7 @@ TensorFlow installed, and TensorBoard's event files `google-cloud-storage`).
 
 Object stores differ from disks in two ways that matter here: an object is written whole or not
 at all (so no temporary file and rename is needed), and it cannot be appended to (so
-metrics.jsonl is rewritten whole; see metrics.MetricsWriter).
+metrics.jsonl is rewritten whole; see tracking.Jsonl).
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ WORKDIR/
   ...)
   checkpoints/<step>/    CHECKPOINTS: orbax checkpoints (checkpoint.py)
   checkpoints_damaged/   DAMAGED: checkpoints whose bytes failed their fingerprints, moved aside
-  metrics.jsonl          METRICS: one JSON object per logged step (metrics.MetricsWriter)
+  metrics.jsonl          METRICS: one JSON object per logged step (tracking.Jsonl)
   tb/                    TENSORBOARD: TensorBoard event files
   profile/               PROFILE: jax.profiler traces (train.profile_steps)
   lease.json             LEASE: the run training here now, and its heartbeat (lease.py)
+  wandb_run.json         WANDB_RUN: the Weights & Biases run id, with wandb.project set
+  wandb/                 Weights & Biases' own files, for a local workdir (tracking.py)
 ```
 
 A workdir may be a local directory or a bucket URL (paths.py).
@@ -32,6 +34,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 PROFILE = "profile"
 LEASE = "lease.json"
+WANDB_RUN = "wandb_run.json"
 
 
 def path(workdir: str, name: str) -> str:

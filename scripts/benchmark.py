@@ -10,6 +10,9 @@ Sections (choose with --sections, all by default):
                  dataset), first-fit padding, and their ratio to what the train step of
                  configs/tinystories_cpu.py consumes on this machine (--data-dir: JSONL with
                  {"text": ...}, repeated to --data-tokens tokens)
+  tracking       what logging costs the CPU recipe's train step with Weights & Biases on
+                 (offline) beside metrics.jsonl and TensorBoard, and without it: the time a
+                 log call blocks the loop, and steps logged every step, interleaved rounds
   torch_compare  tokens/s and MFU of our float32 train step on one CPU device against the same
                  model and step in PyTorch (transformers LlamaForCausalLM, torch.optim.AdamW),
                  for multi-head and grouped-query attention; needs torch and transformers.
@@ -34,7 +37,7 @@ import time
 from collections.abc import Callable
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("compile_depth", "remat_memory", "recipes", "data", "torch_compare")
+SECTIONS = ("compile_depth", "remat_memory", "recipes", "data", "tracking", "torch_compare")
 RECIPES = ("tinystories", "dense_180m", "tinyllama_1b", "llama3_2_1b")
 
 
@@ -345,6 +348,62 @@ def data(data_dir: str, target_tokens: int) -> dict:
   return out
 
 
+def _log_rows(trackers, first_step: int, rows: int) -> float:
+  """Seconds one `trackers.log` of a training row blocks the caller (median of `rows`)."""
+  times = []
+  for step in range(first_step, first_step + rows):
+    row = {"loss": 3.0 + 1 / step, "perplexity": 20.0, "lr": 1e-3, "grad_norm": 0.5,
+           "tokens_seen": step * 4096, "skipped_steps": 0, "epoch": 0, "step_time_s": 0.9,
+           "tokens_per_s": 4500.0, "mfu": 0.5}
+    start = time.perf_counter()
+    trackers.log(step, row)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def tracking(rounds: int = 3, steps: int = 30, warmup: int = 5) -> dict:
+  """The CPU recipe's train step, logging every step to metrics.jsonl and TensorBoard, with and
+  without Weights & Biases (offline: its thread and service run as online, without the upload):
+  `steps` timed steps after `warmup` steps in which W&B starts, in interleaved rounds."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from nanollama_jax import tracking as tracking_lib  # pylint: disable=import-outside-toplevel
+
+  cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
+  B, T = cfg.data.batch_size, cfg.data.seq_len
+  run, _ = _jax_step_fn(cfg, _random_batch(cfg.model.vocab_size, B, T, np.random.default_rng(0)))
+  _median_step_seconds(run, warmup=2, steps=1)
+  out: dict = {"recipe": "tinystories_cpu", "steps_per_round": steps, "rounds": rounds,
+               "recipe_log_every": cfg.train.log_every,
+               "log_call_us": {}, "step_s": {"without_wandb": [], "with_wandb": []}}
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(rounds):
+      for label, project in (("without_wandb", ""), ("with_wandb", "nanollama-benchmark")):
+        cfg.wandb.update(project=project, mode="offline")
+        workdir = os.path.join(tmp, f"{label}-{r}")
+        trackers = tracking_lib.open_trackers(cfg, workdir, 0)
+        for step in range(1, warmup + 1):
+          run()
+          _log_rows(trackers, step, 1)
+        start = time.perf_counter()
+        for step in range(warmup + 1, warmup + steps + 1):
+          run()
+          _log_rows(trackers, step, 1)
+        out["step_s"][label].append((time.perf_counter() - start) / steps)
+        out["log_call_us"].setdefault(label, []).append(
+          round(_log_rows(trackers, warmup + steps + 1, 200) * 1e6, 1))
+        trackers.close()
+  medians = {k: statistics.median(v) for k, v in out["step_s"].items()}
+  out["step_s_median"] = {k: round(v, 4) for k, v in medians.items()}
+  out["overhead_of_wandb"] = round(medians["with_wandb"] / medians["without_wandb"] - 1, 4)
+  blocked = (statistics.median(out["log_call_us"]["with_wandb"])
+             - statistics.median(out["log_call_us"]["without_wandb"])) * 1e-6
+  out["log_call_share_of_a_step"] = round(blocked / medians["without_wandb"], 6)
+  _progress(f"tracking: W&B costs {out['overhead_of_wandb']:+.2%} of a step logged every step; "
+            f"a log call blocks {blocked * 1e6:.0f} us more")
+  return out
+
+
 def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
   """The same model (our initial weights), loss and optimizer step in PyTorch."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -517,6 +576,8 @@ def main() -> None:
     results["recipes"] = recipes()
   if "data" in chosen:
     results["data"] = data(args.data_dir or str(sample_dir()), args.data_tokens)
+  if "tracking" in chosen:
+    results["tracking"] = tracking()
   if "torch_compare" in chosen:
     results["torch_compare"] = torch_compare(args.torch_steps, args.torch_rounds)
   if args.json:
@@ -527,6 +588,12 @@ def main() -> None:
   _print_compile_and_memory(results)
   if "data" in results:
     _print_data(results["data"])
+  if "tracking" in results:
+    r = results["tracking"]
+    print(f"\nlogging every step of {r['recipe']}: {r['step_s_median']['without_wandb']:.3f} s a "
+          f"step with metrics.jsonl and TensorBoard, {r['step_s_median']['with_wandb']:.3f} s "
+          f"with W&B (offline) too: {r['overhead_of_wandb']:+.2%}; a log call blocks "
+          f"{r['log_call_share_of_a_step']:.4%} of a step more (median of {r['rounds']} rounds)")
   if "torch_compare" in results:
     _print_torch_compare(results["torch_compare"])
 

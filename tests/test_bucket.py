@@ -55,7 +55,7 @@ def _scalars(events: bytes, tag: str) -> dict[int, float]:
 # this process imported it before the emulator's variables could be set (gcs_emulator.py).
 _IN_A_BUCKET = """
 import json, sys
-from nanollama_jax import metrics, paths
+from nanollama_jax import paths, tracking
 run = sys.argv[1]
 assert paths.listdir(run) == [] and not paths.isdir(run)  # missing: nothing, not an error
 paths.write(f"{run}/config.json", '{"a": 1}')
@@ -69,9 +69,9 @@ assert paths.listdir(run) == ["checkpoints_damaged", "config.json"]
 assert paths.read_bytes(f"{run}/checkpoints_damaged/4-1/params/d") == b"\\x00\\x01"
 paths.remove(f"{run}/checkpoints_damaged")
 paths.remove(f"{run}/checkpoints_damaged")  # already gone: fine
-writer = metrics.MetricsWriter(run)
+writer = tracking.Trackers([tracking.Jsonl(run), tracking.TensorBoard(run)])
 for step in (1, 2, 3):
-  writer.write(step, {"loss": 1.0 / step})
+  writer.log(step, {"loss": 1.0 / step})
 assert paths.read_text(f"{run}/metrics.jsonl") == ""  # not rewritten for each row
 writer.flush()
 assert [json.loads(r)["step"] for r in paths.read_text(f"{run}/metrics.jsonl").splitlines()] == [

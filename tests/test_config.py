@@ -91,6 +91,7 @@ def test_the_mixture_in_a_recipe_docstring_is_valid(recipe):
   (lambda c: c.train.update(init_from="hf:nope"), "train.init_from='hf:nope': a Hub name is"),
   (lambda c: c.data.update(tokenizer="hf:a/b@"), "data.tokenizer='hf:a/b@': a Hub name is"),
   (lambda c: c.train.update(sample_every=0), "train.sample_every=0: must be a positive integer"),
+  (lambda c: c.wandb.update(mode="disabled"), "wandb.mode='disabled': allowed: online, offline"),
   # Every cadence counts steps: a push (of a checkpoint) every 1 step is refused, not read as
   # "every checkpoint", which it meant before.
   (lambda c: c.train.update(push_to_hub="me/run", push_every=1, ckpt_every=500),

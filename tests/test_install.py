@@ -47,8 +47,8 @@ def test_each_extra_installs_the_modules_its_features_check():
 
 def test_the_test_extra_is_the_feature_extras_and_the_test_tools():
   extras = _extras()
-  assert "nanollama_jax[hf,plot,eval,gcs]" in extras["test"]
-  features = {_name(r) for extra in ("hf", "plot", "eval", "gcs") for r in extras[extra]}
+  assert "nanollama_jax[hf,plot,eval,gcs,wandb]" in extras["test"]
+  features = {_name(r) for extra in ("hf", "plot", "eval", "gcs", "wandb") for r in extras[extra]}
   assert not features & {_name(r) for r in extras["test"]}  # composed, not repeated
   # torch only where the tests run the export in transformers, and pinned exactly (a looser
   # requirement pulls several GB of CUDA wheels).

@@ -3,7 +3,7 @@ metrics file (rewritten whole, since objects cannot be appended to), run on a lo
 
 import json
 
-from nanollama_jax import metrics, paths
+from nanollama_jax import paths, tracking
 
 
 def test_local_paths_and_uris():
@@ -37,19 +37,19 @@ def _rows(path):
 
 def test_metrics_in_an_object_store_are_rewritten_whole(tmp_path, monkeypatch):
   monkeypatch.setattr(paths, "is_remote", lambda path: True)  # this directory as a bucket
-  writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+  writer = tracking.Jsonl(str(tmp_path))
   for step in (1, 2, 3):
-    writer.write(step, {"loss": 1.0 / step})
+    writer.log(step, {"loss": 1.0 / step})
   assert _rows(tmp_path / "metrics.jsonl") == []  # not appended row by row
   writer.REMOTE_FLUSH_S = 0.0
-  writer.write(4, {"loss": 0.25})  # the flush interval passed: the whole file is rewritten
+  writer.log(4, {"loss": 0.25})  # the flush interval passed: the whole file is rewritten
   assert _rows(tmp_path / "metrics.jsonl") == [1, 2, 3, 4]
   writer.REMOTE_FLUSH_S = 3600.0
-  writer.write(5, {"loss": 0.2})
+  writer.log(5, {"loss": 0.2})
   writer.close()  # and at close
   assert _rows(tmp_path / "metrics.jsonl") == [1, 2, 3, 4, 5]
   # A run resumed from step 3 drops the rows logged after it, as on a disk.
-  resumed = metrics.MetricsWriter(str(tmp_path), start_step=3, tensorboard=False)
-  resumed.write(4, {"loss": 0.3})
+  resumed = tracking.Jsonl(str(tmp_path), start_step=3)
+  resumed.log(4, {"loss": 0.3})
   resumed.close()
   assert _rows(tmp_path / "metrics.jsonl") == [1, 2, 3, 4]

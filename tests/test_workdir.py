@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import REPO, run_script
 
-from nanollama_jax import errors, hub, metrics
+from nanollama_jax import errors, hub, tracking
 from nanollama_jax import workdir as workdir_lib
 
 ROWS = [{"step": 1, "loss": 3.0, "tokens_seen": 100}, {"step": 2, "loss": 2.5, "tokens_seen": 200},
@@ -33,8 +33,8 @@ def test_a_torn_last_line_is_skipped_by_every_reader(tmp_path):
   # The hub's model card and the trainer's writer read the same rows.
   assert hub._latest_losses(run, 2) == {"loss": 2.5, "eval_loss": 2.75, "eval_perplexity": 15.6,
                                         "tokens_seen": 200}
-  writer = metrics.MetricsWriter(run, start_step=2, tensorboard=False)
-  writer.write(3, {"loss": 2.25})
+  writer = tracking.Jsonl(run, start_step=2)
+  writer.log(3, {"loss": 2.25})
   writer.close()
   assert [r["step"] for r in workdir_lib.read_metrics(run)] == [1, 2, 2, 3]
   assert workdir_lib.latest(workdir_lib.read_metrics(run), ("loss",), until_step=2) == {

@@ -174,7 +174,7 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   if samples.enabled:
     def run_samples(done: int, state: TrainState) -> None:
       texts = samples.continue_prompts(state.params)
-      log.writer.write_texts(done, "samples", texts)
+      log.trackers.log_texts(done, "samples", texts)
       for text in texts:
         log.say(f"step {done} sample: {text!r}")
     hooks.append(Hook("sample", train_cfg.sample_every, run_samples))
@@ -183,7 +183,7 @@ def _hooks(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   def run_save(done: int, state: TrainState) -> None:
     # The rows logged up to the checkpoint must survive a kill after it (in a bucket, the
     # metrics are otherwise rewritten only every 30 s).
-    log.writer.flush()
+    log.trackers.flush()
     if ckpt.save(state.params, state.opt_state, train_iter.get_state(saves),
                  state.meta(log.tokens_per_step),
                  config_json):
