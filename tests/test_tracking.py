@@ -154,8 +154,10 @@ def test_a_killed_run_resumes_the_same_wandb_run_with_every_step(sample_dir, tok
   workdir = tmp_path / "run"
   first = _Run(recipe, workdir)
   deadline = time.time() + 300
-  # Killed once step 6 is logged: after checkpoint 4, before checkpoint 8.
-  while not ((workdir / "metrics.jsonl").exists() and 6 in _losses(workdir)):
+  # Killed once step 6 is logged (after checkpoint 4, before checkpoint 8) and W&B has started
+  # (its thread may take longer than the first steps).
+  while not ((workdir / "metrics.jsonl").exists() and 6 in _losses(workdir)
+             and glob.glob(str(workdir / "wandb" / "offline-run-*"))):
     assert first.proc.poll() is None and time.time() < deadline, first.output()[-3000:]
     time.sleep(0.05)
   first.proc.send_signal(signal.SIGKILL)
