@@ -362,6 +362,35 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       if not self._disk_full:  # said once already
         self._failed_save(e)
+    finally:
+      if self._disk_full:  # writes of the failed save that were still in flight are done now
+        self._remove_half_written()
+
+  def _remove_half_written(self, quiet_s: float = 2.0, limit_s: float = 60.0) -> list[str]:
+    """Removes the folders of saves that did not finish; returns their names.
+
+    When one array of a save fails, orbax reports it while the save's other writes go on (and
+    the space freed here lets them succeed): they recreate the folder. So the removal repeats
+    until nothing has reappeared for `quiet_s` seconds (at most `limit_s`).
+    """
+    removed: set[str] = set()
+    if jax.process_index() != 0:
+      return [n for n in paths.listdir(self.directory) if _TMP_SUFFIX in n]
+    deadline, quiet_since = time.monotonic() + limit_s, time.monotonic()
+    while time.monotonic() < deadline:
+      half = [n for n in paths.listdir(self.directory) if _TMP_SUFFIX in n]
+      for name in half:
+        try:
+          paths.remove(paths.join(self.directory, name))
+        except OSError:  # a write in flight added to it meanwhile: the next pass removes it
+          pass
+      removed.update(half)
+      if half:
+        quiet_since = time.monotonic()
+      elif time.monotonic() - quiet_since >= quiet_s:
+        break
+      time.sleep(0.1)
+    return sorted(removed)
 
   def _failed_save(self, error: Exception) -> NoReturn:
     """Raises `error`, or for a disk that filled up during a save, CheckpointError in one line
@@ -370,10 +399,7 @@ class Checkpointer:
     if not is_disk_full(error):
       raise error
     self._disk_full = True
-    half = [n for n in paths.listdir(self.directory) if _TMP_SUFFIX in n]
-    if jax.process_index() == 0:
-      for name in half:
-        paths.remove(paths.join(self.directory, name))
+    half = self._remove_half_written()
     failed = sorted({int(n.split(".")[0]) for n in half if n.split(".")[0].isdigit()})
     complete = step_dirs(self.directory)
     need = _tree_bytes(paths.join(self.directory, str(complete[-1]))) if complete else 0

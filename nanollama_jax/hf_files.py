@@ -43,15 +43,22 @@ def probe(what: str) -> None:
 
   if constants.HF_HUB_OFFLINE:
     return
-  try:
-    urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
-                           timeout=PROBE_TIMEOUT_S).close()
-  except urllib.error.HTTPError:
-    return  # the server answered: the network is fine
-  except (OSError, ValueError) as e:
-    reason = getattr(e, "reason", e)
+  reason = unreachable(constants.ENDPOINT)
+  if reason:
     raise errors.NetworkError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to read "
-                              f"{what} ({reason}): the network is down or blocked") from None
+                              f"{what} ({reason}): the network is down or blocked")
+
+
+def unreachable(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+  """Why the server at `url` does not answer one HEAD request within `timeout_s`, or None when it
+  answers (an HTTP error status is an answer: the network is fine). Proxies are honoured."""
+  try:
+    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+  except urllib.error.HTTPError:
+    return None
+  except (OSError, ValueError) as e:
+    return str(getattr(e, "reason", e))
+  return None
 
 
 def download(spec: str, patterns: list[str], key: str, local_hint: str) -> str:

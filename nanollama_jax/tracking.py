@@ -23,8 +23,6 @@ import struct
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,7 +30,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from nanollama_jax import paths
+from nanollama_jax import hf_files, paths
 from nanollama_jax import workdir as workdir_lib
 
 
@@ -182,18 +180,6 @@ def _run_id(workdir: str) -> str:
   return run_id
 
 
-def _probe(base_url: str) -> str | None:
-  """Why the W&B server at `base_url` cannot be reached within seconds, or None if it answers."""
-  try:
-    urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"),
-                           timeout=PROBE_TIMEOUT_S).close()
-  except urllib.error.HTTPError:
-    return None  # the server answered
-  except (OSError, ValueError) as e:
-    return f"{base_url} cannot be reached ({getattr(e, 'reason', e)})"
-  return None
-
-
 class Wandb(Tracker):
   """Weights & Biases, fed by a thread of its own: `log` only queues, so training never waits on
   the network or on W&B's start (wandb.init runs in the thread, bounded by INIT_TIMEOUT_S, after
@@ -239,9 +225,10 @@ class Wandb(Tracker):
   def _start(self):
     import wandb  # pylint: disable=import-outside-toplevel
     if self._cfg.mode == "online":
-      unreachable = _probe(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-      if unreachable:
-        raise ConnectionError(unreachable)
+      base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+      reason = hf_files.unreachable(base_url, PROBE_TIMEOUT_S)
+      if reason:
+        raise ConnectionError(f"{base_url} cannot be reached ({reason})")
     os.makedirs(self._dir, exist_ok=True)
     self.replayed_until = max(
       [0, *(max(wandb_history_steps(p), default=0) for p in self.run_files())])

@@ -29,6 +29,17 @@ def _wandb_files(workdir):
   return run_id, sorted(glob.glob(str(workdir / "wandb" / f"*-{run_id}" / f"run-{run_id}.wandb")))
 
 
+def _run_written(workdir):
+  """Whether a .wandb file in the workdir holds its run's record yet."""
+  for path in glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb")):
+    try:
+      if any(r.WhichOneof("record_type") == "run" for r in tracking.wandb_records(path)):
+        return True
+    except Exception:  # pylint: disable=broad-except  # a block W&B is still writing
+      pass
+  return False
+
+
 def _by_step(rows):
   """metrics.jsonl's rows merged per step, as W&B keeps them (train and eval rows of a step)."""
   merged = {}
@@ -154,10 +165,10 @@ def test_a_killed_run_resumes_the_same_wandb_run_with_every_step(sample_dir, tok
   workdir = tmp_path / "run"
   first = _Run(recipe, workdir)
   deadline = time.time() + 300
-  # Killed once step 6 is logged (after checkpoint 4, before checkpoint 8) and W&B has started
-  # (its thread may take longer than the first steps).
+  # Killed once step 6 is logged (after checkpoint 4, before checkpoint 8) and W&B has written
+  # the run into its file (its thread may take longer than the first steps).
   while not ((workdir / "metrics.jsonl").exists() and 6 in _losses(workdir)
-             and glob.glob(str(workdir / "wandb" / "offline-run-*"))):
+             and _run_written(workdir)):
     assert first.proc.poll() is None and time.time() < deadline, first.output()[-3000:]
     time.sleep(0.05)
   first.proc.send_signal(signal.SIGKILL)
