@@ -152,34 +152,40 @@ def _lower_eval(cfg, mesh, attn_target, abstract, shardings):
     lowering_platforms=(attn_target.platform,))
 
 
-def sampling_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+def sampling_shape(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[int, int]:
   """(rows, prompt tokens) the sampling programs are built for: one row per sample prompt of
-  the run, each a long prompt of half the context (as scripts/generate.py may be given; the
+  the run, padded to a multiple of the devices the rows are split over (as generate.py pads
+  them), each a long prompt of half the context (as scripts/generate.py may be given; the
   trainer's own samples are shorter), the cache holding the whole context."""
   prompts = [p for p in cfg.train.sample_prompts.split("|") if p.strip()]
-  return max(1, len(prompts)), max(1, cfg.model.max_seq_len // 2)
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-max(1, len(prompts)) // split) * split, max(1, cfg.model.max_seq_len // 2)
 
 
 def _lower_sampling(cfg, mesh, attn_target, abstract, shardings, tokens: int):
-  """The cached forward of `tokens` new tokens per row (prefill, or a decode step at 1), as
-  generate.py runs it: the tokens replicated, the parameters sharded as in training."""
-  rows, _ = sampling_shape(cfg)
+  """The cached forward of `tokens` new tokens per row as generate.py runs it: a prefill of an
+  empty cache through the attention kernels, or a decode step at 1 token. Rows, tokens and the
+  cache are split like a training batch and the model (the parameters as in training); only
+  the last position's logits are computed."""
+  rows, _ = sampling_shape(cfg, mesh)
+  prefill = tokens > 1
   graphdef = model.graph(cfg.model, attn_target)
-  replicated = sharding.replicated(mesh)
+  ids = jax.ShapeDtypeStruct((rows, tokens), jnp.int32, sharding=jax.sharding.NamedSharding(
+    mesh, sharding.logical_to_spec(("batch", "length"), (rows, tokens), mesh)))
+
   cache = jax.eval_shape(lambda: model.init_cache(
     cfg.model, jnp.ones((rows, cfg.model.max_seq_len), bool)))
-  ids = jax.ShapeDtypeStruct((rows, tokens), jnp.int32, sharding=replicated)
+  cache = jax.tree.map(
+    lambda axes, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+      mesh, sharding.logical_to_spec(axes, x.shape, mesh))),
+    model.cache_axes(cache), cache, is_leaf=lambda x: isinstance(x, tuple))
 
   def forward(params, tokens_BxT, positions_BxT, cache):
-    # Sampling reads the last position's logits only (generate.py), so only they leave.
-    logits_BxTxV, cache = model.apply_with_cache(graphdef, params, tokens_BxT, positions_BxT,
-                                                 cache)
-    return logits_BxTxV[:, -1], cache
+    return model.apply_with_cache(graphdef, params, tokens_BxT, positions_BxT, cache, prefill)
 
   step = jax.jit(sharding.under_mesh(forward, mesh), donate_argnums=3)
   return step.trace(sharding.abstract(abstract.params, shardings.params), ids, ids,
-                    sharding.abstract(cache, replicated)).lower(
-    lowering_platforms=(attn_target.platform,))
+                    cache).lower(lowering_platforms=(attn_target.platform,))
 
 
 def _kernel_calls(compiled, platform: str) -> int:
@@ -240,7 +246,7 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
   # Beside evaluation and sampling the loop keeps the rest of the train state on the device.
   beside = (sharding.bytes_per_device(shardings, abstract)
             - sharding.bytes_per_device(shardings.params, abstract.params))
-  _, prompt = sampling_shape(cfg)
+  _, prompt = sampling_shape(cfg, mesh)
   lowerers = {
     "train_step": (lambda: built.lower(cfg, mesh, attn_target.platform), 0),
     "eval_step": (lambda: _lower_eval(cfg, mesh, attn_target, abstract, shardings), beside),

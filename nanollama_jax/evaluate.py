@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from nanollama_jax import loss as loss_lib
-from nanollama_jax import metrics, model, sharding
+from nanollama_jax import errors, metrics, model, sharding
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer import Tokenizer
 
@@ -48,13 +48,21 @@ def mean_loss(eval_step: EvalStep, params: dict, batches: Sequence[dict],
 
 def perplexity(cfg: ml_collections.ConfigDict, params: dict, tokenizer: Tokenizer,
                files: str | None = None, progress: bool = True,
-               max_batches: int = 10**9) -> dict[str, float]:
+               max_batches: int = 10**9, seq_len: int = 0) -> dict[str, float]:
   """The mean next-token loss and its perplexity over the eval split of `cfg.data` (or over
   `files`, comma-separated globs), with the run's packing and format: documents as [BOS] +
   tokens + [EOS], each token of each document a target exactly once (in a chat run, each token
-  the assistant writes).
+  the assistant writes). `seq_len`: rows of that many tokens instead of the run's
+  data.seq_len (up to the model's max_seq_len, its whole context), as many rows a batch as
+  keep the run's tokens per batch; the attention is the run's (its kernels on a GPU or TPU).
   """
   data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+  if seq_len:
+    if not 2 <= seq_len <= cfg.model.max_seq_len:
+      raise errors.UsageError(f"seq_len={seq_len}: must be in [2, {cfg.model.max_seq_len}] "
+                              "(the model's max_seq_len)")
+    data_cfg.batch_size = max(1, data_cfg.batch_size * data_cfg.seq_len // seq_len)
+    data_cfg.seq_len = seq_len
   if files:
     data_cfg.source, data_cfg.eval_files = "files", files
   batches = pipeline.eval_batches(data_cfg, tokenizer, max_batches)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Sequence
 
 import jax
@@ -42,30 +43,44 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def _rows(x: jax.Array) -> jax.Array:
+  """Rows split over the devices like a batch (under a mesh)."""
+  return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+@functools.cache
+def _graph(model_cfg_json: str):
+  """The model's structure, built outside any mesh context (its logical axis names are not mesh
+  axes)."""
+  return model.graph(ml_collections.ConfigDict(json.loads(model_cfg_json)))
+
+
 @functools.partial(jax.jit, static_argnames=("model_cfg_json", "max_new_tokens", "temperature",
                                              "top_k", "top_p", "return_logits"))
 def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, model_cfg_json, max_new_tokens,
             temperature, top_k, top_p, return_logits):
   model_cfg = ml_collections.ConfigDict(json.loads(model_cfg_json))
   rng = jax.random.key(seed)
-  graphdef = model.graph(model_cfg)
+  graphdef = _graph(model_cfg_json)
   B, P = tokens_BxP.shape
   S = P + max_new_tokens
   pad_B = P - lengths_B
   valid_BxS = jnp.arange(S)[None, :] >= pad_B[:, None]
   cache = model.init_cache(model_cfg, valid_BxS)
   positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
-  logits_BxPxV, cache = model.apply_with_cache(graphdef, params, tokens_BxP, positions_BxP, cache)
-  V = logits_BxPxV.shape[-1]
+  logits_BxV, cache = model.apply_with_cache(graphdef, params, tokens_BxP, positions_BxP, cache,
+                                             prefill=True)
+  V = logits_BxV.shape[-1]
 
   def pick(logits_BxV, step):
     return sample_logits(logits_BxV, jax.random.fold_in(rng, step), temperature, top_k, top_p)
 
-  first_B = pick(logits_BxPxV[:, -1], 0)
-  out_BxN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
+  layers = model.unstacked_layers(model_cfg, params)
+  first_B = pick(logits_BxV, 0)
+  out_BxN = _rows(jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first_B))
   seen_BxNxV = jnp.zeros((B, max_new_tokens if return_logits else 0, V), jnp.float32)
   if return_logits:
-    seen_BxNxV = seen_BxNxV.at[:, 0].set(logits_BxPxV[:, -1])
+    seen_BxNxV = seen_BxNxV.at[:, 0].set(logits_BxV)
   done_B = jnp.isin(first_B, stop_S)
 
   def cond(carry):
@@ -75,13 +90,13 @@ def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, model_cfg_json, max_
   def body(carry):
     step, cache, last_B, out_BxN, done_B, seen_BxNxV = carry
     positions_Bx1 = (lengths_B + step - 1)[:, None]
-    logits_Bx1xV, cache = model.apply_with_cache(graphdef, params, last_B[:, None],
-                                                 positions_Bx1, cache)
-    next_B = pick(logits_Bx1xV[:, 0], step)
+    logits_BxV, cache = model.apply_with_cache(graphdef, params, last_B[:, None],
+                                               positions_Bx1, cache, layer_params=layers)
+    next_B = pick(logits_BxV, step)
     next_B = jnp.where(done_B, stop_S[0], next_B)
-    out_BxN = out_BxN.at[:, step].set(next_B)
+    out_BxN = _rows(out_BxN.at[:, step].set(next_B))
     if return_logits:
-      seen_BxNxV = seen_BxNxV.at[:, step].set(logits_Bx1xV[:, 0])
+      seen_BxNxV = seen_BxNxV.at[:, step].set(logits_BxV)
     return step + 1, cache, next_B, out_BxN, done_B | jnp.isin(next_B, stop_S), seen_BxNxV
 
   _, _, _, out_BxN, _, seen_BxNxV = jax.lax.while_loop(
@@ -112,33 +127,52 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
   if P + max_new_tokens > model_cfg.max_seq_len:
     raise errors.UsageError(f"prompt ({P} tokens with padding) + max_new_tokens={max_new_tokens} "
                             f"exceeds the model's max_seq_len={model_cfg.max_seq_len}")
-  tokens = np.full((len(prompts), P), pad_id, np.int32)
-  for i, p in enumerate(prompts):
+  mesh = _mesh_of(params)
+  # Rows split over data x fsdp like a training batch: padded to a multiple of that split with
+  # copies of the first prompt, whose continuations are dropped.
+  split = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
+  rows = [*prompts, *[prompts[0]] * (-len(prompts) % split)]
+  tokens = np.full((len(rows), P), pad_id, np.int32)
+  for i, p in enumerate(rows):
     tokens[i, P - len(p):] = p
-  lengths = np.array([len(p) for p in prompts], np.int32)
+  lengths = np.array([len(p) for p in rows], np.int32)
   stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
-  put = jnp.asarray
-  if jax.process_count() > 1:
-    # Every process holds the same prompts: replicate them over the devices of the (global)
-    # parameters, so that all processes run one program together.
-    replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
-
+  cfg_json = json.dumps(model_cfg.to_dict(), sort_keys=True)
+  _graph(cfg_json)
+  decode = functools.partial(
+    _decode, model_cfg_json=cfg_json,
+    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+    top_p=float(top_p), return_logits=return_logits)
+  args = (tokens, lengths, np.uint32(seed), np.array(stops or [-1], np.int32))
+  if mesh is None:
+    out, logits = decode(params, *map(jnp.asarray, args))
+  else:
+    # Every process holds every prompt; each places the rows of its own devices.
     def put(x):
-      return jax.make_array_from_process_local_data(replicated, np.asarray(x))
-  out, logits = _decode(params, put(tokens), put(lengths), put(np.uint32(seed)),
-                        put(np.array(stops or [-1], np.int32)),
-                        model_cfg_json=json.dumps(model_cfg.to_dict(), sort_keys=True),
-                        max_new_tokens=max_new_tokens, temperature=float(temperature),
-                        top_k=int(top_k), top_p=float(top_p), return_logits=return_logits)
-  if jax.process_count() > 1:
-    out, logits = multihost_utils.process_allgather((out, logits), tiled=True)
+      spec = (sharding.logical_to_spec(("batch", "length")[:x.ndim], x.shape, mesh)
+              if x is tokens or x is lengths else jax.sharding.PartitionSpec())
+      return jax.make_array_from_callback(x.shape, jax.sharding.NamedSharding(mesh, spec),
+                                          lambda index: x[index])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      out, logits = decode(params, *map(put, args))
+    if jax.process_count() > 1:
+      out, logits = multihost_utils.process_allgather((out, logits), tiled=True)
+  out, logits = np.asarray(out)[:len(prompts)], np.asarray(logits)[:len(prompts)]
   out = np.asarray(out)
   results = []
   for row in out:
     row = row.tolist()
     end = next((i for i, token in enumerate(row) if token in stops), len(row))
     results.append(row[:end])
-  return (results, np.asarray(logits)) if return_logits else results
+  return (results, logits) if return_logits else results
+
+
+def _mesh_of(params: dict) -> jax.sharding.Mesh | None:
+  """The training mesh the parameters are split over; None on one device."""
+  mesh = getattr(getattr(jax.tree.leaves(params)[0], "sharding", None), "mesh", None)
+  if not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != set(sharding.MESH_AXES):
+    return None
+  return mesh
 
 
 class Samples:

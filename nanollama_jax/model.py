@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from nanollama_jax import config as config_lib
 from nanollama_jax import sharding
 from nanollama_jax.attention import Platform, attention
-from nanollama_jax.attention.xla import masked_attention
+from nanollama_jax.attention.xla import cached_attention
 
 # What each model.remat policy (config.REMAT_POLICIES names them) keeps for the backward pass;
 # "none" applies no remat at all.
@@ -120,9 +120,10 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(E, model_cfg.norm_eps, "head_dim", pd) if model_cfg.qk_norm else None
 
   def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
-    """With `cache` (k_BxSxKxE, v_BxSxKxE, slot, mask_BxTxS), the new keys and values are
-    written at cache slots [slot, slot + T), the queries attend over the cache under the mask,
-    and (out, (k, v)) is returned."""
+    """With `cache` (this layer's k_BxKxSxE, v_BxKxSxE, slot, mask_BxTxS), the new keys and
+    values are written at cache slots [slot, slot + T), the queries attend over the cache under
+    the mask, and (out, (k, v)) is returned. A mask of None is a prefill of an empty cache: the queries
+    attend to the new tokens alone, under `segment_ids_BxT` (0 for left padding)."""
     dt = self.dtype
     B, T, D = x_BxTxD.shape
     _, H, E = self.wq_DxHxE.shape
@@ -134,21 +135,30 @@ class Attention(nnx.Module):
       q_BxTxHxE, k_BxTxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxTxKxE)
     q_BxTxHxE = apply_rope(q_BxTxHxE, sin_BxTxE2, cos_BxTxE2)
     k_BxTxKxE = apply_rope(k_BxTxKxE, sin_BxTxE2, cos_BxTxE2)
-    if cache is None:
+    if cache is None or cache[-1] is None:
+      # Training, evaluation, and a prefill (the prompt attends to itself): the kernels' path.
       out_BxTxHxE = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, impl=self.impl,
                               target=self.target)
-    else:
-      k_BxSxKxE, v_BxSxKxE, slot, mask_BxTxS = cache
-      k_BxSxKxE = jax.lax.dynamic_update_slice_in_dim(
-        k_BxSxKxE, k_BxTxKxE.astype(k_BxSxKxE.dtype), slot, axis=1)
-      v_BxSxKxE = jax.lax.dynamic_update_slice_in_dim(
-        v_BxSxKxE, v_BxTxKxE.astype(v_BxSxKxE.dtype), slot, axis=1)
-      out_BxTxHxE = masked_attention(q_BxTxHxE, k_BxSxKxE.astype(dt), v_BxSxKxE.astype(dt),
-                                     mask_BxTxS)
+    if cache is not None:
+      k_BxKxSxE, v_BxKxSxE, slot, mask_BxTxS = cache
+      # Only the new entries are written (heads before slots, as the attention over the cache
+      # reads them: no transposed copy of it per token).
+      k_BxKxSxE, v_BxKxSxE = (_write_slots(c, x.transpose(0, 2, 1, 3), slot)
+                              for c, x in ((k_BxKxSxE, k_BxTxKxE), (v_BxKxSxE, v_BxTxKxE)))
+      if mask_BxTxS is not None:
+        out_BxTxHxE = cached_attention(q_BxTxHxE, k_BxKxSxE.astype(dt), v_BxKxSxE.astype(dt),
+                                       mask_BxTxS)
     out_BxTxHxE = checkpoint_name(out_BxTxHxE, "attn_out")
     out_BxTxD = dense(out_BxTxHxE.reshape(B, T, H * E),
                       self.wo_HxExD[...].astype(dt).reshape(H * E, D))
-    return out_BxTxD if cache is None else (out_BxTxD, (k_BxSxKxE, v_BxSxKxE))
+    return out_BxTxD if cache is None else (out_BxTxD, (k_BxKxSxE, v_BxKxSxE))
+
+
+def _write_slots(cache_BxKxSxE: jax.Array, new_BxKxTxE: jax.Array, slot: jax.Array) -> jax.Array:
+  """The cache with `new_BxKxTxE` written at slots [slot, slot + T)."""
+  cache_BxKxSxE = jax.lax.dynamic_update_slice_in_dim(
+    cache_BxKxSxE, new_BxKxTxE.astype(cache_BxKxSxE.dtype), slot, axis=2)
+  return sharding.constrain(cache_BxKxSxE, CACHE_AXES[1:])
 
 
 class MLP(nnx.Module):
@@ -190,6 +200,9 @@ class DecoderLayer(nnx.Module):
 
 
 _RESIDUAL = ("batch", "length", "embed")  # the residual stream's logical axes
+# The KV cache's logical axes, [L, B, K, S, E]: rows split like the batch, K/V heads over the
+# tensor axis where they divide it, like the model's K/V projections.
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 class Llama(nnx.Module):
@@ -223,6 +236,8 @@ class Llama(nnx.Module):
     segment_ids_BxT: jax.Array | None = None,
     positions_BxT: jax.Array | None = None,
     cache: dict | None = None,
+    prefill: bool = False,
+    layer_params: list | None = None,
   ) -> jax.Array | tuple[jax.Array, dict]:
     """Returns float32 logits; segment ids and positions describe packed documents.
 
@@ -230,7 +245,11 @@ class Llama(nnx.Module):
     in a table that long, and a position past its end makes the sequence's logits NaN.
 
     With a KV cache (see `init_cache`), the tokens are written at its `slot`, attend to what
-    the cache holds under its key mask, and (logits, updated cache) is returned.
+    the cache holds under its key mask, and (the last position's logits_BxV, updated cache) is
+    returned. `prefill`: the cache is empty and the tokens start at slot 0; they attend to each
+    other through the attention kernels, the left padding (invalid slots) kept apart.
+    `layer_params`: for a model that loops over its layers, each layer's parameters sliced
+    once (see `unstacked_layers`) instead of at every call.
     """
     B, T = tokens_BxT.shape
     if positions_BxT is None:
@@ -238,11 +257,13 @@ class Llama(nnx.Module):
     if cache is None:
       x_BxTxD = self.features(tokens_BxT, segment_ids_BxT, positions_BxT)
       return output_logits(x_BxTxD, self.head(), jnp.dtype(self.model_cfg.dtype))
-    sin_BxTxE2, cos_BxTxE2 = self._rope(positions_BxT,
-                                        max(self.model_cfg.max_seq_len, T, cache["k"].shape[2]))
-    x_BxTxD = self._embed(tokens_BxT)
-    x_BxTxD, cache = self._layers_with_cache(x_BxTxD, sin_BxTxE2, cos_BxTxE2, cache)
-    return self._logits(x_BxTxD), cache
+    sin_BxTxE2, cos_BxTxE2 = self._rope(
+      positions_BxT, max(self.model_cfg.max_seq_len, T, cache["valid_BxS"].shape[1]))
+    x_BxTxD = sharding.constrain(self._embed(tokens_BxT), _RESIDUAL)
+    x_BxTxD, cache = self._layers_with_cache(x_BxTxD, sin_BxTxE2, cos_BxTxE2, cache, prefill,
+                                             layer_params)
+    # Sampling reads the last position's logits: a prefill computes no [B, T, V].
+    return self._logits(x_BxTxD[:, -1:])[:, 0], cache
 
   def _rope(self, positions_BxT: jax.Array, n_positions: int) -> tuple[jax.Array, jax.Array]:
     """sin and cos of every token's rotation angles, looked up in a table of `n_positions`.
@@ -279,23 +300,39 @@ class Llama(nnx.Module):
       x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
     return x_BxTxD
 
-  def _layers_with_cache(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2,
-                         cache: dict) -> tuple[jax.Array, dict]:
+  def _layers_with_cache(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, cache: dict, prefill: bool,
+                         layer_params: list | None) -> tuple[jax.Array, dict]:
     """The decoder stack over a KV cache: query t sits in slot `slot + t` and sees the valid
-    keys up to that slot."""
+    keys up to that slot. A scan or a loop over the layers, as in training."""
     layer_def, layer_state = nnx.split(self.layers)
-    T, S = x_BxTxD.shape[1], cache["k"].shape[2]
-    query_slot_T = cache["slot"] + jnp.arange(T)
-    mask_BxTxS = cache["valid_BxS"][:, None, :] & (
-      jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None])
+    T, S = x_BxTxD.shape[1], cache["valid_BxS"].shape[1]
+    if prefill:
+      mask_BxTxS, segment_ids_BxT = None, cache["valid_BxS"][:, :T].astype(jnp.int32)
+    else:
+      query_slot_T = cache["slot"] + jnp.arange(T)
+      mask_BxTxS = cache["valid_BxS"][:, None, :] & (
+        jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None])
+      segment_ids_BxT = None
 
-    def cached_step(x_BxTxD, xs):
-      state, k_BxSxKxE, v_BxSxKxE = xs
+    def cached_step(x_BxTxD, state, k_BxKxSxE, v_BxKxSxE):
       layer = nnx.merge(layer_def, state)
-      return layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, None,
-                   (k_BxSxKxE, v_BxSxKxE, cache["slot"], mask_BxTxS))
+      x_BxTxD, kv = layer(x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT,
+                          (k_BxKxSxE, v_BxKxSxE, cache["slot"], mask_BxTxS))
+      return sharding.constrain(x_BxTxD, _RESIDUAL), kv
 
-    x_BxTxD, (k, v) = jax.lax.scan(cached_step, x_BxTxD, (layer_state, cache["k"], cache["v"]))
+    if self.model_cfg.scan_layers:
+      x_BxTxD, (k, v) = jax.lax.scan(lambda x, xs: cached_step(x, *xs), x_BxTxD,
+                                     (layer_state, cache["k"], cache["v"]))
+      k, v = sharding.constrain(k, CACHE_AXES), sharding.constrain(v, CACHE_AXES)
+    else:
+      k, v = [], []
+      if layer_params is None:
+        layer_params = [jax.tree.map(lambda a, i=i: a[i], layer_state)
+                        for i in range(self.model_cfg.n_layers)]
+      for i, state in enumerate(layer_params):
+        x_BxTxD, (k_i, v_i) = cached_step(x_BxTxD, state, cache["k"][i], cache["v"][i])
+        k.append(k_i)
+        v.append(v_i)
     return x_BxTxD, {**cache, "k": k, "v": v, "slot": cache["slot"] + T}
 
   def features(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array,
@@ -384,14 +421,48 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
 
 def init_cache(model_cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> dict:
   """An empty KV cache for len(valid_BxS) rows of S slots; valid_BxS marks the slots that may
-  be attended to (False for left padding of shorter prompts)."""
+  be attended to (False for left padding of shorter prompts). Under a mesh, split as the model
+  is (see CACHE_AXES).
+
+  A model that scans its layers keeps one [L, B, K, S, E] array each for keys and values (the
+  scan reads and writes a layer's slice); one that loops over them keeps a list of L [B, K, S,
+  E] arrays, so that each layer's new entries are written in place: XLA copies a whole stacked
+  cache to update one layer's slice that the layer then reads, each token.
+  """
   B, S = valid_BxS.shape
-  shape = (model_cfg.n_layers, B, S, model_cfg.n_kv_heads, config_lib.head_dim(model_cfg))
-  zeros = jnp.zeros(shape, jnp.dtype(model_cfg.dtype))
-  return {"k": zeros, "v": zeros, "slot": jnp.zeros((), jnp.int32), "valid_BxS": valid_BxS}
+  shape = (B, model_cfg.n_kv_heads, S, config_lib.head_dim(model_cfg))
+  if model_cfg.scan_layers:
+    zeros = sharding.constrain(jnp.zeros((model_cfg.n_layers, *shape), jnp.dtype(model_cfg.dtype)),
+                               CACHE_AXES)
+  else:
+    zeros = [sharding.constrain(jnp.zeros(shape, jnp.dtype(model_cfg.dtype)), CACHE_AXES[1:])
+             for _ in range(model_cfg.n_layers)]
+  return {"k": zeros, "v": zeros, "slot": jnp.zeros((), jnp.int32),
+          "valid_BxS": sharding.constrain(valid_BxS, ("batch", "length"))}
+
+
+def cache_axes(cache: dict) -> dict:
+  """The logical axes of every array of a KV cache (a tree like it)."""
+  return {"k": jax.tree.map(lambda x: CACHE_AXES[-x.ndim:], cache["k"]),
+          "v": jax.tree.map(lambda x: CACHE_AXES[-x.ndim:], cache["v"]), "slot": (),
+          "valid_BxS": ("batch", "length")}
 
 
 def apply_with_cache(graphdef: nnx.GraphDef, params: dict, tokens_BxT: jax.Array,
-                     positions_BxT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-  """Runs `tokens_BxT` at `positions_BxT` against `cache`; returns (float32 logits, cache)."""
-  return nnx.merge(graphdef, params)(tokens_BxT, None, positions_BxT, cache)
+                     positions_BxT: jax.Array, cache: dict, prefill: bool = False,
+                     layer_params: list | None = None) -> tuple[jax.Array, dict]:
+  """Runs `tokens_BxT` at `positions_BxT` against `cache`; returns (the last position's float32
+  logits_BxV, cache). `prefill`: the first call on an empty cache; `layer_params`: see
+  `unstacked_layers` (both in Llama.__call__)."""
+  return nnx.merge(graphdef, params)(tokens_BxT, None, positions_BxT, cache, prefill,
+                                     layer_params)
+
+
+def unstacked_layers(model_cfg: ml_collections.ConfigDict, params: dict) -> list | None:
+  """Each layer's parameters, for a decoding loop of a model that loops over its layers (None
+  for one that scans them). Sliced once before the loop: XLA copies a layer's weights out of
+  the stacked arrays wherever they are sliced, and inside the loop that is every weight at
+  every token."""
+  if model_cfg.scan_layers:
+    return None
+  return [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(model_cfg.n_layers)]

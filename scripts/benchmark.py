@@ -19,6 +19,10 @@ Sections (choose with --sections, all by default):
                  Alone, it runs on the real host (--host-devices defaults to 1), so that no
                  faked device can take a share of the CPU's threads; faking 8 devices measured
                  the same single-device step speed within noise (docs/performance.md)
+  decode         tokens/s of our KV-cache decoding (generate.py) against transformers'
+                 `generate` on our export: greedy, 200 new tokens after 20-token prompts, the
+                 configs/tinystories_cpu.py model in float32, batch 1 and batch 8, interleaved
+                 rounds; needs torch and transformers (alone, on the real host like torch_compare)
 
 Memory numbers come from XLA's compiled memory analysis on the platform the script runs on
 (on a CPU, an estimate for the CPU compiler's buffers, not a GPU's).
@@ -37,7 +41,9 @@ import time
 from collections.abc import Callable
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("compile_depth", "remat_memory", "recipes", "data", "tracking", "torch_compare")
+SECTIONS = ("compile_depth", "remat_memory", "recipes", "data", "tracking", "torch_compare",
+            "decode")
+_REAL_HOST = {"torch_compare", "decode"}  # sections that run on the real host alone
 RECIPES = ("tinystories", "dense_180m", "tinyllama_1b", "llama3_2_1b")
 
 
@@ -61,6 +67,8 @@ def _parse() -> argparse.Namespace:
                       "it keeps freed memory, as training does (nanollama_jax/hostmem.py)")
   p.add_argument("--torch-steps", type=int, default=5,
                  help="timed steps per round in torch_compare (the median step of each round)")
+  p.add_argument("--decode-rounds", type=int, default=3,
+                 help="interleaved rounds per engine and batch size in decode (the median round)")
   p.add_argument("--torch-rounds", type=int, default=5,
                  help="interleaved rounds per side in torch_compare; the result is the median "
                       "round, and the JSON keeps every round's tokens/s to show the spread")
@@ -68,10 +76,10 @@ def _parse() -> argparse.Namespace:
   unknown = set(args.sections.split(",")) - set(SECTIONS)
   if unknown:
     p.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-  if args.torch_steps < 1 or args.torch_rounds < 1:
-    p.error("--torch-steps and --torch-rounds must be at least 1")
+  if min(args.torch_steps, args.torch_rounds, args.decode_rounds) < 1:
+    p.error("--torch-steps, --torch-rounds and --decode-rounds must be at least 1")
   if args.host_devices is None:
-    args.host_devices = 1 if args.sections == "torch_compare" else 8
+    args.host_devices = 1 if set(args.sections.split(",")) <= _REAL_HOST else 8
   return args
 
 
@@ -82,8 +90,10 @@ if ARGS is not None and "xla_force_host_platform_device_count" not in os.environ
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={ARGS.host_devices}")
 from nanollama_jax import hostmem  # pylint: disable=wrong-import-position
-if ARGS is not None and not ARGS.system_malloc:
-  hostmem.keep_freed_memory()  # as train.py does by default, before JAX starts
+if ARGS is not None and not ARGS.system_malloc and ARGS.sections != "decode":
+  # As train.py does by default, before JAX starts; not for decode alone, which measures what
+  # scripts/generate.py runs (glibc's malloc as it is: its arenas serve XLA's threads there).
+  hostmem.keep_freed_memory()
 
 import jax  # pylint: disable=wrong-import-position
 
@@ -501,6 +511,85 @@ def torch_compare(steps: int, rounds: int) -> dict:
   return out
 
 
+DECODE_NEW, DECODE_PROMPT, DECODE_BATCHES = 200, 20, (1, 8)
+
+
+def decode(rounds: int) -> dict:
+  """Our KV-cache decoding against transformers' generate on the same weights."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from nanollama_jax import export, generate  # pylint: disable=import-outside-toplevel
+  missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+  if missing:
+    return {"skipped": f"needs {' and '.join(missing)} (the test extra)"}
+  if jax.default_backend() != "cpu":
+    return {"skipped": f"a CPU comparison; this run is on {jax.default_backend()}"}
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
+  cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
+  params = jax.device_get(model.init_params(cfg.model, 0))
+  with tempfile.TemporaryDirectory() as tmp:
+    export.save_hf(tmp, params, cfg.model)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+  out: dict = {"model": f"configs/tinystories_cpu.py: dim {cfg.model.dim}, {cfg.model.n_layers} "
+                        f"layers, {cfg.model.n_heads}/{cfg.model.n_kv_heads} heads, vocab "
+                        f"{cfg.model.vocab_size}, {cfg.model.dtype}",
+               "new_tokens": DECODE_NEW, "prompt_tokens": DECODE_PROMPT, "rounds": rounds,
+               "cpu_threads": threads, "torch": torch.__version__,
+               "transformers": transformers.__version__, "keep_host_memory": hostmem.applied(),
+               "batches": {}}
+  rng = np.random.default_rng(0)
+  for batch in DECODE_BATCHES:
+    prompts = rng.integers(4, cfg.model.vocab_size, (batch, DECODE_PROMPT))
+
+    def ours(prompts=prompts):
+      return generate.generate(cfg.model, params, prompts.tolist(), DECODE_NEW, eos_id=None)
+
+    def theirs(prompts=prompts):
+      with torch.no_grad():
+        ids = hf.generate(torch.tensor(prompts), max_new_tokens=DECODE_NEW,
+                          min_new_tokens=DECODE_NEW, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+      return ids[:, DECODE_PROMPT:].tolist()
+
+    # The first call compiles (ours) or warms up (theirs); the same greedy tokens show that
+    # both decode the same model (random weights may hold a near-tie that float32 breaks
+    # differently far into a row, so the share of equal tokens is kept, not asserted).
+    same = np.mean(np.array(ours()) == np.array(theirs()))
+    times: dict = {"ours": [], "transformers": []}
+    for _ in range(rounds):
+      for name, run in (("ours", ours), ("transformers", theirs)):
+        start = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - start)
+    rates = {name: round(batch * DECODE_NEW / statistics.median(t)) for name, t in times.items()}
+    out["batches"][str(batch)] = {
+      "ours_tokens_per_s": rates["ours"], "transformers_tokens_per_s": rates["transformers"],
+      "ratio_ours_to_transformers": round(rates["ours"] / rates["transformers"], 2),
+      "rounds_tokens_per_s": {name: [round(batch * DECODE_NEW / x) for x in t]
+                              for name, t in times.items()},
+      "same_greedy_tokens": round(float(same), 4)}
+    _progress(f"decode batch {batch}: ours {rates['ours']} tok/s, transformers "
+              f"{rates['transformers']} tok/s")
+  return out
+
+
+def _print_decode(r: dict) -> None:
+  if "skipped" in r:
+    print(f"\ndecode skipped: {r['skipped']}")
+    return
+  print(f"\ndecoding {r['new_tokens']} new tokens greedily after {r['prompt_tokens']}-token "
+        f"prompts, {r['model']}, against transformers {r['transformers']} (torch {r['torch']}, "
+        f"{r['cpu_threads']} threads); median of {r['rounds']} interleaved rounds:")
+  for batch, v in r["batches"].items():
+    print(f"  batch {batch:>2}  ours {v['ours_tokens_per_s']:>6,} tokens/s  transformers "
+          f"{v['transformers_tokens_per_s']:>6,} tokens/s  x{v['ratio_ours_to_transformers']}  "
+          f"(same greedy tokens: {v['same_greedy_tokens']:.1%})")
+
+
 def _print_compile_and_memory(results: dict) -> None:
   if "compile_depth" in results:
     r = results["compile_depth"]
@@ -580,6 +669,8 @@ def main() -> None:
     results["tracking"] = tracking()
   if "torch_compare" in chosen:
     results["torch_compare"] = torch_compare(args.torch_steps, args.torch_rounds)
+  if "decode" in chosen:
+    results["decode"] = decode(args.decode_rounds)
   if args.json:
     print(json.dumps(results, indent=2))
     return
@@ -596,6 +687,8 @@ def main() -> None:
           f"{r['log_call_share_of_a_step']:.4%} of a step more (median of {r['rounds']} rounds)")
   if "torch_compare" in results:
     _print_torch_compare(results["torch_compare"])
+  if "decode" in results:
+    _print_decode(results["decode"])
 
 
 if __name__ == "__main__":

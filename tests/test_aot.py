@@ -48,6 +48,8 @@ def test_a_gpu_train_step_compiles_with_our_kernels_and_fits():
   assert all(p.ok and p.fits for p in report.programs), aot.format_report(report)
   # forward, dq and dk/dv through XLA's Triton; evaluation runs the forward only.
   assert (by_name["train_step"].kernels, by_name["eval_step"].kernels) == (3, 1)
+  # The prefill attends through our kernel, the decode step (one query a row) on the XLA path.
+  assert (by_name["prefill"].kernels, by_name["decode"].kernels) == (1, 0)
   train = by_name["train_step"]
   assert train.total_bytes == train.argument_bytes + train.temp_bytes + train.output_bytes
   # Parameters in float32, Adam's two moments: the state is 3 x 4 bytes per parameter.
@@ -66,6 +68,22 @@ def test_sharded_over_8_gpus_each_device_holds_an_eighth():
                              ("train_step",))
   assert eight.mesh == {"data": 1, "fsdp": 8, "tensor": 1} and eight.batch_per_device == 8
   assert eight.programs[0].argument_bytes < one.programs[0].argument_bytes / 7
+
+
+@needs_cuda
+def test_sampling_over_8_gpus_splits_the_rows_and_their_kv_cache():
+  """8 rows (the sample prompts padded to the 8 devices) of a prefill and a decode step: the
+  parameters, the tokens and the KV cache are split, nothing is replicated."""
+  cfg = small_cfg(batch_size=64)
+  cfg.train.sample_prompts = "|".join(["Once upon a time"] * 8)
+  one = aot.compile_target(cfg, targets.parse("h100_sxm"), ("prefill", "decode"))
+  eight = aot.compile_target(cfg, targets.parse("h100_sxm:8"), ("prefill", "decode"))
+  for alone, split in zip(one.programs, eight.programs):
+    assert split.ok and alone.ok, (split.error, alone.error)
+    assert split.argument_bytes < alone.argument_bytes / 7, split.program
+    # All in, less than a third: the temporaries hold each layer's gathered weights, the same
+    # on every device, and weigh more than the rest in a model this small.
+    assert split.total_bytes < alone.total_bytes / 3, split.program
 
 
 @needs_cuda

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import our_logits, run_script
-from nanollama_jax import checkpoint, evaluate
+from nanollama_jax import checkpoint, errors, evaluate
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 
@@ -31,6 +31,12 @@ def test_perplexity_is_exp_of_the_token_weighted_loss_by_hand(trained_run, tmp_p
   assert result["tokens"] == count
   assert result["loss"] == pytest.approx(total / count, rel=1e-5)
   assert result["perplexity"] == pytest.approx(np.exp(total / count), rel=1e-5)
+  # At the model's whole context (rows of max_seq_len tokens, documents kept apart): the same.
+  assert cfg.data.seq_len < cfg.model.max_seq_len
+  full = evaluate.perplexity(cfg, params, tok, str(path), seq_len=cfg.model.max_seq_len)
+  assert full["tokens"] == count and full["loss"] == pytest.approx(total / count, rel=1e-5)
+  with pytest.raises(errors.UsageError, match=r"must be in \[2, 128\]"):
+    evaluate.perplexity(cfg, params, tok, str(path), seq_len=cfg.model.max_seq_len + 1)
 
   cli = run_script("eval_perplexity.py", "--workdir", trained_run.name, "--files", str(path),
                    "--json", cwd=trained_run.parent)

@@ -1,6 +1,10 @@
 """Sampling with a KV cache: equal to recomputing the sequence, to transformers' greedy decoding,
 and to the top-k / top-p sets."""
 
+import json
+import os
+import runpy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +12,11 @@ import pytest
 import torch
 import transformers
 
-from helpers import LLAMA31, model_cfg, our_logits, random_params
-from nanollama_jax import export, generate
+from helpers import LLAMA31, REPO, model_cfg, our_logits, random_params
+from jax.sharding import PartitionSpec as P
+
+from nanollama_jax import checkpoint, config, export, generate, model, sharding
+from nanollama_jax.data.tokenizer_source import load as load_tokenizer
 
 torch.set_num_threads(2)
 
@@ -76,3 +83,65 @@ def test_sampling_respects_top_k_top_p_and_the_seed():
   assert set(everything.tolist()) == {0, 1, 2, 3}
   again = np.asarray(generate.sample_logits(logits, keys, 1.0, 0, 1.0))
   np.testing.assert_array_equal(everything, again)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_sampling_split_over_a_mesh_equals_one_device(scan_layers):
+  """Rows over data x fsdp (3 prompts padded to 4 rows), K/V heads and the cache over tensor:
+  the tokens and logits of one device, through the scan and the loop over layers alike."""
+  cfg = model_cfg(n_kv_heads=2, scan_layers=scan_layers)
+  params = random_params(cfg, seed=6)
+  prompts = [[1, 17, 42, 5, 99], [1, 7], [1, 64, 3, 3, 12, 8]]
+  alone, alone_logits = generate.generate(cfg, params, prompts, max_new_tokens=10, eos_id=None,
+                                          return_logits=True)
+  mesh_cfg = config.get_default_config().mesh
+  mesh_cfg.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(mesh_cfg)
+  shardings = sharding.param_shardings(model.logical_axes(cfg), params, mesh)
+  split = jax.device_put(params, shardings)
+  assert split["layers"]["attn"]["wk_DxKxE"].sharding.spec == P(None, "fsdp", "tensor", None)
+  new, logits = generate.generate(cfg, split, prompts, max_new_tokens=10, eos_id=None,
+                                  return_logits=True)
+  assert new == alone and len(new) == 3
+  np.testing.assert_allclose(logits, alone_logits, atol=2e-5)
+  with jax.set_mesh(mesh):
+    cache = jax.jit(lambda: model.init_cache(cfg, jnp.ones((4, 16), bool)))()
+  # One [L, B, K, S, E] array with a scan over the layers, L [B, K, S, E] arrays with a loop.
+  k = cache["k"] if scan_layers else cache["k"][0]
+  layers = (2,) if scan_layers else ()
+  assert len(cache["k"]) == 2 and k.shape == (*layers, 4, 2, 16, cfg.dim // cfg.n_heads)
+  # rows over data x fsdp, K/V heads over tensor
+  assert k.sharding.spec == P(*(None,) * len(layers), ("data", "fsdp"), "tensor")
+
+
+@pytest.mark.slow
+def test_a_prompts_file_is_served_in_batches_in_order(trained_run, tmp_path, capsys):
+  main = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"))["main"]
+  texts = ["Once upon a time", "The cat sat", "Tom and Lily went to the park", "A big red ball",
+           "She said"]
+  prompts_file, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+  main(["--workdir", str(trained_run), "--prompts-file", str(prompts_file), "--out", str(out),
+        "--batch-size", "2", "--temperature", "0", "--max-new-tokens", "100000"])
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  cfg, params, step = checkpoint.load_run(str(trained_run))
+  tok = load_tokenizer(str(trained_run / "tokenizer.model"))
+  assert [r["prompt"] for r in rows] == texts  # in order; the last batch's filler row dropped
+  encoded = [[tok.bos_id, *tok.encode(text)] for text in texts]
+  # A batch's prompts are padded to a multiple of 8 tokens; the rest of the context is theirs.
+  pads = [-(-max(map(len, encoded[i - i % 2:i - i % 2 + 2])) // 8) * 8 for i in range(5)]
+  assert 16 in pads and 8 in pads
+  for ids, pad, row in zip(encoded, pads, rows):
+    room = cfg.model.max_seq_len - pad
+    alone = generate.generate(cfg.model, params, [ids], room, pad_id=tok.pad_id,
+                              eos_id=tok.eos_id)[0]
+    assert row["completion"] == tok.continuation(ids[1:], alone)
+    assert row["new_tokens"] == len(alone) and 0 < len(alone) <= room
+    assert {k: row[k] for k in ("step", "max_new_tokens", "temperature", "seed")} == {
+      "step": step, "max_new_tokens": 100000, "temperature": 0.0, "seed": 0}
+  err = capsys.readouterr().err
+  for pad in set(pads):
+    assert (f"note: --max-new-tokens 100000 does not fit the model's context of "
+            f"{cfg.model.max_seq_len} tokens after a prompt of {pad}: generating at most "
+            f"{cfg.model.max_seq_len - pad}") in err
+  assert not (tmp_path / "out.jsonl.partial").exists()

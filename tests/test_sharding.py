@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import REPO, cpu_env, free_port
-from nanollama_jax import config, errors, model, optim, sharding
+from nanollama_jax import checkpoint, config, errors, generate, model, optim, sharding
 from nanollama_jax.attention import Platform
 from nanollama_jax.attention.xla import xla_attention
 from nanollama_jax.data import pipeline
@@ -198,9 +198,14 @@ def test_two_processes_train_like_one(sample_dir, tokenizer_path, tmp_path):
   for i in range(2):
     assert f"data: this process reads share {i} of 2" in outputs[i][1]
   assert "step 6/6" in outputs[0][1] and "step 6/6" not in outputs[1][1]  # only process 0 logs
-  # Both processes ran the sampler together (the recipe samples at each evaluation).
-  for prompt in ("Once upon a time", "One day, a little"):
-    assert f"step 6 sample: '{prompt}" in outputs[0][1]
+  # Both processes ran the sampler together (the recipe samples at each evaluation), its rows
+  # and KV cache split over the 4 devices of both; one process on one device samples the same
+  # continuations from the step's checkpoint.
+  cfg_saved, params, _ = checkpoint.load_run(str(tmp_path), 6)
+  alone = generate.Samples(cfg_saved, load_tokenizer(str(tokenizer_path))).continue_prompts(params)
+  assert [t.split(" ", 1)[0] for t in alone] == ["Once", "One"]
+  for text in alone:
+    assert f"step 6 sample: {text!r}" in outputs[0][1]
   assert "sample:" not in outputs[1][1]
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]

@@ -13,8 +13,8 @@
 - Heads lead the time axes (BxKxGxTxE), so the einsums' batch dimensions come first and XLA
   makes no transposed copies of the scores; the mask enters as an additive bias.
 
-`masked_attention` is the plain softmax(q k^T) v with an explicit mask: the KV-cache decoding
-path, and the reference the tests hold `xla_attention` to.
+`masked_attention` is the plain softmax(q k^T) v with an explicit mask: the reference the tests
+hold `xla_attention` to. `cached_attention` is the KV-cache decoding path.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def xla_attention(
 
 def masked_attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
                      mask_BxTxS: jax.Array) -> jax.Array:
-  """Attention of T queries over S keys with an explicit boolean mask (decoding a KV cache)."""
+  """Attention of T queries over S keys with an explicit boolean mask."""
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxSxKxE.shape[2]
   q_BxKxGxTxE = q_BxTxHxE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
@@ -168,5 +168,21 @@ def masked_attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.
   bias_BxTxS = jnp.where(mask_BxTxS, 0.0, _MASKED)
   scores_BxKxGxTxS = scores_BxKxGxTxS + bias_BxTxS[:, None, None]
   probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxE.dtype)
+  out_BxKxGxTxE = jnp.einsum("bkgts,bkse->bkgte", probs_BxKxGxTxS, v_BxKxSxE)
+  return out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+def cached_attention(q_BxTxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
+                     mask_BxTxS: jax.Array) -> jax.Array:
+  """masked_attention over keys and values laid out as the KV cache keeps them, heads before
+  slots: the decoding path, one query (or a few) per row against the whole cache, with no
+  transposed copy of it."""
+  B, T, H, E = q_BxTxHxE.shape
+  K = k_BxKxSxE.shape[1]
+  q_BxKxGxTxE = q_BxTxHxE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4) * (E**-0.5)
+  scores_BxKxGxTxS = jnp.einsum("bkgte,bkse->bkgts", q_BxKxGxTxE, k_BxKxSxE,
+                                preferred_element_type=jnp.float32)
+  scores_BxKxGxTxS = scores_BxKxGxTxS + jnp.where(mask_BxTxS, 0.0, _MASKED)[:, None, None]
+  probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxKxSxE.dtype)
   out_BxKxGxTxE = jnp.einsum("bkgts,bkse->bkgte", probs_BxKxGxTxS, v_BxKxSxE)
   return out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
