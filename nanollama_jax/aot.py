@@ -225,8 +225,9 @@ def _compile(name: str, lower: Callable[[], Any], platform: str, resident: int,
 
 def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
                    programs: tuple[str, ...] = PROGRAMS,
-                   progress: Callable[[str], None] | None = None) -> Report:
-  """Compiles `programs` of `cfg` for `target`; a program that fails is reported, not raised."""
+                   progress: Callable[[str], None] | None = None, prompt: int = 0) -> Report:
+  """Compiles `programs` of `cfg` for `target`; a program that fails is reported, not raised.
+  `prompt`: the prefill's prompt tokens (default: sampling_shape's, half the context)."""
   found = devices(target)
   attn_target = attention.Platform(target.platform, target.generation)
   impl = attention.resolve(cfg.model.attention, attn_target)
@@ -246,7 +247,7 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
   # Beside evaluation and sampling the loop keeps the rest of the train state on the device.
   beside = (sharding.bytes_per_device(shardings, abstract)
             - sharding.bytes_per_device(shardings.params, abstract.params))
-  _, prompt = sampling_shape(cfg, mesh)
+  prompt = prompt or sampling_shape(cfg, mesh)[1]
   lowerers = {
     "train_step": (lambda: built.lower(cfg, mesh, attn_target.platform), 0),
     "eval_step": (lambda: _lower_eval(cfg, mesh, attn_target, abstract, shardings), beside),
@@ -301,6 +302,33 @@ def max_batch(cfg: ml_collections.ConfigDict, target: targets.Target,
     else:
       high = mid
   return best, best_report
+
+
+PROMPT_STEP = 128  # --max-prompt looks at multiples of this (the kernels' padded lengths)
+
+
+def max_prompt(cfg: ml_collections.ConfigDict, target: targets.Target,
+               progress: Callable[[str], None] | None = None) -> int:
+  """The longest prompt (a multiple of PROMPT_STEP, at most the context) whose prefill fits
+  `target` beside the resident train state, found by compiling (bisection); 0 when none does."""
+  def fits(n: int) -> bool:
+    if progress:
+      progress(f"{target.name}: trying a prefill of {n} tokens")
+    return compile_target(cfg, target, ("prefill",), prompt=n).fits
+
+  top = cfg.model.max_seq_len // PROMPT_STEP
+  if top == 0:
+    return cfg.model.max_seq_len if fits(cfg.model.max_seq_len) else 0
+  if fits(top * PROMPT_STEP):
+    return top * PROMPT_STEP
+  low, high = 0, top  # in steps: low fits (0 trivially), high does not
+  while high - low > 1:
+    mid = (low + high) // 2
+    if fits(mid * PROMPT_STEP):
+      low = mid
+    else:
+      high = mid
+  return low * PROMPT_STEP
 
 
 def gib(n: float) -> str:

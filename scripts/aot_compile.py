@@ -1,7 +1,8 @@
 """Compile a recipe for named GPUs and TPUs on this host, no accelerator needed, and say what fits.
 
   python scripts/aot_compile.py --config configs/tinystories.py --targets rtx3090,h100_sxm,v5e-8
-      [--config.data.batch_size=256 ...] [--json] [--max-batch] [--programs train_step,...]
+      [--config.data.batch_size=256 ...] [--json] [--max-batch] [--max-prompt]
+      [--programs train_step,...]
   python scripts/aot_compile.py --list-targets
 
 For each target it compiles the recipe's train step (with its grad_accum, remat, chunked loss
@@ -10,7 +11,10 @@ target's mesh (the recipe's mesh rules over the target's devices), with XLA's GP
 libtpu, and prints per device: arguments, temporaries, outputs, what stays resident beside the
 program, the total against the memory a program may use there, the attention kernels in the
 compiled program, and compile seconds. --max-batch also finds the largest per-device
-micro-batch whose train step fits, by compiling.
+micro-batch whose train step fits, and --max-prompt the longest prompt (a multiple of 128
+tokens, up to the context) whose prefill fits beside the train state, by compiling. The
+sampling programs are built for the recipe's sample prompts (train.sample_prompts), as many
+rows as that padded to the devices the rows are split over, each half the context long.
 
 Targets: GPUs by name (rtx3090, h100_sxm, ...; NAME:8 for 8 on one host, NAME:2x8 for 2 hosts
 of 8), TPU slices by their Cloud names (v5e-8, v5p-128, ...); --list-targets shows them.
@@ -62,6 +66,8 @@ def _parse(argv):
                  help=f"comma-separated, of {','.join(aot.PROGRAMS)} (default: all)")
   p.add_argument("--max-batch", action="store_true",
                  help="also find the largest per-device micro-batch that fits each target")
+  p.add_argument("--max-prompt", action="store_true",
+                 help="also find the longest prompt whose prefill fits each target")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
   p.add_argument("--list-targets", action="store_true", help="print the known targets and exit")
   return p.parse_known_args(argv)
@@ -93,12 +99,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_batch:
       best, _ = aot.max_batch(cfg, target, progress=_say)
       result["max_batch_per_device"] = best
+    if args.max_prompt:
+      result["max_prompt_tokens"] = aot.max_prompt(cfg, target, progress=_say)
     results.append(result)
     if not args.json:
       print(aot.format_report(report))
       if args.max_batch:
         print(f"  largest micro-batch whose train step fits: {result['max_batch_per_device']} "
               "sequences per device")
+      if args.max_prompt:
+        print(f"  longest prompt whose prefill fits: {result['max_prompt_tokens']} tokens (of "
+              f"a {cfg.model.max_seq_len}-token context)")
   if args.json:
     print(json.dumps({"config": args.config, "overrides": overrides, "results": results}))
   sys.exit(0 if all(r["fits"] for r in results) else 1)

@@ -7,11 +7,12 @@ seconds; the recipes at full size are compiled by scripts/aot_compile.py in CI.
 
 import importlib.util
 import json
+import os
 
 import pytest
 
-from helpers import run_script
-from nanollama_jax import aot, targets
+from helpers import REPO, run_script
+from nanollama_jax import aot, recipe, targets
 from nanollama_jax import config as config_lib
 
 _CUDA = importlib.util.find_spec("jax_cuda12_plugin") is not None
@@ -106,6 +107,20 @@ def test_max_batch_is_the_largest_micro_batch_that_fits(monkeypatch):
   assert not over.fits and over.programs[0].ok
 
 
+@needs_cuda
+def test_max_prompt_is_the_longest_prefill_that_fits(monkeypatch):
+  """With about 14 MB of an RTX 3090 to use, a prefill of the whole 2048-token context does
+  not fit beside the train state; the bisection stops where 128 more tokens would not."""
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.00056")
+  cfg = small_cfg()
+  cfg.model.max_seq_len = 2048
+  target = targets.parse("rtx3090")
+  best = aot.max_prompt(cfg, target)
+  assert 0 < best < 2048 and best % aot.PROMPT_STEP == 0
+  assert aot.compile_target(cfg, target, ("prefill",), prompt=best).fits
+  assert not aot.compile_target(cfg, target, ("prefill",), prompt=best + aot.PROMPT_STEP).fits
+
+
 @needs_tpu
 def test_a_tpu_slice_compiles_with_splash():
   report = aot.compile_target(small_cfg(), targets.parse("v5e-8"), ("train_step", "eval_step"))
@@ -113,6 +128,18 @@ def test_a_tpu_slice_compiles_with_splash():
   assert all(p.ok and p.fits for p in report.programs), aot.format_report(report)
   assert [p.kernels for p in report.programs] == [3, 1]
   assert report.programs[0].flops > 0  # libtpu's cost analysis
+
+
+@needs_tpu
+def test_the_8b_evaluates_its_whole_context_through_splash_on_v5p_128():
+  """Perplexity at the 8B's full context (8192 tokens a row): the eval step of a v5p-128 runs
+  splash and fits beside the train state."""
+  cfg = recipe.load(os.path.join(REPO, "configs", "llama3_1_8b.py"), [])
+  assert cfg.data.seq_len == cfg.model.max_seq_len == 8192
+  report = aot.compile_target(cfg, targets.parse("v5p-128"), ("eval_step",))
+  (program,) = report.programs
+  assert report.attention == "splash" and program.ok and program.fits, aot.format_report(report)
+  assert program.kernels == 1
 
 
 @needs_cuda
