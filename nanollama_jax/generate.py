@@ -2,7 +2,8 @@
 
 Prompts of different lengths are left-padded into one batch: padded cache slots are masked
 out and RoPE positions start at 0 at each prompt's first token, so a row decodes exactly as it
-would alone.
+would alone. With parameters split over a training mesh, the rows, their tokens and the KV
+cache are split like a batch (see docs/attention.md).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
   lengths = np.array([len(p) for p in rows], np.int32)
   stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
   cfg_json = json.dumps(model_cfg.to_dict(), sort_keys=True)
-  _graph(cfg_json)
+  _graph(cfg_json)  # built here, outside the mesh context _decode is traced under
   decode = functools.partial(
     _decode, model_cfg_json=cfg_json,
     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
@@ -158,7 +159,6 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
     if jax.process_count() > 1:
       out, logits = multihost_utils.process_allgather((out, logits), tiled=True)
   out, logits = np.asarray(out)[:len(prompts)], np.asarray(logits)[:len(prompts)]
-  out = np.asarray(out)
   results = []
   for row in out:
     row = row.tolist()

@@ -122,8 +122,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, segment_ids_BxT, cache=None):
     """With `cache` (this layer's k_BxKxSxE, v_BxKxSxE, slot, mask_BxTxS), the new keys and
     values are written at cache slots [slot, slot + T), the queries attend over the cache under
-    the mask, and (out, (k, v)) is returned. A mask of None is a prefill of an empty cache: the queries
-    attend to the new tokens alone, under `segment_ids_BxT` (0 for left padding)."""
+    the mask, and (out, (k, v)) is returned. A mask of None is a prefill of an empty cache: the
+    queries attend to the new tokens alone, under `segment_ids_BxT` (0 for left padding)."""
     dt = self.dtype
     B, T, D = x_BxTxD.shape
     _, H, E = self.wq_DxHxE.shape

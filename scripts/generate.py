@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
   if formatter is not None:
     _print_replies(step, [formatter.split_reply(ids) for ids in out], out, args.json)
     return
-  texts = [text + tok.continuation(ids[1:], new) for text, ids, new in zip(args.prompt, prompts, out)]
+  texts = [text + tok.continuation(ids[1:], new)
+           for text, ids, new in zip(args.prompt, prompts, out)]
   if args.json:
     print(json.dumps({"step": step, "completions": texts, "new_tokens": [len(o) for o in out]}))
   else:
