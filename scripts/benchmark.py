@@ -455,15 +455,27 @@ def _torch_step_fn(cfg, params: dict, batch_np: dict, threads: int):
   return run, versions
 
 
+def _cpu_comparison_skipped() -> str | None:
+  """Why a comparison with PyTorch on this host's CPU cannot run, or None."""
+  missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+  if missing:
+    return f"needs {' and '.join(missing)} (the test extra)"
+  if jax.default_backend() != "cpu":
+    return f"a CPU comparison; this run is on {jax.default_backend()}"
+  return None
+
+
+def _cpu_threads() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def torch_compare(steps: int, rounds: int) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from nanollama_jax import metrics  # pylint: disable=import-outside-toplevel
-  missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-  if missing:
-    return {"skipped": f"needs {' and '.join(missing)} (the test extra)"}
-  if jax.default_backend() != "cpu":
-    return {"skipped": f"a CPU comparison; this run is on {jax.default_backend()}"}
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  skipped = _cpu_comparison_skipped()
+  if skipped:
+    return {"skipped": skipped}
+  threads = _cpu_threads()
   # Best of 50 runs (the default): the fastest the CPU goes; a busy neighbour only slows it.
   peak = metrics.measure_matmul_peak()
   out: dict = {"shape": "dim 288, 6 layers, 6 heads, FFN 768, vocab 4096, batch 8 x 256, "
@@ -520,14 +532,12 @@ def decode(rounds: int) -> dict:
 
   import numpy as np  # pylint: disable=import-outside-toplevel
   from nanollama_jax import export, generate  # pylint: disable=import-outside-toplevel
-  missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-  if missing:
-    return {"skipped": f"needs {' and '.join(missing)} (the test extra)"}
-  if jax.default_backend() != "cpu":
-    return {"skipped": f"a CPU comparison; this run is on {jax.default_backend()}"}
+  skipped = _cpu_comparison_skipped()
+  if skipped:
+    return {"skipped": skipped}
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  threads = _cpu_threads()
   torch.set_num_threads(threads)
   cfg = runpy.run_path(os.path.join(_ROOT, "configs", "tinystories_cpu.py"))["get_config"]()
   params = jax.device_get(model.init_params(cfg.model, 0))
