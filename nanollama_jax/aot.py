@@ -294,14 +294,20 @@ def max_batch(cfg: ml_collections.ConfigDict, target: targets.Target,
       high = n
   if high is None:
     return best, best_report
+  return _bisect(fits, low, high, best_report)
+
+
+def _bisect(fits: Callable[[int], Any], low: int, high: int, found: Any = None) -> tuple[int, Any]:
+  """The largest n in [low, high) for which `fits(n)` is truthy, and what it returned there,
+  given that `low` fits (`found` is its result) and `high` does not: by bisection."""
   while high - low > 1:
     mid = (low + high) // 2
-    found = fits(mid)
-    if found:
-      best, best_report, low = mid, found, mid
+    result = fits(mid)
+    if result:
+      low, found = mid, result
     else:
       high = mid
-  return best, best_report
+  return low, found
 
 
 PROMPT_STEP = 128  # --max-prompt looks at multiples of this (the kernels' padded lengths)
@@ -321,14 +327,8 @@ def max_prompt(cfg: ml_collections.ConfigDict, target: targets.Target,
     return cfg.model.max_seq_len if fits(cfg.model.max_seq_len) else 0
   if fits(top * PROMPT_STEP):
     return top * PROMPT_STEP
-  low, high = 0, top  # in steps: low fits (0 trivially), high does not
-  while high - low > 1:
-    mid = (low + high) // 2
-    if fits(mid * PROMPT_STEP):
-      low = mid
-    else:
-      high = mid
-  return low * PROMPT_STEP
+  # In steps of PROMPT_STEP: 0 fits trivially, `top` does not.
+  return _bisect(lambda steps: fits(steps * PROMPT_STEP), 0, top)[0] * PROMPT_STEP
 
 
 def gib(n: float) -> str:

@@ -301,11 +301,10 @@ class Checkpointer:
       # Removed here, before the manager exists: orbax's own clean-up runs in a thread that
       # close() does not wait for, and that fails if a run that could not start removes its
       # workdir meanwhile.
-      for name in paths.listdir(self.directory):
-        if _TMP_SUFFIX in name:
-          logging.warning("removing %s: a save that did not finish (the run was killed while "
-                          "writing it)", paths.join(self.directory, name))
-          paths.remove(paths.join(self.directory, name))
+      for name in self._half_written():
+        logging.warning("removing %s: a save that did not finish (the run was killed while "
+                        "writing it)", paths.join(self.directory, name))
+        paths.remove(paths.join(self.directory, name))
     self._manager = self._new_manager(keep, async_save)
     self.last_blocking_s = 0.0
     self._disk_full = False  # a save failed on a full disk, and that was said
@@ -366,6 +365,10 @@ class Checkpointer:
       if self._disk_full:  # writes of the failed save that were still in flight are done now
         self._remove_half_written()
 
+  def _half_written(self) -> list[str]:
+    """The folders of saves that did not finish (orbax's temporary names)."""
+    return [n for n in paths.listdir(self.directory) if _TMP_SUFFIX in n]
+
   def _remove_half_written(self, quiet_s: float = 2.0, limit_s: float = 60.0) -> list[str]:
     """Removes the folders of saves that did not finish; returns their names.
 
@@ -375,10 +378,10 @@ class Checkpointer:
     """
     removed: set[str] = set()
     if jax.process_index() != 0:
-      return [n for n in paths.listdir(self.directory) if _TMP_SUFFIX in n]
+      return self._half_written()
     deadline, quiet_since = time.monotonic() + limit_s, time.monotonic()
     while time.monotonic() < deadline:
-      half = [n for n in paths.listdir(self.directory) if _TMP_SUFFIX in n]
+      half = self._half_written()
       for name in half:
         try:
           paths.remove(paths.join(self.directory, name))

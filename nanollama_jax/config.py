@@ -457,20 +457,17 @@ def is_hf_directory(path: str) -> bool:
 def _check_installed(cfg: ml_collections.ConfigDict) -> None:
   """The extras the config's features import are installed, so a run does not stop midway."""
   train_cfg = cfg.train
+  needs = []  # (config key, its value, the extra it needs, the feature)
   if cfg.wandb.project:
-    try:
-      errors.require(errors.MODULES["wandb"], "wandb", "logging to Weights & Biases")
-    except errors.InstallError as e:
-      _fail("wandb.project", cfg.wandb.project, str(e))
-  uses_hf = []
+    needs.append(("wandb.project", cfg.wandb.project, "wandb", "logging to Weights & Biases"))
   if train_cfg.push_to_hub:
-    uses_hf.append(("train.push_to_hub", train_cfg.push_to_hub, "pushing to the Hub"))
+    needs.append(("train.push_to_hub", train_cfg.push_to_hub, "hf", "pushing to the Hub"))
   if train_cfg.init_from and (hf_files.is_hub_name(train_cfg.init_from)
                               or is_hf_directory(train_cfg.init_from)):
-    uses_hf.append(("train.init_from", train_cfg.init_from, "reading Hugging Face weights"))
-  for key, value, feature in uses_hf:
+    needs.append(("train.init_from", train_cfg.init_from, "hf", "reading Hugging Face weights"))
+  for key, value, extra, feature in needs:
     try:
-      errors.require(errors.MODULES["hf"], "hf", feature)
+      errors.require(errors.MODULES[extra], extra, feature)
     except errors.InstallError as e:
       _fail(key, value, str(e))
 

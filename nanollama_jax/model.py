@@ -296,8 +296,8 @@ class Llama(nnx.Module):
       layer_step = jax.checkpoint(layer_step, policy=_REMAT_SAVES[model_cfg.remat])
     if model_cfg.scan_layers:
       return jax.lax.scan(layer_step, x_BxTxD, layer_state)[0]
-    for i in range(model_cfg.n_layers):
-      x_BxTxD, _ = layer_step(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state))
+    for state in _per_layer(layer_state, model_cfg.n_layers):
+      x_BxTxD, _ = layer_step(x_BxTxD, state)
     return x_BxTxD
 
   def _layers_with_cache(self, x_BxTxD, sin_BxTxE2, cos_BxTxE2, cache: dict, prefill: bool,
@@ -327,8 +327,7 @@ class Llama(nnx.Module):
     else:
       k, v = [], []
       if layer_params is None:
-        layer_params = [jax.tree.map(lambda a, i=i: a[i], layer_state)
-                        for i in range(self.model_cfg.n_layers)]
+        layer_params = _per_layer(layer_state, self.model_cfg.n_layers)
       for i, state in enumerate(layer_params):
         x_BxTxD, (k_i, v_i) = cached_step(x_BxTxD, state, cache["k"][i], cache["v"][i])
         k.append(k_i)
@@ -465,4 +464,9 @@ def unstacked_layers(model_cfg: ml_collections.ConfigDict, params: dict) -> list
   every token."""
   if model_cfg.scan_layers:
     return None
-  return [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(model_cfg.n_layers)]
+  return _per_layer(params["layers"], model_cfg.n_layers)
+
+
+def _per_layer(stacked: Any, n_layers: int) -> list:
+  """Layer i's slice of every array of a tree with a leading L axis, for i < n_layers."""
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layers)]
