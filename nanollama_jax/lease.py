@@ -5,7 +5,7 @@ heartbeat that process 0 renews every HEARTBEAT_S seconds. A second run on a hel
 before it touches anything, naming the holder. A lease whose heartbeat is older than STALE_S
 seconds, or whose holder ran on this host and no longer exists, is left from a run that died
 (SIGKILL, a lost machine): it is taken over, with a warning, so that a crashed run does not
-block its own restart. The processes of one multi-process run share process 0's lease. A run whose
+block its own restart; so is one held by an earlier attempt of the same SLURM job. The processes of one multi-process run share process 0's lease. A run whose
 lease was taken over (its heartbeat stalled that long) stops at its next step, without saving.
 
 It works on object stores too (a bucket workdir): a new lease is written and read back after a
@@ -43,6 +43,10 @@ class Holder:
   started: float  # seconds since the epoch
   heartbeat: float
   processes: int = 1
+  # Under SLURM: the job and its attempt (SLURM_RESTART_COUNT). A later attempt of the same job
+  # takes the lease over at once: SLURM requeues a job only after every task of it has ended.
+  slurm_job: str = ""
+  slurm_attempt: int = 0
 
   def describe(self, now: float) -> str:
     return (f"host {self.host}, pid {self.pid}, {self.processes} process(es), started "
@@ -56,7 +60,8 @@ def read(workdir: str) -> Holder | None:
   where = workdir_lib.path(workdir, workdir_lib.LEASE)
   try:
     raw = json.loads(paths.read_text(where))
-    return Holder(**{f.name: raw[f.name] for f in dataclasses.fields(Holder)})
+    # Fields added since an older lease was written keep their defaults.
+    return Holder(**{f.name: raw[f.name] for f in dataclasses.fields(Holder) if f.name in raw})
   except FileNotFoundError:
     return None
   except (ValueError, KeyError, TypeError):  # a torn or foreign file: held by no one
@@ -82,9 +87,18 @@ def _gone(holder: Holder, now: float) -> str | None:
     return "the lease file cannot be read"
   if holder.host == socket.gethostname() and not _alive_here(holder):
     return f"its process {holder.pid} no longer runs on this host"
+  job, attempt = _slurm_attempt()
+  if holder.slurm_job and holder.slurm_job == job and holder.slurm_attempt < attempt:
+    return (f"it was attempt {holder.slurm_attempt} of this SLURM job {job}, which SLURM "
+            f"requeued (this is attempt {attempt})")
   if now - holder.heartbeat > STALE_S:
     return f"its last heartbeat is {now - holder.heartbeat:.0f}s old (over {STALE_S:.0f}s)"
   return None
+
+
+def _slurm_attempt() -> tuple[str, int]:
+  """This process's SLURM job and attempt; ("", 0) outside SLURM."""
+  return os.environ.get("SLURM_JOB_ID", ""), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
 class Lease:
@@ -151,8 +165,10 @@ def _write(workdir: str, holder: Holder, exclusive: bool = False) -> bool:
 def _take(workdir: str) -> Holder:
   """Process 0's side of `acquire`: the new holder, or errors.WorkdirHeld."""
   now = time.time()
+  job, attempt = _slurm_attempt()
   mine = Holder(host=socket.gethostname(), pid=os.getpid(), run=uuid.uuid4().hex, started=now,
-                heartbeat=now, processes=jax.process_count())
+                heartbeat=now, processes=jax.process_count(), slurm_job=job,
+                slurm_attempt=attempt)
   for _ in range(3):
     held = read(workdir)
     if held is not None:

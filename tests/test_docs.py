@@ -92,8 +92,9 @@ def _script(block: Block, body: str) -> str:
     for part in (p.strip() for p in command.split("&&")):
       if part.startswith(TRAIN):
         runs.append(f"{part} --dry_run")
-      elif part.startswith(SCRIPT):
-        runs.append(f"{part} --dry-run")
+      elif part.startswith(SCRIPT):  # before a `--` that passes the rest on to the trainer
+        runs.append(part.replace(" -- ", " --dry-run -- ", 1) if " -- " in part
+                    else f"{part} --dry-run")
       else:
         assert part.startswith(SET_UP), f"{block.where}: `{part}` cannot be dry-run"
   return "\n".join(runs)

@@ -64,6 +64,36 @@ def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path, caplog):
   assert f"its process {gone.pid} no longer runs on this host" in caplog.text
 
 
+@pytest.mark.parametrize("job, attempt, taken", [("77", "1", True), ("77", "0", False),
+                                                 ("78", "1", False), (None, None, False)])
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempt_at_once(tmp_path, caplog,
+                                                                      monkeypatch, job, attempt,
+                                                                      taken):
+  # Attempt 0 of job 77 was killed on another node; its heartbeat is fresh.
+  _write_lease(tmp_path, slurm_job="77", slurm_attempt=0)
+  for name, value in (("SLURM_JOB_ID", job), ("SLURM_RESTART_COUNT", attempt)):
+    if value is None:
+      monkeypatch.delenv(name, raising=False)
+    else:
+      monkeypatch.setenv(name, value)
+  if not taken:
+    with pytest.raises(errors.WorkdirHeld, match="is in use by another run"):
+      lease.acquire(str(tmp_path))
+    return
+  with caplog.at_level("WARNING"):
+    held = lease.acquire(str(tmp_path))
+  assert ("it was attempt 0 of this SLURM job 77, which SLURM requeued (this is attempt 1)"
+          in caplog.text)
+  now = json.loads((tmp_path / "lease.json").read_text())
+  assert (now["slurm_job"], now["slurm_attempt"]) == ("77", 1)
+  held.release()
+
+
+def test_a_lease_written_before_the_slurm_fields_is_read_whole(tmp_path):
+  _write_lease(tmp_path)
+  assert lease.read(str(tmp_path)).run == "abc"
+
+
 def test_the_heartbeat_is_renewed_and_a_takeover_is_noticed(tmp_path, monkeypatch):
   monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
   held = lease.acquire(str(tmp_path))
