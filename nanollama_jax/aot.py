@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nanollama_jax import attention, errors, evaluate, model, sharding, targets
+from nanollama_jax import attention, errors, evaluate, metrics, model, roofline, sharding, targets
 from nanollama_jax import step as step_lib
 
 PROGRAMS = ("train_step", "eval_step", "prefill", "decode")
@@ -59,7 +59,22 @@ class Program:
   fits: bool = False
   compile_s: float = 0.0
   kernels: int = 0  # attention kernel custom calls in the compiled program
-  flops: float | None = None  # per device, where the compiler reports it (TPU)
+  # The roofline (roofline.py), per device and run of the program. FLOPs are the model's
+  # (modelled: metrics.model_flops_per_token, with the recompute of the remat policy); bytes and
+  # collectives are read off the compiled program's HLO, loops times their trip counts.
+  flops: float = 0.0
+  bytes_accessed: float = 0.0
+  collective_bytes: float = 0.0
+  hlo_flops: float | None = None  # the contractions counted in the compiled HLO, loops included
+  compiler_flops: float | None = None  # libtpu's cost_analysis(): a loop's body counted once
+  tokens: int = 0  # per run, all devices: what the program processes
+  compute_s: float = 0.0  # at the device's peak bf16 FLOP/s
+  memory_s: float = 0.0  # at its memory bandwidth
+  collective_s: float = 0.0  # at its interconnect's
+  step_s: float = 0.0  # the lower bound: max of the three
+  limit: str = ""  # which of the three bounds it: compute, memory, collectives
+  tokens_per_s: float = 0.0  # at most, all devices
+  mfu_ceiling: float | None = None  # train and eval steps: model FLOPs over peak x step_s
 
 
 @dataclasses.dataclass
@@ -196,7 +211,7 @@ def _kernel_calls(compiled, platform: str) -> int:
   return text.count(f'custom_call_target="{_KERNEL_CALLS[platform]}"')
 
 
-def _flops(compiled) -> float | None:
+def _compiler_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # not every backend estimates cost
@@ -207,20 +222,82 @@ def _flops(compiled) -> float | None:
 
 
 def _compile(name: str, lower: Callable[[], Any], platform: str, resident: int,
-             usable: int) -> Program:
+             usable: int, devices: int) -> tuple[Program, roofline.Costs | None]:
   start = time.perf_counter()
   try:
     compiled = lower().compile()
   except Exception as e:  # pylint: disable=broad-except  # any compiler failure is a verdict
-    return Program(name, ok=False, error=one_line(e), compile_s=time.perf_counter() - start)
+    return Program(name, ok=False, error=one_line(e), compile_s=time.perf_counter() - start), None
   took = time.perf_counter() - start
   m = compiled.memory_analysis()
   outputs = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
   total = m.argument_size_in_bytes + m.temp_size_in_bytes + outputs + resident
+  try:
+    costs = roofline.hlo_costs(compiled.as_text(), devices)
+  except Exception:  # pylint: disable=broad-except  # some backends keep no text
+    costs = None
   return Program(name, ok=True, argument_bytes=m.argument_size_in_bytes,
                  temp_bytes=m.temp_size_in_bytes, output_bytes=outputs, resident_bytes=resident,
                  total_bytes=total, share=total / usable, fits=total <= usable, compile_s=took,
-                 kernels=_kernel_calls(compiled, platform), flops=_flops(compiled))
+                 kernels=_kernel_calls(compiled, platform),
+                 compiler_flops=_compiler_flops(compiled)), costs
+
+
+def program_flops(model_cfg: ml_collections.ConfigDict, program: str, remat: str,
+                  tokens: int, context: int, rows: int) -> tuple[float, float]:
+  """(FLOPs the hardware does, FLOPs of the model's useful work) in one run of `program`, all
+  devices: metrics.model_flops_per_token's terms, forward only outside training; the train
+  step adds the forward its remat policy recomputes (full: every layer, attention included;
+  save_attn: the layers' matmuls); sampling computes the logits of the last position only."""
+  L, D, V = model_cfg.n_layers, model_cfg.dim, model_cfg.vocab_size
+  layers = 2 * L * model.layer_matmul_param_count(model_cfg)  # forward, per token
+  attention = metrics.attention_flops_per_token(model_cfg, context) / 3  # forward, per token
+  if program == "train_step":
+    useful = metrics.model_flops_per_token(model_cfg, context) * tokens
+    recompute = {"full": layers + attention, "save_attn": layers}.get(remat, 0.0) * tokens
+    return useful + recompute, useful
+  if program == "eval_step":
+    useful = metrics.model_flops_per_token(model_cfg, context) / 3 * tokens
+    return useful, useful
+  if program == "decode":  # every cached position is attended (the cache is masked, not cut)
+    attention = metrics.attention_flops_per_token(model_cfg, 2 * context - 1) / 3
+  total = (layers + attention) * tokens + 2 * D * V * rows
+  return total, total
+
+
+def program_tokens(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, program: str,
+                   prompt: int) -> tuple[int, int, int]:
+  """(tokens one run of `program` processes, all devices; the context their attention covers;
+  rows) for the roofline."""
+  T = cfg.data.seq_len
+  if program == "train_step":
+    return cfg.data.batch_size * T, T, cfg.data.batch_size
+  if program == "eval_step":
+    rows = step_lib.abstract_batch(cfg, mesh)["inputs"].shape[0]
+    return rows * T, T, rows
+  rows, _ = sampling_shape(cfg, mesh)
+  if program == "prefill":
+    return rows * prompt, prompt, rows
+  return rows, cfg.model.max_seq_len, rows
+
+
+def fill_roofline(p: Program, costs: roofline.Costs | None, cfg: ml_collections.ConfigDict,
+              target: targets.Target, tokens: int, context: int, rows: int) -> None:
+  """Fills `p`'s roofline fields: modelled FLOPs, and the compiled program's bytes."""
+  if not p.ok:
+    return
+  total, useful = program_flops(cfg.model, p.program, cfg.model.remat, tokens, context, rows)
+  p.flops, p.tokens = total / target.devices, tokens
+  if costs is not None:
+    p.bytes_accessed, p.collective_bytes = costs.bytes, costs.collective_bytes
+    p.hlo_flops = costs.flops
+  b = roofline.Bound(p.flops / target.peak_flops, p.bytes_accessed / target.memory_bandwidth,
+                     p.collective_bytes / target.link_bandwidth)
+  p.compute_s, p.memory_s, p.collective_s = b.compute_s, b.memory_s, b.collective_s
+  p.step_s, p.limit = b.step_s, b.limit
+  p.tokens_per_s = tokens / b.step_s if b.step_s else 0.0
+  if p.program in ("train_step", "eval_step") and b.step_s:
+    p.mfu_ceiling = useful / (b.step_s * target.peak_flops * target.devices)
 
 
 def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
@@ -259,7 +336,10 @@ def compile_target(cfg: ml_collections.ConfigDict, target: targets.Target,
     if progress:
       progress(f"{target.name}: compiling {name}")
     lower, resident = lowerers[name]
-    report.programs.append(_compile(name, lower, target.platform, resident, report.usable_memory))
+    program, costs = _compile(name, lower, target.platform, resident, report.usable_memory,
+                              target.devices)
+    fill_roofline(program, costs, cfg, target, *program_tokens(cfg, mesh, name, prompt))
+    report.programs.append(program)
   return report
 
 
@@ -310,6 +390,76 @@ def _bisect(fits: Callable[[int], Any], low: int, high: int, found: Any = None) 
   return low, found
 
 
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+  """One way to run a recipe's global batch on a target: the mesh and the micro-batch."""
+  data: int
+  fsdp: int
+  tensor: int
+  per_device: int  # sequences per device per micro-batch
+  grad_accum: int
+
+  def describe(self) -> str:
+    return (f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}, {self.per_device} per "
+            f"device x {self.grad_accum} micro-batch{'es' if self.grad_accum > 1 else ''}")
+
+
+def sizings(cfg: ml_collections.ConfigDict, devices: int) -> list[Sizing]:
+  """Every mesh (data x fsdp x tensor, powers of two; tensor at most 8 and dividing the heads)
+  and micro-batch that keep `cfg`'s global batch (data.batch_size sequences per step) on
+  `devices` devices, the largest micro-batches first."""
+  batch, heads = cfg.data.batch_size, cfg.model.n_heads
+  out = []
+  tensor = 1
+  while tensor <= min(8, devices):
+    if devices % tensor == 0 and heads % tensor == 0:
+      data = 1
+      while data <= devices // tensor:
+        fsdp = devices // tensor // data
+        if (devices // tensor) % data == 0 and batch % (data * fsdp) == 0:
+          rows = batch // (data * fsdp)
+          out += [Sizing(data, fsdp, tensor, rows // accum, accum)
+                  for accum in _powers_of_two_dividing(rows)]
+        data *= 2
+    tensor *= 2
+  return out
+
+
+def _powers_of_two_dividing(n: int) -> list[int]:
+  out, k = [], 1
+  while k <= n and n % k == 0:
+    out.append(k)
+    k *= 2
+  return out
+
+
+def with_sizing(cfg: ml_collections.ConfigDict, sizing: Sizing) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.mesh.data, out.mesh.fsdp, out.mesh.tensor = sizing.data, sizing.fsdp, sizing.tensor
+  out.optim.grad_accum = sizing.grad_accum
+  return out
+
+
+def sweep(cfg: ml_collections.ConfigDict, target: targets.Target,
+          progress: Callable[[str], None] | None = None) -> list[tuple[Sizing, Program]]:
+  """Per mesh that keeps the global batch, the largest micro-batch whose train step fits
+  `target` (halving from the whole batch per device), compiled; ranked by the roofline's step
+  time. Meshes where none fits are left out."""
+  found: list[tuple[Sizing, Program]] = []
+  by_mesh: dict[tuple[int, int, int], list[Sizing]] = {}
+  for s in sizings(cfg, target.devices):
+    by_mesh.setdefault((s.data, s.fsdp, s.tensor), []).append(s)
+  for options in by_mesh.values():
+    for s in options:
+      if progress:
+        progress(f"{target.name}: sweep: {s.describe()}")
+      report = compile_target(with_sizing(cfg, s), target, ("train_step",))
+      if report.fits:
+        found.append((s, report.programs[0]))
+        break
+  return sorted(found, key=lambda x: x[1].step_s)
+
+
 PROMPT_STEP = 128  # --max-prompt looks at multiples of this (the kernels' padded lengths)
 
 
@@ -329,6 +479,49 @@ def max_prompt(cfg: ml_collections.ConfigDict, target: targets.Target,
     return top * PROMPT_STEP
   # In steps of PROMPT_STEP: 0 fits trivially, `top` does not.
   return _bisect(lambda steps: fits(steps * PROMPT_STEP), 0, top)[0] * PROMPT_STEP
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _ms(seconds: float) -> str:
+  return f"{seconds * 1e3:.3g}"
+
+
+def _roofline_lines(report: Report) -> list[str]:
+  """The programs' roofline as a table, and where its numbers come from."""
+  ok = [p for p in report.programs if p.ok]
+  if not ok:
+    return []
+  rows = [("roofline", "TFLOP", "GB moved", "GB sent", "compute ms", "memory ms",
+           "collect. ms", "bound ms", "limit", "tokens/s", "MFU ceiling")]
+  for p in ok:
+    rows.append((p.program, f"{p.flops / 1e12:.3g}", f"{p.bytes_accessed / 1e9:.3g}",
+                 f"{p.collective_bytes / 1e9:.3g}", _ms(p.compute_s), _ms(p.memory_s),
+                 _ms(p.collective_s), _ms(p.step_s), p.limit, f"{p.tokens_per_s:,.0f}",
+                 "-" if p.mfu_ceiling is None else f"{p.mfu_ceiling:.0%}"))
+  t = targets.parse(report.target)
+  return _table(rows) + [
+    f"  per device and run: FLOPs modelled (the model's, remat recompute included), bytes "
+    f"moved and sent compiled (the program's HLO, loops counted); at {t.peak_flops / 1e12:.0f} "
+    f"TFLOP/s, {t.memory_bandwidth / 1e9:,.0f} GB/s of memory, {t.link_bandwidth / 1e9:,.0f} "
+    f"GB/s sent: the step takes at least `bound ms`"]
+
+
+def format_sweep(target: targets.Target, ranked: list[tuple[Sizing, Program]]) -> str:
+  """The sizings that fit `target`, fastest first by the roofline."""
+  if not ranked:
+    return f"{target.name}: no sizing of this global batch fits"
+  rows = [("rank", "mesh and micro-batch", "GiB", "bound ms", "limit", "tokens/s",
+           "per device", "MFU ceiling")]
+  for i, (s, p) in enumerate(ranked, 1):
+    rows.append((str(i), s.describe(), gib(p.total_bytes), _ms(p.step_s), p.limit,
+                 f"{p.tokens_per_s:,.0f}", f"{p.tokens_per_s / target.devices:,.0f}",
+                 "-" if p.mfu_ceiling is None else f"{p.mfu_ceiling:.0%}"))
+  return "\n".join([f"{target.name}: sizings that fit, by the train step's roofline",
+                    *_table(rows)])
 
 
 def gib(n: float) -> str:
@@ -357,6 +550,7 @@ def format_report(report: Report) -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
   lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines += [f"  {p.program} failed to compile: {p.error}" for p in report.programs if not p.ok]
+  lines += _roofline_lines(report)
   verdict = "fits" if report.fits else "DOES NOT FIT"
   lines.append(f"  {verdict}: {gib(report.bytes_per_device)} of {gib(report.usable_memory)} GiB "
                f"usable per device ({gib(report.device_memory)} GiB on the device)")

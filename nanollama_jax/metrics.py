@@ -29,8 +29,12 @@ def model_flops_per_token(model_cfg, seq_len: int) -> float:
   """
   D, L, V = model_cfg.dim, model_cfg.n_layers, model_cfg.vocab_size
   dense = 6 * (L * model.layer_matmul_param_count(model_cfg) + D * V)
-  attention = 3 * L * 4 * D * (seq_len + 1) / 2
-  return dense + attention
+  return dense + attention_flops_per_token(model_cfg, seq_len)
+
+
+def attention_flops_per_token(model_cfg, seq_len: int) -> float:
+  """The attention term of model_flops_per_token: 3 x L x 2 x 2 x D x (seq_len + 1) / 2."""
+  return 3 * model_cfg.n_layers * 4 * model_cfg.dim * (seq_len + 1) / 2
 
 
 @functools.cache

@@ -13,7 +13,9 @@ Sources: NVIDIA's datasheets and whitepapers (A100, H100, H200, B200, L40S, RTX 
 Ampere GA102, Ada AD102 and Blackwell GB202 whitepapers for the GeForce cards, whose bf16
 rate with fp32 accumulation is what XLA uses), the CUDA C++ Programming Guide's "Technical
 Specifications per Compute Capability" for shared memory and threads, and Google Cloud's TPU
-system architecture pages for HBM and peak bf16 FLOP/s per chip. Memory sizes are what the
+system architecture pages for HBM, its bandwidth, the bidirectional ICI bandwidth and peak bf16
+FLOP/s per chip (v4's ICI is not on its page: 300 GB/s, six links of 50 GB/s as the TPU v4
+paper, ISCA 2023, describes them, is assumed). Memory sizes are what the
 driver reports (a little under the marketed size) where XLA's own device specs record it.
 """
 
@@ -63,6 +65,16 @@ GPU_GENERATIONS: dict[str, GpuGeneration] = {
 GPU_GENERATION_ALIASES = {"sm_87": "sm_80", "sm_103": "sm_100", "sm_121": "sm_120"}
 
 
+# Bytes/s one device sends, each direction (collectives move data both ways at once): PCIe 4.0
+# and 5.0 x16 links; NVLink 3 (A100: 600 GB/s in both directions), 4 (H100, H200: 900 GB/s) and
+# 5 (B200: 1.8 TB/s), from NVIDIA's datasheets. Between hosts: one 400 Gb/s InfiniBand NDR
+# adapter per GPU, as in NVIDIA's DGX H100 (an assumption: clusters differ; A100 systems: one
+# 200 Gb/s HDR adapter per GPU, as in the DGX A100).
+PCIE4, PCIE5 = 32e9, 64e9
+INTER_HOST = {"sm_80": 25e9}
+INTER_HOST_DEFAULT = 50e9
+
+
 @dataclasses.dataclass(frozen=True)
 class Gpu:
   """One GPU model."""
@@ -75,14 +87,15 @@ class Gpu:
   l2: int  # bytes
   peak_flops: float  # dense bf16 matmul, fp32 accumulation
   match: str  # what the device kind of this GPU contains ("H100 PCIe")
+  link: float = PCIE4  # bytes/s one GPU sends to the others of its host (NVLink, else PCIe)
   registers_per_sm: int = 65_536
 
 
 GPUS: dict[str, Gpu] = {
   "a100_40gb": Gpu("NVIDIA A100-SXM4-40GB", "sm_80", 108, 42_331_013_120, 1.555e12, 1.41,
-                   40 * 2**20, 312e12, "A100"),
+                   40 * 2**20, 312e12, "A100", link=300e9),
   "a100_80gb": Gpu("NVIDIA A100-SXM4-80GB", "sm_80", 108, 85_198_045_184, 2.039e12, 1.41,
-                   40 * 2**20, 312e12, "A100"),
+                   40 * 2**20, 312e12, "A100", link=300e9),
   "rtx3090": Gpu("NVIDIA GeForce RTX 3090", "sm_86", 82, 25_438_715_904, 936e9, 1.695,
                  6 * 2**20, 71e12, "RTX 3090"),
   "a6000": Gpu("NVIDIA RTX A6000", "sm_86", 84, 51_041_271_808, 768e9, 1.8, 6 * 2**20,
@@ -91,14 +104,15 @@ GPUS: dict[str, Gpu] = {
                  72 * 2**20, 165.2e12, "RTX 4090"),
   "l40s": Gpu("NVIDIA L40S", "sm_89", 142, 47_697_362_944, 864e9, 2.52, 96 * 2**20, 362e12, "L40S"),
   "h100_sxm": Gpu("NVIDIA H100 80GB HBM3", "sm_90", 132, 84_942_979_072, 3.352e12, 1.98,
-                  50 * 2**20, 989e12, "H100"),
+                  50 * 2**20, 989e12, "H100", link=450e9),
   "h100_pcie": Gpu("NVIDIA H100 PCIe", "sm_90", 114, 84_942_979_072, 2.0e12, 1.755, 50 * 2**20,
-                   756e12, "H100 PCIe"),
-  "h200": Gpu("NVIDIA H200", "sm_90", 132, 151_397_597_184, 4.8e12, 1.98, 50 * 2**20, 989e12, "H200"),
+                   756e12, "H100 PCIe", link=PCIE5),
+  "h200": Gpu("NVIDIA H200", "sm_90", 132, 151_397_597_184, 4.8e12, 1.98, 50 * 2**20, 989e12, "H200",
+               link=450e9),
   "b200": Gpu("NVIDIA B200", "sm_100", 148, 191_514_411_008, 7.672e12, 1.965, 126 * 2**20,
-              2.25e15, "B200"),
+              2.25e15, "B200", link=900e9),
   "rtx5090": Gpu("NVIDIA GeForce RTX 5090", "sm_120", 170, 33_667_547_136, 1.792e12, 2.41,
-                 96 * 2**20, 209.5e12, "RTX 5090"),
+                 96 * 2**20, 209.5e12, "RTX 5090", link=PCIE5),
 }
 
 
@@ -109,16 +123,19 @@ class TpuChip:
   topology_prefix: str  # libtpu's name for it in a topology ('v5e:2x4')
   hbm: int  # bytes per chip
   peak_flops: float  # bf16 per chip
+  bandwidth: float  # HBM bytes/s per chip
+  ici: float  # inter-chip interconnect bytes/s per chip, both directions together
   dims: int  # 2 (v5e, v6e: a 2D torus) or 3
   cores_per_chip_in_name: int  # v4-8 and v5p-8 name 8 TensorCores = 4 chips
   chip_config: str = "default"  # v4: 'megacore', one JAX device per chip as on a real v4
 
 
 TPUS: dict[str, TpuChip] = {
-  "v4": TpuChip(("TPU v4",), "v4", 32 * GiB, 275e12, 3, 2, chip_config="megacore"),
-  "v5e": TpuChip(("TPU v5 lite", "TPU v5e"), "v5e", 16 * GiB, 197e12, 2, 1),
-  "v5p": TpuChip(("TPU v5", "TPU v5p"), "v5", 95 * GiB, 459e12, 3, 2),
-  "v6e": TpuChip(("TPU v6 lite", "TPU v6e"), "v6e", 32 * GiB, 918e12, 2, 1),
+  "v4": TpuChip(("TPU v4",), "v4", 32 * GiB, 275e12, 1200e9, 300e9, 3, 2,
+                chip_config="megacore"),
+  "v5e": TpuChip(("TPU v5 lite", "TPU v5e"), "v5e", 16 * GiB, 197e12, 819e9, 400e9, 2, 1),
+  "v5p": TpuChip(("TPU v5", "TPU v5p"), "v5", 95 * GiB, 459e12, 2765e9, 1200e9, 3, 2),
+  "v6e": TpuChip(("TPU v6 lite", "TPU v6e"), "v6e", 32 * GiB, 918e12, 1638e9, 800e9, 2, 1),
 }
 # The slices shown by --list-targets; any size with a standard topology is accepted.
 NAMED_SLICES = ("v4-8", "v4-32", "v5e-8", "v5e-256", "v5p-8", "v5p-128", "v6e-8", "v6e-256")
@@ -156,6 +173,21 @@ class Target:
   def peak_flops(self) -> float:
     """Peak bf16 FLOP/s of one device."""
     return self.gpu.peak_flops if self.gpu else self.tpu.peak_flops
+
+  @property
+  def memory_bandwidth(self) -> float:
+    """HBM (or GDDR) bytes/s of one device."""
+    return self.gpu.bandwidth if self.gpu else self.tpu.bandwidth
+
+  @property
+  def link_bandwidth(self) -> float:
+    """Bytes/s one device sends in a collective: half the ICI's two-way figure on a TPU; NVLink
+    or PCIe within a GPU host, the InfiniBand share of a GPU across hosts."""
+    if self.tpu:
+      return self.tpu.ici / 2
+    if self.hosts > 1:
+      return min(self.gpu.link, INTER_HOST.get(self.generation, INTER_HOST_DEFAULT))
+    return self.gpu.link
 
   @property
   def kind(self) -> str:
@@ -322,6 +354,20 @@ def peak_flops(device_kind: str) -> tuple[float, str] | None:
     return None
   gpu = max(matches, key=lambda g: len(g.match))
   return gpu.peak_flops, f"{gpu.match} bf16 dense datasheet peak"
+
+
+def for_devices(device_kind: str, count: int) -> Target | None:
+  """The target a running set of `count` devices of `device_kind` is (its peaks, bandwidths),
+  on one host; None for a kind the tables do not know."""
+  kind = device_kind.lower()
+  for name, chip in TPUS.items():
+    if kind in (k.lower() for k in chip.kinds):
+      return Target(device_kind, "tpu", name, count, 1, tpu=chip)
+  matches = [(name, gpu) for name, gpu in GPUS.items() if gpu.match.lower() in kind]
+  if not matches:
+    return None
+  name, gpu = max(matches, key=lambda m: len(m[1].match))
+  return Target(f"{name}:{count}", "cuda", gpu.generation, count, 1, gpu=gpu)
 
 
 def listing() -> list[dict[str, Any]]:

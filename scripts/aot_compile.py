@@ -1,7 +1,7 @@
 """Compile a recipe for named GPUs and TPUs on this host, no accelerator needed, and say what fits.
 
   python scripts/aot_compile.py --config configs/tinystories.py --targets rtx3090,h100_sxm,v5e-8
-      [--config.data.batch_size=256 ...] [--json] [--max-batch] [--max-prompt]
+      [--config.data.batch_size=256 ...] [--json] [--max-batch] [--max-prompt] [--sweep]
       [--programs train_step,...]
   python scripts/aot_compile.py --list-targets
 
@@ -10,7 +10,12 @@ and attention), the eval step and the sampling programs (prefill, one decode ste
 target's mesh (the recipe's mesh rules over the target's devices), with XLA's GPU compiler or
 libtpu, and prints per device: arguments, temporaries, outputs, what stays resident beside the
 program, the total against the memory a program may use there, the attention kernels in the
-compiled program, and compile seconds. --max-batch also finds the largest per-device
+compiled program, and compile seconds; then each program's roofline: its FLOPs (the model's),
+the bytes it moves through memory and sends to other devices (read off the compiled program),
+the time each takes at the target's peaks, the lower bound on the step time they give, the
+tokens/s it allows and the MFU ceiling (docs/performance.md). --sweep ranks the meshes and
+micro-batches that keep the recipe's global batch by the train step's bound, compiling each
+(the largest micro-batch that fits per mesh). --max-batch also finds the largest per-device
 micro-batch whose train step fits, and --max-prompt the longest prompt (a multiple of 128
 tokens, up to the context) whose prefill fits beside the train state, by compiling. The
 sampling programs are built for the recipe's sample prompts (train.sample_prompts), as many
@@ -38,6 +43,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -68,6 +74,9 @@ def _parse(argv):
                  help="also find the largest per-device micro-batch that fits each target")
   p.add_argument("--max-prompt", action="store_true",
                  help="also find the longest prompt whose prefill fits each target")
+  p.add_argument("--sweep", action="store_true",
+                 help="also rank the meshes and micro-batches that keep the global batch by the "
+                      "train step's roofline (compiling each)")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
   p.add_argument("--list-targets", action="store_true", help="print the known targets and exit")
   return p.parse_known_args(argv)
@@ -101,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
       result["max_batch_per_device"] = best
     if args.max_prompt:
       result["max_prompt_tokens"] = aot.max_prompt(cfg, target, progress=_say)
+    ranked = aot.sweep(cfg, target, progress=_say) if args.sweep else None
+    if ranked is not None:
+      result["sweep"] = [{"sizing": dataclasses.asdict(s), "train_step": dataclasses.asdict(p)}
+                         for s, p in ranked]
     results.append(result)
     if not args.json:
       print(aot.format_report(report))
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
       if args.max_prompt:
         print(f"  longest prompt whose prefill fits: {result['max_prompt_tokens']} tokens (of "
               f"a {cfg.model.max_seq_len}-token context)")
+      if ranked is not None:
+        print(aot.format_sweep(target, ranked))
   if args.json:
     print(json.dumps({"config": args.config, "overrides": overrides, "results": results}))
   sys.exit(0 if all(r["fits"] for r in results) else 1)

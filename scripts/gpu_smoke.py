@@ -16,7 +16,10 @@ The JSON:
   device        kind, count, platform, generation ("sm_90"); also jax, dry_run, ok
   training      config, steps, model_overrides, batch_tokens, attention (as resolved), losses
                 (per logged step); loop and step_only, each {tokens_per_s, mfu,
-                hours_for_published_run}; peak_memory_bytes; mfu_peak (where the peak comes from)
+                hours_for_published_run}; peak_memory_bytes; mfu_peak (where the peak comes from);
+                roofline {target, measured_step_s, predicted_step_s, limit, compute_s, memory_s,
+                collective_s, measured_over_predicted}: the step alone against the lower bound
+                aot.py predicts for the same compiled step (docs/performance.md)
   kernel_check  cases [{T, H, K, E, causal, documents, errors {out, dq, dk, dv}, ok}]: each error
                 is max |pallas - xla| / max(1, max |xla|), xla in float32 on the same bfloat16
                 inputs; ok against tolerance (2e-2)
@@ -94,7 +97,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanollama_jax import attention, errors, metrics, sharding, train
+from nanollama_jax import aot, attention, errors, metrics, roofline, sharding, targets, train
 from nanollama_jax import step as step_lib
 from nanollama_jax import workdir as workdir_lib
 from nanollama_jax.attention import pallas
@@ -196,14 +199,16 @@ def training_config(sizes: Sizes):
   return cfg
 
 
-def _step_tokens_per_s(cfg, workdir: str, steps: int) -> float:
+def _step_tokens_per_s(cfg, workdir: str, steps: int) -> tuple[float, dict]:
   """Tokens/s of the train step alone, on one batch of the sample, with nothing else between
-  steps: what the device does when the input pipeline keeps up."""
+  steps: what the device does when the input pipeline keeps up; and the step time against the
+  roofline of the same compiled step (aot.py's prediction, made before any run)."""
   mesh = sharding.make_mesh(cfg.mesh)
   built = step_lib.build(cfg, mesh)
   step, state = built.train_step, built.fresh_state(cfg)
   batches = pipeline.train_batches(cfg.data, workdir_tokenizer(workdir))
   batch = sharding.global_batch(next(batches), sharding.batch_sharding(mesh))
+  compiled = step.lower(state, batch).compile()
   for _ in range(2):  # compilation, then one step more
     state, _ = step(state, batch)
   jax.block_until_ready(state)
@@ -211,7 +216,28 @@ def _step_tokens_per_s(cfg, workdir: str, steps: int) -> float:
   for _ in range(steps):
     state, _ = step(state, batch)
   jax.block_until_ready(state)
-  return steps * cfg.data.batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+  took = (time.perf_counter() - start) / steps
+  return cfg.data.batch_size * cfg.data.seq_len / took, _against_roofline(cfg, compiled, took)
+
+
+def _against_roofline(cfg, compiled, measured_s: float) -> dict:
+  """The measured step time beside the roofline's bound for it, and their ratio."""
+  device = jax.devices()[0]
+  target = targets.for_devices(device.device_kind, jax.device_count())
+  assumed = None
+  if target is None and ARGS.dry_run:  # a CPU: exercise the path with an RTX 3090's peaks
+    target, assumed = targets.parse("rtx3090"), "rtx3090 (a dry run: a CPU has no roofline)"
+  if target is None:
+    return {"error": f"no peaks known for {device.device_kind!r} (nanollama_jax/targets.py)"}
+  predicted = aot.Program("train_step", ok=True)
+  aot.fill_roofline(predicted, roofline.hlo_costs(compiled.as_text(), jax.device_count()), cfg,
+                    target, cfg.data.batch_size * cfg.data.seq_len, cfg.data.seq_len,
+                    cfg.data.batch_size)
+  return {"target": assumed or target.name, "measured_step_s": measured_s,
+          "predicted_step_s": predicted.step_s, "limit": predicted.limit,
+          "compute_s": predicted.compute_s, "memory_s": predicted.memory_s,
+          "collective_s": predicted.collective_s,
+          "measured_over_predicted": measured_s / predicted.step_s}
 
 
 def training(sizes: Sizes) -> dict:
@@ -230,7 +256,7 @@ def training(sizes: Sizes) -> dict:
     try:
       _, last = train.train(cfg, workdir)
       stats = jax.local_devices()[0].memory_stats() or {}
-      step_only = _step_tokens_per_s(cfg, workdir, sizes.steps)
+      step_only, against_roofline = _step_tokens_per_s(cfg, workdir, sizes.steps)
     except Exception as e:  # pylint: disable=broad-except
       return {**out, **_error(e)}
     rows = workdir_lib.read_metrics(workdir)
@@ -244,6 +270,7 @@ def training(sizes: Sizes) -> dict:
 
   return {**out, "losses": {row["step"]: row["loss"] for row in rows if "loss" in row},
           "loop": rate(last["tokens_per_s"]), "step_only": rate(step_only),
+          "roofline": against_roofline,
           "peak_memory_bytes": stats.get("peak_bytes_in_use"), "mfu_peak": peak_source,
           "published_run_tokens": PUBLISHED_TOKENS}
 

@@ -59,6 +59,22 @@ def cpu_env(devices):
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags.strip()}")
 
 
+def tiny_run_args(workdir, sample_dir, tokenizer_path, steps):
+  """The trainer's arguments for a tiny model on the sample at a constant learning rate after
+  warmup (min_lr = lr: the losses of a run do not depend on train.steps, so a run stopped at a
+  step a test does not know beforehand compares with one trained to exactly there), every step
+  logged, a checkpoint only at the end or when stopped."""
+  return ["--config", os.path.join(REPO, "configs", "tinystories_cpu.py"),
+          "--workdir", str(workdir), "--config.data.source=files",
+          f"--config.data.train_files={sample_dir / 'train.jsonl'}", "--config.data.eval_files=",
+          f"--config.data.tokenizer={tokenizer_path}", "--config.model.vocab_size=512",
+          "--config.model.dim=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
+          "--config.model.n_kv_heads=2", "--config.model.ffn_dim=128",
+          "--config.data.seq_len=32", "--config.data.batch_size=8", f"--config.train.steps={steps}",
+          "--config.train.log_every=1", "--config.train.ckpt_every=0",
+          "--config.optim.warmup_steps=2", "--config.optim.lr=3e-3", "--config.optim.min_lr=3e-3"]
+
+
 def run_script(name, *args, cwd=REPO, env=None):
   """Runs scripts/<name> with the test's Python (in `env`, default this process's environment);
   relative paths resolve against `cwd`."""

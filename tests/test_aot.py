@@ -5,14 +5,18 @@ them in the virtual environment of that extra. Models are small so that each com
 seconds; the recipes at full size are compiled by scripts/aot_compile.py in CI.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from helpers import REPO, run_script
-from nanollama_jax import aot, recipe, targets
+from nanollama_jax import aot, recipe, roofline, targets
 from nanollama_jax import config as config_lib
 
 _CUDA = importlib.util.find_spec("jax_cuda12_plugin") is not None
@@ -127,7 +131,7 @@ def test_a_tpu_slice_compiles_with_splash():
   assert report.attention == "splash" and report.mesh["fsdp"] == 8
   assert all(p.ok and p.fits for p in report.programs), aot.format_report(report)
   assert [p.kernels for p in report.programs] == [3, 1]
-  assert report.programs[0].flops > 0  # libtpu's cost analysis
+  assert report.programs[0].compiler_flops > 0  # libtpu's cost analysis
 
 
 @needs_tpu
@@ -155,3 +159,88 @@ def test_the_script_exits_1_when_the_recipe_does_not_fit():
   assert big.returncode == 1, big.stderr
   (result,) = json.loads(big.stdout)["results"]
   assert not result["fits"] and result["bytes_per_device"] > result["device_memory"]
+
+
+# --- The roofline ---------------------------------------------------------------------------
+
+
+def _compiled(target, fn, *shapes):
+  """`fn` compiled for the first device of `target`, on arguments of these shapes (bf16)."""
+  device = aot.devices(target)[0]
+  mesh = jax.sharding.Mesh([device], ("x",))
+  where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=where) for s in shapes]
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(target.platform,)).compile()
+
+
+def _scan(x, w):
+  return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+
+
+@pytest.mark.parametrize("name", [
+  pytest.param("h100_sxm", marks=needs_cuda), pytest.param("v5e-1", marks=needs_tpu)])
+def test_one_matmul_costs_its_flops_and_at_least_its_operands(name):
+  m, k, n = 1024, 2048, 4096
+  compiled = _compiled(targets.parse(name), lambda a, b: a @ b, (m, k), (k, n))
+  costs = roofline.hlo_costs(compiled.as_text())
+  assert costs.flops == 2 * m * n * k
+  least = (m * k + k * n + m * n) * 2
+  if name.startswith("h100"):
+    assert costs.bytes == least  # one cuBLAS/Triton GEMM: its operands and its output
+  else:
+    assert least <= costs.bytes <= 1.5 * least  # libtpu copies an operand into its layout
+
+
+@needs_tpu
+def test_libtpu_counts_a_loop_once_and_the_roofline_every_trip():
+  """A scan of 10 matmuls: libtpu's cost_analysis() reports the FLOPs of one, the HLO walk
+  those of ten (a model whose layers are a scan would otherwise look 1/L as costly)."""
+  compiled = _compiled(targets.parse("v5e-1"), _scan, (1024, 2048), (10, 2048, 2048))
+  one = 2 * 1024 * 2048 * 2048
+  assert compiled.cost_analysis()["flops"] == pytest.approx(one, rel=0.01)
+  costs = roofline.hlo_costs(compiled.as_text())
+  assert costs.loops == [10] and costs.flops == 10 * one
+
+
+@needs_cuda
+def test_the_gpu_train_step_counts_the_models_flops_and_its_bound_is_the_slowest_part():
+  """On one GPU the contractions of the compiled train step are the model's matmuls (its
+  attention runs in our kernel, whose FLOPs the HLO does not show)."""
+  cfg = small_cfg()
+  cfg.model.attention = "xla"
+  target = targets.parse("rtx3090")
+  (train,) = aot.compile_target(cfg, target, ("train_step",)).programs
+  tokens = 8 * 128
+  causal = 3 * 2 * 4 * 128 * (128 + 1) / 2 * tokens  # the model's attention: 3 x L x 4 x D x ...
+  # XLA's attention computes the masked scores too (every query against all 128 keys), in the
+  # forward at least: the compiled step does the model's matmuls and at most that much more.
+  full = 3 * 2 * 4 * 128 * 128 * tokens
+  assert train.flops < train.hlo_flops <= train.flops - causal + full
+  assert train.compute_s == train.flops / target.peak_flops
+  assert train.memory_s == train.bytes_accessed / target.memory_bandwidth
+  assert train.step_s == max(train.compute_s, train.memory_s, train.collective_s) > 0
+  assert train.collective_bytes == 0 and train.tokens == 8 * 128
+  assert train.tokens_per_s == pytest.approx(8 * 128 / train.step_s)
+  assert 0 < train.mfu_ceiling <= 1
+
+
+@needs_tpu
+def test_the_sweep_ranks_sizings_that_keep_the_global_batch():
+  cfg = small_cfg(batch_size=16)
+  target = targets.parse("v5e-4")
+  ranked = aot.sweep(cfg, target)
+  meshes = {(s.data, s.fsdp, s.tensor) for s, _ in ranked}
+  assert meshes == {(1, 4, 1), (2, 2, 1), (4, 1, 1), (1, 2, 2), (2, 1, 2), (1, 1, 4)}
+  for s, program in ranked:
+    assert s.per_device * s.grad_accum * s.data * s.fsdp == 16 and program.fits
+  assert [p.step_s for _, p in ranked] == sorted(p.step_s for _, p in ranked)
+  # Data parallelism over 4 chips sends the gradients' all-reduce; FSDP gathers the weights.
+  sent = {(s.data, s.fsdp, s.tensor): p.collective_bytes for s, p in ranked}
+  assert all(b > 0 for b in sent.values())
+
+
+def test_every_json_field_of_a_program_is_documented():
+  text = open(os.path.join(REPO, "docs", "performance.md"), encoding="utf-8").read()
+  missing = [f.name for f in dataclasses.fields(aot.Program) if f"`{f.name}`" not in text]
+  assert not missing, f"docs/performance.md does not name the JSON fields {missing}"
+  assert re.search(r"`mfu_ceiling`", text)

@@ -52,6 +52,15 @@ def test_dry_run_measures_every_stage_on_the_cpu():
   # Untrained, the loss is about ln(vocab) = ln(512) = 6.24.
   assert all(abs(loss - math.log(512)) < 0.15 for loss in training["losses"].values())
   assert training["peak_memory_bytes"] is None  # a CPU keeps no memory_stats
+  # The step alone against the roofline of its compiled program (at an RTX 3090's peaks here).
+  against = training["roofline"]
+  assert against["target"].startswith("rtx3090") and against["predicted_step_s"] > 0
+  assert against["predicted_step_s"] == max(against["compute_s"], against["memory_s"],
+                                            against["collective_s"])
+  assert math.isclose(against["measured_over_predicted"],
+                      against["measured_step_s"] / against["predicted_step_s"], rel_tol=1e-9)
+  assert math.isclose(against["measured_step_s"], 8 * 128 / training["step_only"]["tokens_per_s"],
+                      rel_tol=1e-9)
   for rate in (training["loop"], training["step_only"]):
     assert rate["tokens_per_s"] > 0 and 0 < rate["mfu"] < 1
     assert math.isclose(rate["hours_for_published_run"],

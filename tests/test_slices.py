@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, cpu_env
+from helpers import REPO, cpu_env, tiny_run_args
 from nanollama_jax import checkpoint, config, errors, workdir as workdir_lib
 from nanollama_jax.data import pipeline
 from nanollama_jax.data.tokenizer_source import load as load_tokenizer
@@ -149,20 +149,8 @@ def _free_port():
 
 
 def _args(workdir, sample_dir, tokenizer_path, steps, extra=()):
-  # A constant learning rate after warmup (min_lr = lr): the losses of a run do not depend on
-  # train.steps, so a run stopped at a step the test does not know beforehand can be compared
-  # with one that trains to exactly there.
   return [sys.executable, "-m", "nanollama_jax.train",
-          "--config", os.path.join(REPO, "configs", "tinystories_cpu.py"),
-          "--workdir", str(workdir), "--config.data.source=files",
-          f"--config.data.train_files={sample_dir / 'train.jsonl'}", "--config.data.eval_files=",
-          f"--config.data.tokenizer={tokenizer_path}", "--config.model.vocab_size=512",
-          "--config.model.dim=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
-          "--config.model.n_kv_heads=2", "--config.model.ffn_dim=128",
-          "--config.data.seq_len=32", "--config.data.batch_size=8", f"--config.train.steps={steps}",
-          "--config.train.log_every=1", "--config.train.ckpt_every=0",
-          "--config.optim.warmup_steps=2", "--config.optim.lr=3e-3", "--config.optim.min_lr=3e-3",
-          *extra]
+          *tiny_run_args(workdir, sample_dir, tokenizer_path, steps), *extra]
 
 
 def _start(workdir, sample_dir, tokenizer_path, steps, processes, devices, extra=()):

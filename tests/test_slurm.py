@@ -18,7 +18,7 @@ import time
 import pytest
 
 import slurm_cluster
-from helpers import REPO, run_script
+from helpers import REPO, run_script, tiny_run_args
 from nanollama_jax import checkpoint, workdir as workdir_lib
 
 
@@ -102,19 +102,11 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, root, sample_dir, tokenizer_path, steps, workdir=None):
-  """The launcher's job of 2 tasks x 2 CPU devices: the tiny model of tests/test_slices.py at a
-  constant learning rate, every step logged, a checkpoint only when stopped."""
+  """The launcher's job of 2 tasks x 2 CPU devices training helpers.tiny_run_args: a tiny
+  model at a constant learning rate, every step logged, a checkpoint only when stopped."""
   args = ["--gpus-per-node", "2", "--cpu-devices", "2", "--logs", str(root / "logs"),
           "--job-name", root.name, "--",
-          "--config", os.path.join(REPO, "configs", "tinystories_cpu.py"),
-          "--workdir", str(workdir or root / "workdir"), "--config.data.source=files",
-          f"--config.data.train_files={sample_dir / 'train.jsonl'}", "--config.data.eval_files=",
-          f"--config.data.tokenizer={tokenizer_path}", "--config.model.vocab_size=512",
-          "--config.model.dim=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
-          "--config.model.n_kv_heads=2", "--config.model.ffn_dim=128",
-          "--config.data.seq_len=32", "--config.data.batch_size=8", f"--config.train.steps={steps}",
-          "--config.train.log_every=1", "--config.train.ckpt_every=0",
-          "--config.optim.warmup_steps=2", "--config.optim.lr=3e-3", "--config.optim.min_lr=3e-3"]
+          *tiny_run_args(workdir or root / "workdir", sample_dir, tokenizer_path, steps)]
   done = run_script("launch_slurm.py", *args, cwd=str(root), env=cluster.env)
   assert done.returncode == 0, done.stderr
   job = re.search(r"submitted job (\d+)", done.stdout).group(1)
