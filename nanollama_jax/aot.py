@@ -203,12 +203,6 @@ def _lower_sampling(cfg, mesh, attn_target, abstract, shardings, tokens: int):
                     cache).lower(lowering_platforms=(attn_target.platform,))
 
 
-def _kernel_calls(compiled, platform: str) -> int:
-  try:
-    text = compiled.as_text()
-  except Exception:  # pylint: disable=broad-except  # some backends keep no text
-    return 0
-  return text.count(f'custom_call_target="{_KERNEL_CALLS[platform]}"')
 
 
 def _compiler_flops(compiled) -> float | None:
@@ -233,13 +227,16 @@ def _compile(name: str, lower: Callable[[], Any], platform: str, resident: int,
   outputs = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
   total = m.argument_size_in_bytes + m.temp_size_in_bytes + outputs + resident
   try:
-    costs = roofline.hlo_costs(compiled.as_text(), devices)
+    text = compiled.as_text()
   except Exception:  # pylint: disable=broad-except  # some backends keep no text
-    costs = None
+    text = None
+  # The attention kernels' custom calls, and the costs the roofline reads, from one text.
+  kernels = text.count(f'custom_call_target="{_KERNEL_CALLS[platform]}"') if text else 0
+  costs = roofline.hlo_costs(text, devices) if text else None
   return Program(name, ok=True, argument_bytes=m.argument_size_in_bytes,
                  temp_bytes=m.temp_size_in_bytes, output_bytes=outputs, resident_bytes=resident,
                  total_bytes=total, share=total / usable, fits=total <= usable, compile_s=took,
-                 kernels=_kernel_calls(compiled, platform),
+                 kernels=kernels,
                  compiler_flops=_compiler_flops(compiled)), costs
 
 

@@ -34,8 +34,8 @@ import re
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]")
-_ARRAY_LAYOUT = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\](\{[^}]*\})?")
+# An array type: dtype, dimensions, and the layout when one is printed.
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\](\{[^}]*\})?")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
 _NAME = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
 _CALLED = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)="
@@ -85,7 +85,7 @@ def _arrays(shape: str, any_space: bool = False) -> list[float]:
   places in another memory space (`S(1)`: VMEM, on the chip) moves no HBM bytes (unless
   `any_space`: what a collective sends)."""
   out = []
-  for m in _ARRAY_LAYOUT.finditer(shape):
+  for m in _ARRAY.finditer(shape):
     dtype, dims, layout = m.groups()
     space = re.search(r"S\((\d+)\)", layout or "")
     if space and space.group(1) != "0" and not any_space:
