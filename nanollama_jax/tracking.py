@@ -291,6 +291,11 @@ class Wandb(Tracker):
                    "steps %d-%d were not sent again", self.replayed_until, len(skipped),
                    min(skipped), max(skipped))
     run.finish()
+    # finish returns once W&B's service has the exit record, which it writes to the .wandb file
+    # with the last rows a moment later: a resumed run in this process reads that file.
+    if not wait_for_wandb_file(run.settings.sync_file, CLOSE_TIMEOUT_S / 2):
+      logging.warning("Weights & Biases had not written the end of %s within %.0f s",
+                      run.settings.sync_file, CLOSE_TIMEOUT_S / 2)
 
   def _give_up(self, why: str) -> None:
     logging.warning("Weights & Biases %s: the run goes on with metrics.jsonl and TensorBoard",
@@ -329,6 +334,25 @@ def wandb_records(path: str) -> Iterator[Any]:
       record = wandb_internal_pb2.Record()
       record.ParseFromString(pieces)
       yield record
+
+
+def wandb_file_complete(path: str) -> bool:
+  """Whether a .wandb file holds its run's exit record, the last one W&B writes."""
+  try:
+    return any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path))
+  except Exception:  # pylint: disable=broad-except  # not there yet, or a block being written
+    return False
+
+
+def wait_for_wandb_file(path: str, timeout_s: float) -> bool:
+  """Waits until the .wandb file of a finished run is complete: W&B's service writes the last
+  records (the last history row among them) after `run.finish()` has returned."""
+  deadline = time.monotonic() + timeout_s
+  while not wandb_file_complete(path):
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.05)
+  return True
 
 
 def wandb_history(path: str) -> list[dict[str, Any]]:

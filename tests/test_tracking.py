@@ -64,9 +64,11 @@ def test_the_wandb_file_reader_reads_what_wandb_wrote(tmp_path):
   run.config.update({"long": long})
   run.finish()
   (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*-reader1" / "run-reader1.wandb"))
+  assert tracking.wait_for_wandb_file(path, 30)  # the exit record, after the last rows
   assert os.path.getsize(path) > 2 * 32 * 1024
   history = tracking.wandb_history(path)
-  assert [r["_step"] for r in history] == list(range(1, 301))
+  tail = [r.WhichOneof("record_type") for r in tracking.wandb_records(path)][-6:]
+  assert [r["_step"] for r in history] == list(range(1, 301)), tail
   assert [r["loss"] for r in history] == [1.0 / s for s in range(1, 301)]
   configs = [r.config for r in tracking.wandb_records(path)
              if r.WhichOneof("record_type") == "config"]
