@@ -24,11 +24,22 @@ from nanollama_jax.data import chat
 from nanollama_jax.data.tokenizer import Tokenizer
 
 
+def greedy_tokens(logits_BxV: jax.Array) -> jax.Array:
+  """jnp.argmax over the vocabulary (the first of tied maxima; the first NaN where a row has
+  one) as plain reductions: XLA's CPU argmax, one reduction over (value, index) pairs, is
+  several times slower, and these make a batch-8 decoding step of the CPU model 5% faster."""
+  V = logits_BxV.shape[-1]
+  nan_BxV = jnp.isnan(logits_BxV)  # (XLA's CPU max skips NaNs)
+  max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  hits_BxV = jnp.where(jnp.any(nan_BxV, axis=-1, keepdims=True), nan_BxV, logits_BxV == max_Bx1)
+  return jnp.min(jnp.where(hits_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
                   top_p: float) -> jax.Array:
   """Next tokens: argmax when temperature is 0, else sampled from the top-k / top-p set."""
   if temperature == 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return greedy_tokens(logits_BxV)
   logits_BxV = logits_BxV.astype(jnp.float32) / temperature
   if top_k > 0:
     kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]

@@ -71,6 +71,18 @@ def test_greedy_generation_matches_transformers(tmp_path):
   assert len(set(ours)) > 2  # a real continuation, not one token repeated
 
 
+def test_greedy_tokens_are_jnp_argmax_ties_and_nans_included():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 4, (64, 4096)).astype(np.float32)  # many tied maxima per row
+  logits[5, [7, 900]] = np.nan  # argmax gives the first NaN
+  logits[6, :] = -np.inf
+  logits[7, 4095] = np.inf
+  greedy = np.asarray(jax.jit(generate.greedy_tokens)(jnp.asarray(logits)))
+  np.testing.assert_array_equal(greedy, np.argmax(logits, axis=-1))
+  assert greedy.dtype == np.int32
+  assert (greedy[5], greedy[6], greedy[7]) == (7, 0, 4095)
+
+
 def test_sampling_respects_top_k_top_p_and_the_seed():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
   keys = jax.random.split(jax.random.key(0), 1)[0]
