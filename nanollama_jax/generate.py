@@ -1,4 +1,4 @@
-"""Sampling with a KV cache: prefill the prompts, then one jitted loop of single-token steps.
+"""Sampling with a KV cache: prefill the prompts, then jitted loops of single-token steps.
 
 Prompts of different lengths are left-padded into one batch: padded cache slots are masked
 out and RoPE positions start at 0 at each prompt's first token, so a row decodes exactly as it
@@ -68,9 +68,9 @@ def _graph(model_cfg_json: str):
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg_json", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "return_logits"))
+                                             "top_k", "top_p", "return_logits", "phases"))
 def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, model_cfg_json, max_new_tokens,
-            temperature, top_k, top_p, return_logits):
+            temperature, top_k, top_p, return_logits, phases=1):
   model_cfg = ml_collections.ConfigDict(json.loads(model_cfg_json))
   rng = jax.random.key(seed)
   graphdef = _graph(model_cfg_json)
@@ -78,7 +78,10 @@ def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, model_cfg_json, max_
   S = P + max_new_tokens
   pad_B = P - lengths_B
   valid_BxS = jnp.arange(S)[None, :] >= pad_B[:, None]
-  cache = model.init_cache(model_cfg, valid_BxS)
+  # The decoding runs in `phases` loops, the n-th up to new token `ends[n]` with a cache of P +
+  # ends[n] slots, lengthened between loops: each step's attention reads that cache, not S slots.
+  ends = sorted({max(1, -(-max_new_tokens * (j + 1) // phases)) for j in range(phases)})
+  cache = model.init_cache(model_cfg, valid_BxS[:, :P + ends[0]])
   positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
   logits_BxV, cache = model.apply_with_cache(graphdef, params, tokens_BxP, positions_BxP, cache,
                                              prefill=True)
@@ -95,9 +98,9 @@ def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, model_cfg_json, max_
     seen_BxNxV = seen_BxNxV.at[:, 0].set(logits_BxV)
   done_B = jnp.isin(first_B, stop_S)
 
-  def cond(carry):
+  def cond(carry, end):
     step, _, _, _, done_B, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done_B)
+    return (step < end) & ~jnp.all(done_B)
 
   def body(carry):
     step, cache, last_B, out_BxN, done_B, seen_BxNxV = carry
@@ -111,8 +114,12 @@ def _decode(params, tokens_BxP, lengths_B, seed, stop_S, *, model_cfg_json, max_
       seen_BxNxV = seen_BxNxV.at[:, step].set(logits_BxV)
     return step + 1, cache, next_B, out_BxN, done_B | jnp.isin(next_B, stop_S), seen_BxNxV
 
-  _, _, _, out_BxN, _, seen_BxNxV = jax.lax.while_loop(
-    cond, body, (jnp.int32(1), cache, first_B, out_BxN, done_B, seen_BxNxV))
+  carry = (jnp.int32(1), cache, first_B, out_BxN, done_B, seen_BxNxV)
+  for j, end in enumerate(ends):
+    if j:
+      carry = (carry[0], model.grow_cache(carry[1], valid_BxS[:, :P + end]), *carry[2:])
+    carry = jax.lax.while_loop(functools.partial(cond, end=end), body, carry)
+  _, _, _, out_BxN, _, seen_BxNxV = carry
   return out_BxN, seen_BxNxV
 
 
@@ -154,7 +161,7 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
   decode = functools.partial(
     _decode, model_cfg_json=cfg_json,
     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-    top_p=float(top_p), return_logits=return_logits)
+    top_p=float(top_p), return_logits=return_logits, phases=_phases(P, max_new_tokens))
   args = (tokens, lengths, np.uint32(seed), np.array(stops or [-1], np.int32))
   if mesh is None:
     out, logits = decode(params, *map(jnp.asarray, args))
@@ -176,6 +183,16 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
     end = next((i for i, token in enumerate(row) if token in stops), len(row))
     results.append(row[:end])
   return (results, logits) if return_logits else results
+
+
+MAX_PHASES = 4
+
+
+def _phases(prompt: int, max_new_tokens: int) -> int:
+  """In how many steps the KV cache grows to its full length: one per quarter of the cache the
+  new tokens fill (the attention of each step reads the cache it has, so a longer one costs
+  every step; each length compiles a loop of its own)."""
+  return max(1, round(MAX_PHASES * max_new_tokens / (prompt + max_new_tokens)))
 
 
 def _mesh_of(params: dict) -> jax.sharding.Mesh | None:

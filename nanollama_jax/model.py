@@ -440,6 +440,16 @@ def init_cache(model_cfg: ml_collections.ConfigDict, valid_BxS: jax.Array) -> di
           "valid_BxS": sharding.constrain(valid_BxS, ("batch", "length"))}
 
 
+def grow_cache(cache: dict, valid_BxS: jax.Array) -> dict:
+  """The cache lengthened to len(valid_BxS[0]) slots: its entries kept, the new slots empty."""
+  def grow(x):
+    pad = [(0, 0)] * x.ndim
+    pad[-2] = (0, valid_BxS.shape[1] - x.shape[-2])
+    return sharding.constrain(jnp.pad(x, pad), CACHE_AXES[-x.ndim:])
+  return {**cache, "k": jax.tree.map(grow, cache["k"]), "v": jax.tree.map(grow, cache["v"]),
+          "valid_BxS": sharding.constrain(valid_BxS, ("batch", "length"))}
+
+
 def cache_axes(cache: dict) -> dict:
   """The logical axes of every array of a KV cache (a tree like it)."""
   return {"k": jax.tree.map(lambda x: CACHE_AXES[-x.ndim:], cache["k"]),
