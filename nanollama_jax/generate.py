@@ -161,7 +161,7 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
   decode = functools.partial(
     _decode, model_cfg_json=cfg_json,
     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-    top_p=float(top_p), return_logits=return_logits, phases=_phases(P, max_new_tokens))
+    top_p=float(top_p), return_logits=return_logits, phases=_phases(model_cfg, P, max_new_tokens))
   args = (tokens, lengths, np.uint32(seed), np.array(stops or [-1], np.int32))
   if mesh is None:
     out, logits = decode(params, *map(jnp.asarray, args))
@@ -188,10 +188,15 @@ def generate(model_cfg: ml_collections.ConfigDict, params: dict, prompts: Sequen
 MAX_PHASES = 4
 
 
-def _phases(prompt: int, max_new_tokens: int) -> int:
+def _phases(model_cfg: ml_collections.ConfigDict, prompt: int, max_new_tokens: int) -> int:
   """In how many steps the KV cache grows to its full length: one per quarter of the cache the
   new tokens fill (the attention of each step reads the cache it has, so a longer one costs
-  every step; each length compiles a loop of its own)."""
+  every step; each length compiles a loop of its own). One for a model that scans its layers:
+  lengthening its one stacked cache array would hold the old and the new cache at once (up to
+  1.75 + 1 times the cache where one loop holds 1), while one array a layer is lengthened a
+  layer at a time."""
+  if model_cfg.scan_layers:
+    return 1
   return max(1, round(MAX_PHASES * max_new_tokens / (prompt + max_new_tokens)))
 
 

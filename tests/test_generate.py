@@ -42,16 +42,19 @@ def test_kv_cache_decoding_equals_recomputing_the_sequence():
   assert worst < 1e-5
 
 
-def test_decoding_in_phases_of_a_growing_cache_equals_one_phase(monkeypatch):
-  cfg = model_cfg(n_kv_heads=2)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decoding_in_phases_of_a_growing_cache_equals_one_phase(monkeypatch, scan_layers):
+  cfg = model_cfg(n_kv_heads=2, scan_layers=scan_layers)
   params = random_params(cfg, seed=6)
   prompts = [[1, 17, 42, 5], [1, 7], [1, 64, 3]]
-  assert generate._phases(4, 13) == 3 and generate._phases(100, 13) == 1
+  # By default a stacked cache (scanned layers) is not lengthened; tested here all the same.
+  assert generate._phases(cfg, 4, 13) == (1 if scan_layers else 3)
+  assert generate._phases(cfg, 100, 13) == 1
   free = generate.generate(cfg, params, prompts, max_new_tokens=13, eos_id=None)
   stop = free[1][5]  # row 1 stops in the second of three phases
   runs = {}
   for phases in (1, 3, 4, 13):
-    monkeypatch.setattr(generate, "_phases", lambda prompt, new, phases=phases: phases)
+    monkeypatch.setattr(generate, "_phases", lambda cfg, prompt, new, phases=phases: phases)
     runs[phases] = generate.generate(cfg, params, prompts, max_new_tokens=13, eos_id=stop,
                                      return_logits=True)
   tokens, logits = runs[1]
