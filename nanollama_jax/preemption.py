@@ -17,33 +17,40 @@ class StopRequest:
 
   With several processes the request comes from JAX's preemption sync point instead, so that
   every process stops after the same step (JAX's distributed runtime watches SIGTERM there); a
-  signal seen by one process alone must not stop it while the others wait in a collective.
+  signal seen by one process alone must not stop it while the others wait in a collective. A
+  SIGINT (Ctrl-C) is handed to that runtime as a SIGTERM of its own process, and the process
+  that saw it stops as interrupted (exit 130), not preempted.
   """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signum: int | None = None
+    self._interrupted = False
     self._previous: dict[int, Any] = {}
     self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      for sig in self._SIGNALS:
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT,) if self._multi else self._SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
-    if self.signum is not None:  # the second signal: die now, as if no handler were installed
+    if self.signum is not None or self._interrupted:  # the second: die now, as if unhandled
       signal.signal(signum, signal.SIG_DFL)
       os.kill(os.getpid(), signum)
       return
-    self.signum = signum
     logging.warning("%s received: finishing the current step, then saving a checkpoint and "
                     "stopping (send it again to exit at once)", signal.Signals(signum).name)
+    if self._multi:  # JAX's runtime tells every process to stop at the same step
+      self._interrupted = True
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.signum = signum
 
   def requested(self, step: int) -> bool:
     """Whether to stop after `step` (every process of a run answers the same)."""
     if self._multi and multihost_utils.reached_preemption_sync_point(step):
-      self.signum = signal.SIGTERM
+      self.signum = signal.SIGINT if self._interrupted else signal.SIGTERM
     return self.signum is not None
 
   def restore(self) -> None:

@@ -215,6 +215,33 @@ def preempted(sample_dir, tokenizer_path, tmp_path_factory):
           "root": root}
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_one_process_stops_both_after_the_same_step_with_a_checkpoint(
+    sample_dir, tokenizer_path, tmp_path):
+  """SIGINT to process 0 alone (Ctrl-C on one host of a multi-host run): JAX's runtime tells
+  process 1, and both save and stop after one step; the one interrupted exits 130, the other
+  as preempted (143)."""
+  workdir = tmp_path / "interrupted"
+  procs = _start(workdir, sample_dir, tokenizer_path, 10_000, 2, 2)
+  deadline = time.time() + 300
+  while _last_step(workdir) < 3:
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+    assert time.time() < deadline, "the run did not reach step 3"
+    time.sleep(0.05)
+  procs[0].send_signal(signal.SIGINT)
+  outputs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [128 + signal.SIGINT, 128 + signal.SIGTERM], [
+    o[-3000:] for o in outputs]
+  (stop,) = checkpoint.steps_on_disk(str(workdir))
+  assert f"SIGINT received: stopped after step {stop} with a checkpoint" in outputs[0]
+  assert f"SIGTERM received: stopped after step {stop} with a checkpoint" in outputs[1]
+  assert "Traceback" not in outputs[0] + outputs[1]
+  assert _last_step(workdir) == stop >= 3
+  data = workdir / "checkpoints" / str(stop) / "data"
+  assert sorted(f for f in os.listdir(data) if f.endswith(".json")) == [
+    "stream_0-of-2.json", "stream_1-of-2.json"]
+
+
 def _copy(preempted, name):
   dest = preempted["root"] / name
   shutil.copytree(preempted["workdir"], dest)
