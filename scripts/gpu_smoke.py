@@ -209,13 +209,13 @@ def _step_tokens_per_s(cfg, workdir: str, steps: int) -> tuple[float, dict]:
   step, state = built.train_step, built.fresh_state(cfg)
   batches = pipeline.train_batches(cfg.data, workdir_tokenizer(workdir))
   batch = sharding.global_batch(next(batches), sharding.batch_sharding(mesh))
-  compiled = step.lower(state, batch).compile()
-  for _ in range(2):  # compilation, then one step more
-    state, _ = step(state, batch)
+  compiled = step.lower(state, batch).compile()  # run as it is: the step is compiled once
+  for _ in range(2):  # warm-up
+    state, _ = compiled(state, batch)
   jax.block_until_ready(state)
   start = time.perf_counter()
   for _ in range(steps):
-    state, _ = step(state, batch)
+    state, _ = compiled(state, batch)
   jax.block_until_ready(state)
   took = (time.perf_counter() - start) / steps
   return cfg.data.batch_size * cfg.data.seq_len / took, _against_roofline(cfg, compiled, took)
