@@ -184,6 +184,15 @@ def _last_step(workdir):
   return max(losses, default=0)
 
 
+def _wait_for_step(workdir, procs, step):
+  """Waits until the run's metrics reach `step`, every process still running."""
+  deadline = time.time() + 300
+  while _last_step(workdir) < step:
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+    assert time.time() < deadline, f"the run did not reach step {step}"
+    time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def preempted(sample_dir, tokenizer_path, tmp_path_factory):
   """A run of 2 processes x 2 devices stopped by SIGTERM (sent to both while they were held
@@ -191,11 +200,7 @@ def preempted(sample_dir, tokenizer_path, tmp_path_factory):
   root = tmp_path_factory.mktemp("slices")
   workdir = root / "preempted"
   procs = _start(workdir, sample_dir, tokenizer_path, 10_000, 2, 2)
-  deadline = time.time() + 300
-  while _last_step(workdir) < 3:
-    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
-    assert time.time() < deadline, "the run did not reach step 3"
-    time.sleep(0.05)
+  _wait_for_step(workdir, procs, 3)
   # The two processes share one lease: process 0's.
   held = json.loads((workdir / workdir_lib.LEASE).read_text())
   assert (held["pid"], held["processes"]) == (procs[0].pid, 2)
@@ -223,11 +228,7 @@ def test_ctrl_c_in_one_process_stops_both_after_the_same_step_with_a_checkpoint(
   as preempted (143)."""
   workdir = tmp_path / "interrupted"
   procs = _start(workdir, sample_dir, tokenizer_path, 10_000, 2, 2)
-  deadline = time.time() + 300
-  while _last_step(workdir) < 3:
-    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
-    assert time.time() < deadline, "the run did not reach step 3"
-    time.sleep(0.05)
+  _wait_for_step(workdir, procs, 3)
   procs[0].send_signal(signal.SIGINT)
   outputs = [p.communicate(timeout=300)[1] for p in procs]
   assert [p.returncode for p in procs] == [128 + signal.SIGINT, 128 + signal.SIGTERM], [
