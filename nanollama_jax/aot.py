@@ -203,8 +203,6 @@ def _lower_sampling(cfg, mesh, attn_target, abstract, shardings, tokens: int):
                     cache).lower(lowering_platforms=(attn_target.platform,))
 
 
-
-
 def _compiler_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
